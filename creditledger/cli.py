@@ -1,0 +1,196 @@
+"""``creditledger``: one command, one sub-command per job, ``--help`` on each.
+
+Handlers stay thin: parse arguments, call a module that does the work, print.
+Any :class:`CreditLedgerError` becomes a one-line message and exit status 1;
+bad arguments exit with 2 (argparse's convention).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from creditledger.errors import CreditLedgerError
+from creditledger.settings import Settings, load_settings
+from creditledger.tables import render_table
+
+Handler = Callable[[argparse.Namespace, Settings], int]
+
+
+def _print_services(report: Sequence[object]) -> None:
+    rows = [
+        (s.name, s.state, s.pid or "-", s.address, f"{s.seconds:.1f}", s.log)  # type: ignore[attr-defined]
+        for s in report
+    ]
+    print(render_table(["service", "state", "pid", "address", "seconds", "log"], rows))
+
+
+def cmd_stack_up(args: argparse.Namespace, settings: Settings) -> int:
+    from stack import launcher
+
+    t0 = time.monotonic()
+    report = launcher.up(settings)
+    _print_services(report)
+    print(f"stack ready in {time.monotonic() - t0:.1f} s")
+    return 0
+
+
+def cmd_stack_down(args: argparse.Namespace, settings: Settings) -> int:
+    from stack import launcher
+
+    _print_services(launcher.down(settings, wipe=args.wipe))
+    if args.wipe:
+        print(f"removed {settings.stack.state_dir}")
+    return 0
+
+
+def cmd_stack_status(args: argparse.Namespace, settings: Settings) -> int:
+    from stack import launcher
+
+    report = launcher.status(settings)
+    _print_services(report)
+    return 0 if all(s.state in ("running", "external") for s in report) else 3
+
+
+def cmd_config_show(args: argparse.Namespace, settings: Settings) -> int:
+    import yaml
+
+    data = settings.model_dump(mode="json")
+    for section in ("postgres", "redis"):
+        data[section]["url"] = "**********"
+    print(yaml.safe_dump(data, sort_keys=False).rstrip())
+    return 0
+
+
+def cmd_config_example(args: argparse.Namespace, settings: Settings) -> int:
+    from creditledger.config_example import render_example
+
+    text = render_example()
+    if args.write:
+        from creditledger.settings import PROJECT_ROOT
+
+        (PROJECT_ROOT / "config.example.yaml").write_text(text)
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
+def _topic_spec(args: argparse.Namespace, settings: Settings) -> object:
+    from creditledger.settings import project_path
+    from streams.topics import load_topics
+
+    return load_topics(args.file or project_path(settings.topics_file))
+
+
+def cmd_topics_apply(args: argparse.Namespace, settings: Settings) -> int:
+    from streams import topic_admin
+
+    spec = _topic_spec(args, settings)
+    admin = topic_admin.make_admin(settings)
+    timeout = settings.kafka.request_timeout_ms / 1000
+    report = topic_admin.apply(admin, spec, timeout)  # type: ignore[arg-type]
+    print(render_table(["topic", "result"], [(p.name, p.action) for p in report]))
+    return 0
+
+
+def cmd_topics_plan(args: argparse.Namespace, settings: Settings) -> int:
+    from streams import topic_admin
+
+    spec = _topic_spec(args, settings)
+    admin = topic_admin.make_admin(settings)
+    plans = topic_admin.plan(admin, spec, settings.kafka.request_timeout_ms / 1000)  # type: ignore[arg-type]
+    rows = [(p.name, p.action, "; ".join(p.differences) or "-") for p in plans]
+    print(render_table(["topic", "plan", "differences"], rows))
+    return 4 if any(p.action == "drift" for p in plans) else 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="creditledger",
+        description=(
+            "Event-sourced credit ledger for LLM usage, on Kafka. Settings come from "
+            "CREDITLEDGER_* variables or the YAML file named by CREDITLEDGER_CONFIG "
+            "(see config.example.yaml)."
+        ),
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    stack = commands.add_parser(
+        "stack",
+        help="start/stop the local Kafka, Postgres and Redis (no Docker)",
+        description=(
+            "Run the real services on loopback from this machine's binaries and Kafka jars "
+            "from Maven Central. Services named by KAFKA_BOOTSTRAP_SERVERS, DATABASE_URL or "
+            "REDIS_URL are used as they are and never started or stopped."
+        ),
+    )
+    stack_commands = stack.add_subparsers(dest="action", required=True, metavar="ACTION")
+    p = stack_commands.add_parser(
+        "up", help="start what is not running and wait until all answer (idempotent)"
+    )
+    p.set_defaults(handler=cmd_stack_up)
+    p = stack_commands.add_parser("down", help="stop the processes `stack up` started, only those")
+    p.add_argument("--wipe", action="store_true", help="also delete their data and logs")
+    p.set_defaults(handler=cmd_stack_down)
+    p = stack_commands.add_parser(
+        "status", help="show each service; exit 3 unless all answer"
+    )
+    p.set_defaults(handler=cmd_stack_status)
+
+    config = commands.add_parser("config", help="inspect the settings")
+    config_commands = config.add_subparsers(dest="action", required=True, metavar="ACTION")
+    p = config_commands.add_parser("show", help="print the effective settings (secrets masked)")
+    p.set_defaults(handler=cmd_config_show)
+    p = config_commands.add_parser(
+        "example", help="print config.example.yaml as generated from the settings model"
+    )
+    p.add_argument("--write", action="store_true", help="rewrite config.example.yaml in place")
+    p.set_defaults(handler=cmd_config_example)
+
+    topics = commands.add_parser(
+        "topics",
+        help="make Kafka's topics match topics.yaml",
+        description=(
+            "Compare the broker with the topic spec. `apply` creates missing topics and "
+            "refuses, changing nothing, when an existing one differs."
+        ),
+    )
+    topics_commands = topics.add_subparsers(dest="action", required=True, metavar="ACTION")
+    for name, handler, text in (
+        ("apply", cmd_topics_apply, "create missing topics; refuse on drift (safe on every start)"),
+        ("plan", cmd_topics_plan, "show what apply would do; exit 4 on drift"),
+    ):
+        p = topics_commands.add_parser(name, help=text, description=text)
+        p.add_argument(
+            "--file", type=Path, default=None, help="topic spec (default: settings.topics_file)"
+        )
+        p.set_defaults(handler=handler)
+
+    _add_later_commands(commands)
+    return parser
+
+
+def _add_later_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Sub-commands defined next to the code they drive."""
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    handler: Handler = args.handler
+    try:
+        settings = load_settings()
+        return handler(args, settings)
+    except CreditLedgerError as exc:
+        print(f"creditledger: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("creditledger: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

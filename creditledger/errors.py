@@ -1,0 +1,57 @@
+"""The one error hierarchy of the project.
+
+Every package raises a subclass of :class:`CreditLedgerError`, so a caller can
+catch "anything this project considers a failure" in one place, and the CLI can
+print it as a one-line message instead of a traceback. Third-party errors are
+wrapped with ``raise ... from exc`` so the cause stays attached.
+"""
+
+from __future__ import annotations
+
+
+class CreditLedgerError(Exception):
+    """Base class of every error this project raises on purpose."""
+
+
+class ConfigError(CreditLedgerError):
+    """Settings or a spec file are invalid."""
+
+
+class StackError(CreditLedgerError):
+    """A local service (Kafka, Postgres, Redis) could not be started or reached."""
+
+
+class TopicSpecError(ConfigError):
+    """``topics.yaml`` is malformed or inconsistent."""
+
+
+class TopicDriftError(CreditLedgerError):
+    """An existing topic differs from ``topics.yaml``; nothing was changed."""
+
+
+class CodecError(CreditLedgerError):
+    """An event could not be encoded or decoded.
+
+    ``reason`` is the reason code used on the dead-letter topic
+    (``credit.commands.rejected``), so adapters can route without parsing text.
+    """
+
+    reason: str = "malformed"
+
+
+class MalformedMessageError(CodecError):
+    """The bytes are not a valid single-object-encoded Avro message."""
+
+    reason = "malformed"
+
+
+class UnknownSchemaError(CodecError):
+    """The message names a schema fingerprint this codec does not know."""
+
+    reason = "unknown_schema"
+
+
+class EncodeError(CodecError):
+    """A record does not match the schema it is being written with."""
+
+    reason = "invalid"

@@ -1,0 +1,232 @@
+"""One typed settings model for every process of the project.
+
+Values come, highest priority first, from: keyword arguments, the three
+conventional connection variables (``KAFKA_BOOTSTRAP_SERVERS``, ``DATABASE_URL``,
+``REDIS_URL``, which also mark that service as external so the stack launcher
+starts nothing for it), ``CREDITLEDGER_*`` environment variables (nested with
+``__``, e.g. ``CREDITLEDGER_KAFKA__CLIENT_ID``), a YAML file named by
+``CREDITLEDGER_CONFIG``, and the defaults below.
+
+``config.example.yaml`` is generated from this model (``creditledger config
+example``) and a unit test fails when the two drift, so every field needs a
+``description``: it becomes the comment above the line.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    YamlConfigSettingsSource,
+)
+
+from creditledger.errors import ConfigError
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+# Conventional variables that point the whole project at services someone else runs.
+EXTERNAL_ENV = {
+    "KAFKA_BOOTSTRAP_SERVERS": ("kafka", "bootstrap_servers"),
+    "DATABASE_URL": ("postgres", "url"),
+    "REDIS_URL": ("redis", "url"),
+}
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class KafkaSettings(_Section):
+    bootstrap_servers: str = Field(
+        "127.0.0.1:19092", description="Kafka bootstrap servers, host:port[,host:port]."
+    )
+    external: bool = Field(
+        False, description="True when Kafka is run by someone else: the launcher starts nothing."
+    )
+    client_id: str = Field("creditledger", description="Client id prefix sent to the broker.")
+    request_timeout_ms: int = Field(
+        30000, ge=1000, description="Admin and producer request timeout, milliseconds."
+    )
+    delivery_timeout_ms: int = Field(
+        120000,
+        ge=1000,
+        description="How long a producer keeps retrying a message before reporting failure.",
+    )
+    linger_ms: int = Field(
+        5, ge=0, description="Producer batching delay, milliseconds (throughput vs latency)."
+    )
+
+
+class PostgresSettings(_Section):
+    url: SecretStr = Field(
+        SecretStr("postgresql://creditledger:creditledger@127.0.0.1:15432/creditledger"),
+        description="Postgres connection URL (a secret: it carries the password).",
+    )
+    external: bool = Field(
+        False,
+        description="True when Postgres is run by someone else: the launcher starts nothing.",
+    )
+    connect_timeout_s: int = Field(5, ge=1, description="Connection timeout, seconds.")
+
+    @field_validator("url")
+    @classmethod
+    def _postgres_scheme(cls, value: SecretStr) -> SecretStr:
+        scheme = urlsplit(value.get_secret_value()).scheme
+        if scheme not in ("postgresql", "postgres"):
+            raise ValueError(f"must start with postgresql://, got scheme {scheme!r}")
+        return value
+
+
+class RedisSettings(_Section):
+    url: SecretStr = Field(
+        SecretStr("redis://127.0.0.1:16379/0"),
+        description="Redis connection URL (a secret: it may carry a password).",
+    )
+    external: bool = Field(
+        False, description="True when Redis is run by someone else: the launcher starts nothing."
+    )
+    socket_timeout_ms: int = Field(500, ge=10, description="Redis socket timeout, milliseconds.")
+
+    @field_validator("url")
+    @classmethod
+    def _redis_scheme(cls, value: SecretStr) -> SecretStr:
+        scheme = urlsplit(value.get_secret_value()).scheme
+        if scheme not in ("redis", "rediss", "unix"):
+            raise ValueError(f"must start with redis://, rediss:// or unix://, got {scheme!r}")
+        return value
+
+
+class StackSettings(_Section):
+    state_dir: Path = Field(
+        Path("/tmp/creditledger-stack"),
+        description=(
+            "Where the local stack keeps data, logs and PID files (throw-away; outside "
+            "any home directory so the unprivileged Postgres user can reach it)."
+        ),
+    )
+    cache_dir: Path = Field(
+        Path("~/.cache/creditledger"),
+        description="Where downloaded Kafka jars are cached between runs (outside the repo).",
+    )
+    kafka_version: str = Field(
+        "4.1.1", description="Apache Kafka version resolved from Maven Central."
+    )
+    kafka_controller_port: int = Field(
+        19093, ge=1, le=65535, description="KRaft controller listener port (loopback)."
+    )
+    kafka_heap_mb: int = Field(1024, ge=256, description="Kafka broker JVM heap, MiB.")
+    postgres_os_user: str = Field(
+        "postgres",
+        description="Unprivileged OS user that owns the Postgres cluster when run as root.",
+    )
+    start_timeout_s: int = Field(
+        120, ge=5, description="How long to wait for each service to become ready, seconds."
+    )
+    stop_timeout_s: int = Field(
+        30, ge=1, description="How long to wait for a graceful stop before SIGKILL, seconds."
+    )
+
+
+class SchemaSettings(_Section):
+    avro_dir: Path = Field(
+        Path("schemas/avro"),
+        description="Directory of the Avro contracts, one folder per event type (relative: to the project).",
+    )
+
+
+class Settings(BaseSettings):
+    """Every setting of the project; build it with :func:`load_settings`."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="CREDITLEDGER_",
+        env_nested_delimiter="__",
+        extra="forbid",
+        frozen=True,
+    )
+
+    kafka: KafkaSettings = Field(default_factory=KafkaSettings, description="Kafka.")  # type: ignore[arg-type]
+    postgres: PostgresSettings = Field(default_factory=PostgresSettings, description="Postgres.")  # type: ignore[arg-type]
+    redis: RedisSettings = Field(default_factory=RedisSettings, description="Redis.")  # type: ignore[arg-type]
+    stack: StackSettings = Field(
+        default_factory=StackSettings,  # type: ignore[arg-type]
+        description="The local stack launcher (creditledger stack up/down).",
+    )
+    schemas: SchemaSettings = Field(
+        default_factory=SchemaSettings,  # type: ignore[arg-type]
+        description="Event contracts.",
+    )
+    topics_file: Path = Field(
+        Path("topics.yaml"),
+        description="The topic spec applied by `creditledger topics apply` (relative: to the project).",
+    )
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        config_path = os.environ.get("CREDITLEDGER_CONFIG")
+        if config_path:
+            sources.append(YamlConfigSettingsSource(settings_cls, yaml_file=config_path))
+        return tuple(sources)
+
+    @property
+    def postgres_dsn(self) -> str:
+        return self.postgres.url.get_secret_value()
+
+    @property
+    def redis_url(self) -> str:
+        return self.redis.url.get_secret_value()
+
+
+def project_path(path: Path) -> Path:
+    """Resolve a settings path: ``~`` expanded, relative paths taken from the project root."""
+    path = path.expanduser()
+    return path if path.is_absolute() else PROJECT_ROOT / path
+
+
+def _external_overrides() -> dict[str, dict[str, Any]]:
+    overrides: dict[str, dict[str, Any]] = {}
+    for env_name, (section, field) in EXTERNAL_ENV.items():
+        value = os.environ.get(env_name, "").strip()
+        if value:
+            overrides.setdefault(section, {}).update({field: value, "external": True})
+    return overrides
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Build and validate the settings; raise :class:`ConfigError` naming every problem.
+
+    A factory rather than a module-level instance, so that nothing is read at
+    import time. ``overrides`` take precedence over everything (tests use them).
+    pydantic-settings deep-merges its sources, so overriding one field of a
+    section keeps the others from the environment or the YAML file.
+    """
+    config_path = os.environ.get("CREDITLEDGER_CONFIG")
+    if config_path and not Path(config_path).is_file():
+        raise ConfigError(f"CREDITLEDGER_CONFIG={config_path} does not name a readable file")
+    values: dict[str, Any] = _external_overrides()
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(values.get(key), dict):
+            values[key] = {**values[key], **value}
+        else:
+            values[key] = value
+    try:
+        return Settings(**values)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in exc.errors()
+        )
+        raise ConfigError(f"invalid settings: {problems}") from exc

@@ -1,0 +1,146 @@
+"""``creditledger stack up|down|status``: the real services on loopback, no Docker.
+
+Each service is either *managed* (started and stopped here, its PID recorded)
+or *external* (its URL came from ``KAFKA_BOOTSTRAP_SERVERS``, ``DATABASE_URL``
+or ``REDIS_URL``): then nothing is started, and ``up`` only checks it answers.
+``up`` is idempotent: a service already running is left alone.
+"""
+
+from __future__ import annotations
+
+import shutil
+import signal
+import time
+from dataclasses import dataclass
+from typing import Protocol
+
+from creditledger.errors import StackError
+from creditledger.settings import Settings
+from stack.kafka import KafkaService
+from stack.postgres import PostgresService
+from stack.processes import ServiceDir
+from stack.redis import RedisService
+
+
+class Service(Protocol):
+    name: str
+    dir: ServiceDir
+
+    @property
+    def address(self) -> str: ...
+
+    def start(self) -> int | None: ...
+
+    def ready(self) -> bool: ...
+
+
+@dataclass(frozen=True)
+class ServiceStatus:
+    name: str
+    address: str
+    state: str  # started | running | external | stopped | down
+    pid: int | None
+    seconds: float
+    log: str
+
+
+def services(settings: Settings) -> list[tuple[Service, bool]]:
+    """Every service with whether it is external, in start order."""
+    return [
+        (PostgresService(settings), settings.postgres.external),
+        (RedisService(settings), settings.redis.external),
+        (KafkaService(settings), settings.kafka.external),
+    ]
+
+
+def up(settings: Settings) -> list[ServiceStatus]:
+    """Start what is missing and wait until every service answers."""
+    started_at: dict[str, tuple[int | None, float]] = {}
+    # Start everything first, then wait: the three boot in parallel.
+    for service, external in services(settings):
+        if external:
+            continue
+        t0 = time.monotonic()
+        started_at[service.name] = (service.start(), t0)
+    report: list[ServiceStatus] = []
+    timeout = settings.stack.start_timeout_s
+    for service, external in services(settings):
+        if external:
+            t0 = time.monotonic()
+            try:
+                waited = service.dir.wait_ready(service.ready, timeout, pid=None)
+            except StackError as exc:
+                raise StackError(
+                    f"external {service.name} at {service.address} does not answer: {exc}"
+                ) from exc
+            report.append(
+                ServiceStatus(service.name, service.address, "external", None, waited, "-")
+            )
+            continue
+        pid, t0 = started_at[service.name]
+        watched = pid if pid is not None else service.dir.running_pid()
+        service.dir.wait_ready(service.ready, timeout, pid=watched)
+        if isinstance(service, PostgresService):
+            service.bootstrap()
+        report.append(
+            ServiceStatus(
+                service.name,
+                service.address,
+                "started" if pid is not None else "running",
+                watched,
+                time.monotonic() - t0,
+                str(service.dir.log_file),
+            )
+        )
+    return report
+
+
+def down(settings: Settings, wipe: bool = False) -> list[ServiceStatus]:
+    """Stop the processes this launcher started (only those); optionally delete their data."""
+    report: list[ServiceStatus] = []
+    for service, external in reversed(services(settings)):
+        if external:
+            report.append(ServiceStatus(service.name, service.address, "external", None, 0, "-"))
+            continue
+        t0 = time.monotonic()
+        # SIGINT is Postgres's "fast shutdown"; the others stop cleanly on SIGTERM.
+        first = signal.SIGINT if isinstance(service, PostgresService) else signal.SIGTERM
+        pid = service.dir.running_pid()
+        stopped = service.dir.stop(settings.stack.stop_timeout_s, first_signal=first)
+        report.append(
+            ServiceStatus(
+                service.name,
+                service.address,
+                "stopped" if stopped else "down",
+                pid,
+                time.monotonic() - t0,
+                str(service.dir.log_file),
+            )
+        )
+    if wipe:
+        shutil.rmtree(settings.stack.state_dir, ignore_errors=True)
+    return report
+
+
+def status(settings: Settings) -> list[ServiceStatus]:
+    report: list[ServiceStatus] = []
+    for service, external in services(settings):
+        t0 = time.monotonic()
+        answering = service.ready()
+        if external:
+            state = "external" if answering else "external (not answering)"
+            pid = None
+        else:
+            pid = service.dir.running_pid()
+            state = "running" if pid and answering else ("starting" if pid else "down")
+        report.append(
+            ServiceStatus(
+                service.name,
+                service.address,
+                state,
+                pid,
+                time.monotonic() - t0,
+                "-" if external else str(service.dir.log_file),
+            )
+        )
+    return report
