@@ -107,6 +107,12 @@ def cmd_topics_plan(args: argparse.Namespace, settings: Settings) -> int:
     return 4 if any(p.action == "drift" for p in plans) else 0
 
 
+def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
+    from creditledger.demo import run_demo
+
+    return 0 if run_demo(settings) else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="creditledger",
@@ -135,9 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = stack_commands.add_parser("down", help="stop the processes `stack up` started, only those")
     p.add_argument("--wipe", action="store_true", help="also delete their data and logs")
     p.set_defaults(handler=cmd_stack_down)
-    p = stack_commands.add_parser(
-        "status", help="show each service; exit 3 unless all answer"
-    )
+    p = stack_commands.add_parser("status", help="show each service; exit 3 unless all answer")
     p.set_defaults(handler=cmd_stack_status)
 
     config = commands.add_parser("config", help="inspect the settings")
@@ -168,6 +172,16 @@ def build_parser() -> argparse.ArgumentParser:
             "--file", type=Path, default=None, help="topic spec (default: settings.topics_file)"
         )
         p.set_defaults(handler=handler)
+
+    p = commands.add_parser(
+        "demo",
+        help="stack up, topics apply, and a round trip of every event type through Kafka",
+        description=(
+            "The main job: start the stack (or use the external services), apply "
+            "topics.yaml, and send one event of each type through real Kafka and back."
+        ),
+    )
+    p.set_defaults(handler=cmd_demo)
 
     _add_later_commands(commands)
     return parser

@@ -137,7 +137,7 @@ class StackSettings(_Section):
 class SchemaSettings(_Section):
     avro_dir: Path = Field(
         Path("schemas/avro"),
-        description="Directory of the Avro contracts, one folder per event type (relative: to the project).",
+        description="Directory of the Avro contracts (a relative path starts at the project).",
     )
 
 
@@ -151,20 +151,20 @@ class Settings(BaseSettings):
         frozen=True,
     )
 
-    kafka: KafkaSettings = Field(default_factory=KafkaSettings, description="Kafka.")  # type: ignore[arg-type]
-    postgres: PostgresSettings = Field(default_factory=PostgresSettings, description="Postgres.")  # type: ignore[arg-type]
-    redis: RedisSettings = Field(default_factory=RedisSettings, description="Redis.")  # type: ignore[arg-type]
+    kafka: KafkaSettings = Field(default_factory=KafkaSettings, description="Kafka.")
+    postgres: PostgresSettings = Field(default_factory=PostgresSettings, description="Postgres.")
+    redis: RedisSettings = Field(default_factory=RedisSettings, description="Redis.")
     stack: StackSettings = Field(
-        default_factory=StackSettings,  # type: ignore[arg-type]
+        default_factory=StackSettings,
         description="The local stack launcher (creditledger stack up/down).",
     )
     schemas: SchemaSettings = Field(
-        default_factory=SchemaSettings,  # type: ignore[arg-type]
+        default_factory=SchemaSettings,
         description="Event contracts.",
     )
     topics_file: Path = Field(
         Path("topics.yaml"),
-        description="The topic spec applied by `creditledger topics apply` (relative: to the project).",
+        description="Topic spec for `creditledger topics apply` (relative: from the project).",
     )
 
     @classmethod

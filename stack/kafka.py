@@ -135,7 +135,9 @@ class KafkaService:
     def _java(self) -> str:
         java = shutil.which("java")
         if java is None:
-            raise StackError("Java 17+ is needed for Kafka: apt-get install openjdk-17-jre-headless")
+            raise StackError(
+                "Java 17+ is needed for Kafka: apt-get install openjdk-17-jre-headless"
+            )
         return java
 
     def start(self) -> int | None:

@@ -154,8 +154,10 @@ class PostgresService:
             role = conn.execute(
                 "SELECT 1 FROM pg_roles WHERE rolname = %s", (self.app_user,)
             ).fetchone()
-            statement = "ALTER ROLE {} WITH LOGIN PASSWORD {}" if role else (
-                "CREATE ROLE {} WITH LOGIN PASSWORD {}"
+            statement = (
+                "ALTER ROLE {} WITH LOGIN PASSWORD {}"
+                if role
+                else ("CREATE ROLE {} WITH LOGIN PASSWORD {}")
             )
             conn.execute(
                 sql.SQL(statement).format(

@@ -11,7 +11,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from confluent_kafka import KafkaException
-from confluent_kafka.admin import AdminClient, ConfigResource, NewTopic
+from confluent_kafka.admin import (  # type: ignore[attr-defined]  # re-exported, untyped
+    AdminClient,
+    ConfigResource,
+    NewTopic,
+)
 
 from creditledger.errors import StackError, TopicDriftError
 from creditledger.settings import Settings

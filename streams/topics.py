@@ -29,7 +29,11 @@ NUMERIC_CONFIGS = {
     "min.insync.replicas",
     "max.message.bytes",
 }
-KNOWN_CONFIGS = NUMERIC_CONFIGS | {"cleanup.policy", "compression.type", "min.cleanable.dirty.ratio"}
+KNOWN_CONFIGS = NUMERIC_CONFIGS | {
+    "cleanup.policy",
+    "compression.type",
+    "min.cleanable.dirty.ratio",
+}
 TOPIC_FIELDS = {"description", "partitions", "replication_factor", "config"}
 
 

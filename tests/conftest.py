@@ -1,0 +1,13 @@
+"""Fixtures shared by every tier."""
+
+from __future__ import annotations
+
+import pytest
+
+from creditledger.settings import PROJECT_ROOT
+from streams.codec import AvroCodec, load_codec
+
+
+@pytest.fixture(scope="session")
+def codec() -> AvroCodec:
+    return load_codec(PROJECT_ROOT / "schemas" / "avro")

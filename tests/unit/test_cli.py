@@ -1,0 +1,58 @@
+"""The command line: every sub-command explains itself and bad input exits non-zero."""
+
+from __future__ import annotations
+
+import pytest
+
+from creditledger.cli import main
+
+COMMANDS = [
+    [],
+    ["stack"],
+    ["stack", "up"],
+    ["stack", "down"],
+    ["stack", "status"],
+    ["topics"],
+    ["topics", "apply"],
+    ["topics", "plan"],
+    ["config"],
+    ["config", "show"],
+    ["config", "example"],
+    ["demo"],
+]
+
+
+@pytest.mark.parametrize("command", COMMANDS, ids=lambda c: " ".join(c) or "top")
+def test_help(command: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exited:
+        main([*command, "--help"])
+    assert exited.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: creditledger")
+    assert len(out.splitlines()) > 3
+
+
+def test_unknown_command_exits_2(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exited:
+        main(["ledgr"])
+    assert exited.value.code == 2
+    assert "invalid choice" in capsys.readouterr().err
+
+
+def test_bad_topic_spec_is_one_line_error(
+    tmp_path: object, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from pathlib import Path
+
+    spec = Path(str(tmp_path)) / "topics.yaml"
+    spec.write_text("topics:\n  a:\n    partitions: zero\n    replication_factor: 1\n")
+    assert main(["topics", "plan", "--file", str(spec)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("creditledger: error: topic a: partitions must be an integer")
+
+
+def test_config_show_masks_secrets(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["config", "show"]) == 0
+    out = capsys.readouterr().out
+    assert "url: '**********'" in out
+    assert "creditledger@" not in out
