@@ -136,10 +136,17 @@ class PostgresService:
         return f"host={self.socket_dir} port={self.port} user=postgres dbname=postgres"
 
     def ready(self) -> bool:
+        """Answering? Ours is asked as superuser (the app role may not exist yet);
+        an external one as the application, through ``postgres.url``."""
         import psycopg
 
+        conninfo = (
+            self.settings.postgres_dsn
+            if self.settings.postgres.external
+            else self._superuser_conninfo()
+        )
         try:
-            with psycopg.connect(self._superuser_conninfo(), connect_timeout=2) as conn:
+            with psycopg.connect(conninfo, connect_timeout=2) as conn:
                 conn.execute("SELECT 1")
         except psycopg.OperationalError:
             return False

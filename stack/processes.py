@@ -96,7 +96,7 @@ class ServiceDir:
         while True:
             if probe():
                 return time.monotonic() - started
-            if pid is not None and not _alive(pid):
+            if pid is not None and not is_alive(pid):
                 raise StackError(
                     f"{self.name} exited during start-up; see {self.log_file}. Last lines:\n"
                     f"{self.tail()}"
@@ -116,17 +116,31 @@ class ServiceDir:
             return False
         _signal_group(pid, first_signal)
         deadline = time.monotonic() + timeout_s
-        while _alive(pid) and time.monotonic() < deadline:
+        while is_alive(pid) and time.monotonic() < deadline:
             time.sleep(0.1)
         # Whatever is left in the group (a stuck JVM, orphaned backends) goes now.
         _signal_group(pid, signal.SIGKILL)
-        while _alive(pid) and time.monotonic() < deadline + 5:
+        while is_alive(pid) and time.monotonic() < deadline + 5:
             time.sleep(0.05)
         self.pid_file.unlink(missing_ok=True)
         return True
 
 
-def _alive(pid: int) -> bool:
+def wait_until(probe: Callable[[], bool], timeout_s: float) -> bool:
+    """Poll ``probe`` with a growing delay; False if it never answered True in time."""
+    deadline = time.monotonic() + timeout_s
+    delay = 0.1
+    while True:
+        if probe():
+            return True
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(delay)
+        delay = min(delay * 1.5, 1.0)
+
+
+def is_alive(pid: int) -> bool:
+    """True while ``pid`` runs (a zombie counts as gone)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -150,7 +164,7 @@ def _owns(pid: int, marker: str) -> bool:
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
     except (FileNotFoundError, ProcessLookupError, PermissionError):
         return False
-    return marker in cmdline and _alive(pid)
+    return marker in cmdline and is_alive(pid)
 
 
 def _signal_group(pid: int, sig: int) -> None:

@@ -1,0 +1,102 @@
+"""The integration tier runs against the real stack: Kafka (KRaft), Postgres, Redis.
+
+The session fixture starts the stack with the project's own launcher (or uses
+the services named by KAFKA_BOOTSTRAP_SERVERS, DATABASE_URL and REDIS_URL). If
+it cannot, every test here fails with a message saying how to start it: this
+suite never passes by skipping.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+
+import pytest
+from confluent_kafka.admin import AdminClient
+
+from creditledger.errors import CreditLedgerError
+from creditledger.settings import Settings, load_settings, project_path
+from stack import launcher
+from streams import topic_admin
+from streams.topics import TopicsSpec, load_topics
+
+HOW_TO_START = (
+    "Start the stack with `.venv/bin/creditledger stack up` (see README), or point the "
+    "suite at running services with KAFKA_BOOTSTRAP_SERVERS, DATABASE_URL and REDIS_URL."
+)
+
+
+@pytest.fixture(scope="session")
+def stack_settings() -> Iterator[Settings]:
+    try:
+        settings = load_settings()
+        report = launcher.up(settings)
+    except CreditLedgerError as exc:
+        pytest.fail(
+            f"the integration suite needs Kafka, Postgres and Redis, and they could not be "
+            f"started or reached:\n{exc}\n{HOW_TO_START}",
+            pytrace=False,
+        )
+    started_here = any(service.state == "started" for service in report)
+    yield settings
+    # Leave the machine as we found it, unless asked to keep the stack for the next run.
+    if started_here and os.environ.get("CREDITLEDGER_KEEP_STACK") != "1":
+        launcher.down(settings)
+
+
+@pytest.fixture(scope="session")
+def admin(stack_settings: Settings) -> AdminClient:
+    return topic_admin.make_admin(stack_settings)
+
+
+@pytest.fixture(scope="session")
+def project_topics(stack_settings: Settings, admin: AdminClient) -> TopicsSpec:
+    """The project's topics, applied (as every start of every process does)."""
+    spec = load_topics(project_path(stack_settings.topics_file))
+    topic_admin.apply(admin, spec, timeout_s=30)
+    return spec
+
+
+@pytest.fixture
+def unique() -> str:
+    """A suffix that keeps one test's topics and groups apart from every other run."""
+    return uuid.uuid4().hex[:10]
+
+
+class ScratchTopics:
+    """Creates uniquely named topics for one test and deletes them afterwards."""
+
+    def __init__(self, admin: AdminClient, unique: str) -> None:
+        self.admin = admin
+        self.unique = unique
+        self.names: list[str] = []
+
+    def name(self, label: str) -> str:
+        name = f"test.{label}.{self.unique}"
+        self.names.append(name)
+        return name
+
+    def create(self, label: str, partitions: int, **config: str) -> str:
+        from streams.topics import TopicSpec
+
+        name = self.name(label)
+        spec = TopicsSpec(
+            topics={name: TopicSpec(name, partitions, 1, dict(config))}, co_partitioned={}
+        )
+        topic_admin.apply(self.admin, spec, timeout_s=30)
+        return name
+
+    def cleanup(self) -> None:
+        existing = set(self.admin.list_topics(timeout=10).topics)
+        doomed = [name for name in self.names if name in existing]
+        if doomed:
+            for future in self.admin.delete_topics(doomed, request_timeout=30).values():
+                future.result(timeout=30)
+
+
+@pytest.fixture
+def scratch(admin: AdminClient, unique: str) -> Iterator[ScratchTopics]:
+    topics = ScratchTopics(admin, unique)
+    yield topics
+    topics.cleanup()
