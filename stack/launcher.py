@@ -21,7 +21,6 @@ from stack.postgres import PostgresService
 from stack.processes import ServiceDir, wait_until
 from stack.redis import RedisService
 
-
 # Someone else's service is either there or not; it is not booting because of us.
 EXTERNAL_TIMEOUT_S = 15
 

@@ -73,7 +73,8 @@ def round_trip(
             started = time.perf_counter()
             sent = _delivered(producer, event_type, key, value, timeout_s)
             partition, offset = sent.partition(), sent.offset()
-            assert partition is not None and offset is not None
+            if partition is None or offset is None:
+                raise StackError(f"{event_type}: delivery report without partition/offset")
             received = _read_at(consumer, event_type, partition, offset, timeout_s)
             decoded = codec.decode(received.value(), expected=event_type)
             elapsed_ms = (time.perf_counter() - started) * 1000

@@ -54,7 +54,10 @@ def test_bad_bytes_from_kafka_fail_with_context(
     assert err is None
     consumer = make_consumer(stack_settings, "it-bad-bytes")
     try:
-        consumer.assign([TopicPartition(sent.topic(), sent.partition(), sent.offset())])
+        partition, offset = sent.partition(), sent.offset()
+        assert partition is not None
+        assert offset is not None
+        consumer.assign([TopicPartition(topic, partition, offset)])
         message = None
         for _ in range(60):
             message = consumer.poll(0.5)
