@@ -76,6 +76,8 @@ def run_demo(settings: Settings) -> bool:
             ],
         )
     )
+    print("(ms: produce, acks=all, until read back and decoded; the first send also pays for")
+    print(" the idempotent producer's start-up: connection and producer id)")
     ok = all(r.equal for r in results)
     print(f"\ndemo {'passed' if ok else 'FAILED'} in {time.monotonic() - t0:.1f} s")
     print("the stack keeps running; stop it with: .venv/bin/creditledger stack down")

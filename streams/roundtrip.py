@@ -61,34 +61,36 @@ def round_trip(
 ) -> list[RoundTrip]:
     """Produce each event to the topic named by its type, consume it back, compare."""
     producer = make_producer(settings)
-    # A short fetch wait: this reads single messages, latency matters more than batching.
-    consumer = make_consumer(
-        settings, group_id=f"{settings.kafka.client_id}-roundtrip", **{"fetch.wait.max.ms": 10}
-    )
     results: list[RoundTrip] = []
-    try:
-        for event_type, record in events.items():
-            key = str(record.get("user_id") or event_type)
-            value = codec.encode(event_type, record)
-            started = time.perf_counter()
-            sent = _delivered(producer, event_type, key, value, timeout_s)
-            partition, offset = sent.partition(), sent.offset()
-            if partition is None or offset is None:
-                raise StackError(f"{event_type}: delivery report without partition/offset")
+    for event_type, record in events.items():
+        key = str(record.get("user_id") or event_type)
+        value = codec.encode(event_type, record)
+        started = time.perf_counter()
+        sent = _delivered(producer, event_type, key, value, timeout_s)
+        partition, offset = sent.partition(), sent.offset()
+        if partition is None or offset is None:
+            raise StackError(f"{event_type}: delivery report without partition/offset")
+        # A fresh consumer per topic: re-assigning a used librdkafka consumer costs
+        # about a second of fetcher back-off, which would swamp the measurement.
+        # A short fetch wait, too: single messages, latency matters more than batching.
+        consumer = make_consumer(
+            settings, group_id=f"{settings.kafka.client_id}-roundtrip", **{"fetch.wait.max.ms": 10}
+        )
+        try:
             received = _read_at(consumer, event_type, partition, offset, timeout_s)
-            decoded = codec.decode(received.value(), expected=event_type)
-            elapsed_ms = (time.perf_counter() - started) * 1000
-            results.append(
-                RoundTrip(
-                    event_type=event_type,
-                    key=key,
-                    partition=partition,
-                    offset=offset,
-                    size_bytes=len(value),
-                    milliseconds=elapsed_ms,
-                    equal=decoded.record == record and received.key() == key.encode(),
-                )
+        finally:
+            consumer.close()
+        decoded = codec.decode(received.value(), expected=event_type)
+        elapsed_ms = (time.perf_counter() - started) * 1000
+        results.append(
+            RoundTrip(
+                event_type=event_type,
+                key=key,
+                partition=partition,
+                offset=offset,
+                size_bytes=len(value),
+                milliseconds=elapsed_ms,
+                equal=decoded.record == record and received.key() == key.encode(),
             )
-    finally:
-        consumer.close()
+        )
     return results
