@@ -12,19 +12,21 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from creditledger.errors import CreditLedgerError
-from creditledger.settings import Settings, load_settings
+from creditledger.settings import PROJECT_ROOT, Settings, load_settings, project_path
 from creditledger.tables import render_table
+
+if TYPE_CHECKING:
+    from stack.launcher import ServiceStatus
+    from streams.topics import TopicsSpec
 
 Handler = Callable[[argparse.Namespace, Settings], int]
 
 
-def _print_services(report: Sequence[object]) -> None:
-    rows = [
-        (s.name, s.state, s.pid or "-", s.address, f"{s.seconds:.1f}", s.log)  # type: ignore[attr-defined]
-        for s in report
-    ]
+def _print_services(report: Sequence[ServiceStatus]) -> None:
+    rows = [(s.name, s.state, s.pid or "-", s.address, f"{s.seconds:.1f}", s.log) for s in report]
     print(render_table(["service", "state", "pid", "address", "seconds", "log"], rows))
 
 
@@ -70,16 +72,13 @@ def cmd_config_example(args: argparse.Namespace, settings: Settings) -> int:
 
     text = render_example()
     if args.write:
-        from creditledger.settings import PROJECT_ROOT
-
         (PROJECT_ROOT / "config.example.yaml").write_text(text)
     else:
         sys.stdout.write(text)
     return 0
 
 
-def _topic_spec(args: argparse.Namespace, settings: Settings) -> object:
-    from creditledger.settings import project_path
+def _topic_spec(args: argparse.Namespace, settings: Settings) -> TopicsSpec:
     from streams.topics import load_topics
 
     return load_topics(args.file or project_path(settings.topics_file))
@@ -91,7 +90,7 @@ def cmd_topics_apply(args: argparse.Namespace, settings: Settings) -> int:
     spec = _topic_spec(args, settings)
     admin = topic_admin.make_admin(settings)
     timeout = settings.kafka.request_timeout_ms / 1000
-    report = topic_admin.apply(admin, spec, timeout)  # type: ignore[arg-type]
+    report = topic_admin.apply(admin, spec, timeout)
     print(render_table(["topic", "result"], [(p.name, p.action) for p in report]))
     return 0
 
@@ -101,7 +100,7 @@ def cmd_topics_plan(args: argparse.Namespace, settings: Settings) -> int:
 
     spec = _topic_spec(args, settings)
     admin = topic_admin.make_admin(settings)
-    plans = topic_admin.plan(admin, spec, settings.kafka.request_timeout_ms / 1000)  # type: ignore[arg-type]
+    plans = topic_admin.plan(admin, spec, settings.kafka.request_timeout_ms / 1000)
     rows = [(p.name, p.action, "; ".join(p.differences) or "-") for p in plans]
     print(render_table(["topic", "plan", "differences"], rows))
     return 4 if any(p.action == "drift" for p in plans) else 0
@@ -183,12 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(handler=cmd_demo)
 
-    _add_later_commands(commands)
     return parser
-
-
-def _add_later_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """Sub-commands defined next to the code they drive."""
 
 
 def main(argv: Sequence[str] | None = None) -> int:
