@@ -15,7 +15,7 @@ from pathlib import Path
 
 from creditledger.errors import StackError
 from creditledger.settings import Settings
-from stack.processes import ServiceDir, port_open
+from stack.processes import ServiceDir, port_open, refuse_taken_port
 
 POM = Path(__file__).resolve().parent / "kafka" / "pom.xml"
 
@@ -146,11 +146,7 @@ class KafkaService:
             return None
         host, port = bootstrap_address(self.settings)
         for busy in (port, self.settings.stack.kafka_controller_port):
-            if port_open(host, busy):
-                raise StackError(
-                    f"port {busy} on {host} is taken by a process this launcher did not "
-                    f"start; stop it, or set KAFKA_BOOTSTRAP_SERVERS to use it as is"
-                )
+            refuse_taken_port(host, busy, "KAFKA_BOOTSTRAP_SERVERS")
         libs, _ = ensure_jars(self.settings)
         java = self._java()
         root = self.dir.root

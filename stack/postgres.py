@@ -20,7 +20,7 @@ from urllib.parse import unquote, urlsplit
 
 from creditledger.errors import StackError
 from creditledger.settings import Settings
-from stack.processes import ServiceDir, port_open
+from stack.processes import ServiceDir, refuse_taken_port
 
 INSTALL_HINT = "apt-get install postgresql (the launcher needs initdb and postgres)"
 
@@ -88,11 +88,7 @@ class PostgresService:
     def start(self) -> int | None:
         if self.dir.running_pid() is not None:
             return None
-        if port_open(self.host, self.port):
-            raise StackError(
-                f"port {self.port} on {self.host} is taken by a process this launcher did "
-                f"not start; stop it, or set DATABASE_URL to use it as is"
-            )
+        refuse_taken_port(self.host, self.port, "DATABASE_URL")
         user = self._os_user()
         root = self.dir.root
         root.mkdir(parents=True, exist_ok=True)

@@ -175,6 +175,18 @@ def _signal_group(pid: int, sig: int) -> None:
             os.kill(pid, sig)
 
 
+def refuse_taken_port(host: str, port: int, override: str) -> None:
+    """Before starting a service: a port already in use belongs to a stranger.
+
+    ``override`` names the setting that would use that stranger instead.
+    """
+    if port_open(host, port):
+        raise StackError(
+            f"port {port} on {host} is taken by a process this launcher did not start; "
+            f"stop it, or set {override} to use it as is"
+        )
+
+
 def port_open(host: str, port: int, timeout_s: float = 0.5) -> bool:
     """True when something accepts TCP connections on host:port."""
     try:

@@ -7,7 +7,7 @@ from urllib.parse import urlsplit
 
 from creditledger.errors import StackError
 from creditledger.settings import Settings
-from stack.processes import ServiceDir, port_open
+from stack.processes import ServiceDir, refuse_taken_port
 
 
 class RedisService:
@@ -27,11 +27,7 @@ class RedisService:
     def start(self) -> int | None:
         if self.dir.running_pid() is not None:
             return None
-        if port_open(self.host, self.port):
-            raise StackError(
-                f"port {self.port} on {self.host} is taken by a process this launcher did "
-                f"not start; stop it, or set REDIS_URL to use it as is"
-            )
+        refuse_taken_port(self.host, self.port, "REDIS_URL")
         binary = shutil.which("redis-server")
         if binary is None:
             raise StackError("redis-server not found: apt-get install redis-server")
