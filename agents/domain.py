@@ -246,17 +246,28 @@ def decide(
                             command.event_id, command.user_id)  # fmt: skip
         return Applied(
             Entry(
-                user_id=command.user_id, seq=account.seq + 1, event_id=command.event_id,
-                command_digest=digest, kind="charge", amount_micro=amount,
-                balance_after_micro=balance_after, occurred_at_ms=command.occurred_at_ms,
-                recorded_at_ms=recorded_at_ms, scene=command.scene,
-                request_id=command.request_id, conversation_id=command.conversation_id,
-                model_alias=command.model_alias, upstream_model=command.upstream_model,
-                input_tokens=command.input_tokens, output_tokens=command.output_tokens,
-                cached_tokens=command.cached_tokens, reasoning_tokens=command.reasoning_tokens,
-                usage_estimated=command.usage_estimated, price_rule_id=command.price_rule_id,
+                user_id=command.user_id,
+                seq=account.seq + 1,
+                event_id=command.event_id,
+                command_digest=digest,
+                kind="charge",
+                amount_micro=amount,
+                balance_after_micro=balance_after,
+                occurred_at_ms=command.occurred_at_ms,
+                recorded_at_ms=recorded_at_ms,
+                scene=command.scene,
+                request_id=command.request_id,
+                conversation_id=command.conversation_id,
+                model_alias=command.model_alias,
+                upstream_model=command.upstream_model,
+                input_tokens=command.input_tokens,
+                output_tokens=command.output_tokens,
+                cached_tokens=command.cached_tokens,
+                reasoning_tokens=command.reasoning_tokens,
+                usage_estimated=command.usage_estimated,
+                price_rule_id=command.price_rule_id,
                 price_rule_version=command.price_rule_version,
-            )  # fmt: skip
+            )
         )
     balance_after = account.balance_micro + command.amount_micro
     if balance_after > LONG_MAX:
@@ -264,11 +275,17 @@ def decide(
                         command.event_id, command.user_id)  # fmt: skip
     return Applied(
         Entry(
-            user_id=command.user_id, seq=account.seq + 1, event_id=command.event_id,
-            command_digest=digest, kind=command.kind, amount_micro=command.amount_micro,
-            balance_after_micro=balance_after, occurred_at_ms=command.occurred_at_ms,
-            recorded_at_ms=recorded_at_ms, reference=command.reference,
-        )  # fmt: skip
+            user_id=command.user_id,
+            seq=account.seq + 1,
+            event_id=command.event_id,
+            command_digest=digest,
+            kind=command.kind,
+            amount_micro=command.amount_micro,
+            balance_after_micro=balance_after,
+            occurred_at_ms=command.occurred_at_ms,
+            recorded_at_ms=recorded_at_ms,
+            reference=command.reference,
+        )
     )
 
 

@@ -112,6 +112,12 @@ def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
     return 0 if run_demo(settings) else 1
 
 
+def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
+    from creditledger.worker import run_worker
+
+    return run_worker(settings, name=args.name, loglevel=args.loglevel, store=args.store)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="creditledger",
@@ -171,6 +177,24 @@ def build_parser() -> argparse.ArgumentParser:
             "--file", type=Path, default=None, help="topic spec (default: settings.topics_file)"
         )
         p.set_defaults(handler=handler)
+
+    p = commands.add_parser(
+        "worker",
+        help="run a ledger worker: fold commands into credit.ledger.entries",
+        description=(
+            "Run one Faust worker of the ledger. It folds credit.charge.requested and "
+            "credit.grant.requested into credit.ledger.entries, exactly once per event_id, "
+            "and sends what it cannot apply to credit.commands.rejected. Start several with "
+            "different --name to share the partitions. Stops on SIGINT/SIGTERM."
+        ),
+    )
+    p.add_argument("--name", default="w1", help="worker name: its state folder (default w1)")
+    p.add_argument(
+        "--loglevel", default="info", choices=["crit", "error", "warn", "info", "debug"],
+        help="log level (default info)",
+    )  # fmt: skip
+    p.add_argument("--store", default=None, help="override ledger.store (rocksdb:// or memory://)")
+    p.set_defaults(handler=cmd_worker)
 
     p = commands.add_parser(
         "demo",

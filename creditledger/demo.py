@@ -17,7 +17,7 @@ from streams import topic_admin
 from streams.codec import load_codec
 from streams.examples import example_events
 from streams.roundtrip import round_trip
-from streams.topics import load_topics
+from streams.topics import TopicSpec, TopicsSpec, load_topics
 
 
 def run_demo(settings: Settings) -> bool:
@@ -54,11 +54,18 @@ def run_demo(settings: Settings) -> bool:
     )
     print()
 
-    print("== 3. round trip of each event type (Avro single-object encoding, real Kafka)")
+    print("== 3. round trip of each event type (Avro single-object encoding, real Kafka,")
+    print("      through a throw-away topic so that no sample reaches the real ones)")
     codec = load_codec(project_path(settings.schemas.avro_dir))
     stamp = datetime.now(UTC).replace(microsecond=0)
     events = example_events(user_id="demo-user", at=stamp, suffix=stamp.strftime("%Y%m%d%H%M%S"))
-    results = round_trip(settings, codec, events)
+    scratch = f"demo.roundtrip.{stamp.strftime('%Y%m%d%H%M%S')}"
+    scratch_spec = TopicsSpec({scratch: TopicSpec(scratch, 1, 1, {"retention.ms": "3600000"})}, {})
+    topic_admin.apply(admin, scratch_spec, settings.kafka.request_timeout_ms / 1000)
+    try:
+        results = round_trip(settings, codec, events, topic=scratch)
+    finally:
+        topic_admin.delete(admin, [scratch], settings.kafka.request_timeout_ms / 1000)
     print(
         render_table(
             ["event type", "key", "partition", "offset", "bytes", "ms", "decoded == sent"],

@@ -134,6 +134,49 @@ class StackSettings(_Section):
     )
 
 
+class LedgerSettings(_Section):
+    app_id: str = Field(
+        "creditledger-ledger",
+        description="Faust app id of the ledger workers (also their consumer group).",
+    )
+    store: str = Field(
+        "rocksdb://",
+        description="Faust table store: rocksdb:// (kept across restarts) or memory://.",
+    )
+    data_dir: Path = Field(
+        Path("/tmp/creditledger-worker"),
+        description="Where workers keep their RocksDB state; one sub-folder per worker name.",
+    )
+    max_amount_micro: int = Field(
+        1_000_000_000_000,
+        ge=1,
+        description="Largest amount one command may move, micro-credits (bigger: rejected).",
+    )
+    batch_max: int = Field(
+        2000, ge=1, description="Commands folded per batch (one producer flush per batch)."
+    )
+    batch_within_ms: int = Field(
+        20, ge=1, description="How long a batch waits to fill before it is folded anyway."
+    )
+    flush_timeout_s: int = Field(
+        5,
+        ge=1,
+        description=(
+            "Longest wait for a batch's entries to be acked; past it the worker exits "
+            "(kept below session_timeout_ms so a stuck worker never overlaps its successor)."
+        ),
+    )
+    session_timeout_ms: int = Field(
+        10000,
+        ge=6000,
+        description="Consumer group session timeout: how fast a dead worker's "
+        "partitions move to the others.",
+    )
+    commit_interval_ms: int = Field(
+        1000, ge=100, description="How often workers commit command offsets."
+    )
+
+
 class SchemaSettings(_Section):
     avro_dir: Path = Field(
         Path("schemas/avro"),
@@ -157,6 +200,10 @@ class Settings(BaseSettings):
     stack: StackSettings = Field(
         default_factory=StackSettings,
         description="The local stack launcher (creditledger stack up/down).",
+    )
+    ledger: LedgerSettings = Field(
+        default_factory=LedgerSettings,
+        description="The ledger fold (Faust workers: creditledger worker).",
     )
     schemas: SchemaSettings = Field(
         default_factory=SchemaSettings,

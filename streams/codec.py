@@ -144,10 +144,18 @@ class AvroCodec:
     def __init__(self, registry: SchemaRegistry) -> None:
         self.registry = registry
 
-    def encode(self, event_type: str, record: Mapping[str, Any]) -> bytes:
+    def encode(self, event_type: str, record: Mapping[str, Any], *, checked: bool = True) -> bytes:
+        """Encode with the current schema of ``event_type``.
+
+        Validation is on by default because fastavro, unvalidated, silently
+        truncates a float written to a long field. ``checked=False`` is for
+        records the caller built from already validated integers (the ledger's
+        entries), where validation would be most of the per-event cost.
+        """
         version = self.registry.current(event_type)
         try:
-            validate(record, version.schema, raise_errors=True)
+            if checked:
+                validate(record, version.schema, raise_errors=True)
         except ValidationError as exc:
             problems = "; ".join(str(error) for error in exc.errors)
             raise EncodeError(

@@ -2,6 +2,8 @@
 
 The walking skeleton's proof that contracts, codec, partitioner and broker fit
 together; the demo prints its table and the integration tests assert on it.
+It goes through a throw-away topic, never the real ones: a sample entry in
+``credit.ledger.entries`` would be a fake fact in the ledger.
 """
 
 from __future__ import annotations
@@ -57,16 +59,20 @@ def _read_at(consumer: Any, topic: str, partition: int, offset: int, timeout_s: 
 
 
 def round_trip(
-    settings: Settings, codec: AvroCodec, events: dict[str, dict[str, Any]], timeout_s: float = 30
+    settings: Settings,
+    codec: AvroCodec,
+    events: dict[str, dict[str, Any]],
+    topic: str,
+    timeout_s: float = 30,
 ) -> list[RoundTrip]:
-    """Produce each event to the topic named by its type, consume it back, compare."""
+    """Produce each event to ``topic`` (a scratch topic), consume it back, compare."""
     producer = make_producer(settings)
     results: list[RoundTrip] = []
     for event_type, record in events.items():
         key = str(record.get("user_id") or event_type)
         value = codec.encode(event_type, record)
         started = time.perf_counter()
-        sent = _delivered(producer, event_type, key, value, timeout_s)
+        sent = _delivered(producer, topic, key, value, timeout_s)
         partition, offset = sent.partition(), sent.offset()
         if partition is None or offset is None:
             raise StackError(f"{event_type}: delivery report without partition/offset")
@@ -77,7 +83,7 @@ def round_trip(
             settings, group_id=f"{settings.kafka.client_id}-roundtrip", **{"fetch.wait.max.ms": 10}
         )
         try:
-            received = _read_at(consumer, event_type, partition, offset, timeout_s)
+            received = _read_at(consumer, topic, partition, offset, timeout_s)
         finally:
             consumer.close()
         decoded = codec.decode(received.value(), expected=event_type)

@@ -138,3 +138,12 @@ def apply(admin: AdminClient, spec: TopicsSpec, timeout_s: float) -> list[TopicP
             lines = [f"  {p.name}: {d}" for p in still_wrong for d in p.differences]
             raise TopicDriftError("topics created concurrently differ:\n" + "\n".join(lines))
     return [TopicPlan(p.name, "created" if p.action == "create" else "ok") for p in plans]
+
+
+def delete(admin: AdminClient, names: list[str], timeout_s: float) -> None:
+    """Delete topics (scratch topics of demos, tests and benchmarks)."""
+    existing = set(admin.list_topics(timeout=timeout_s).topics)
+    doomed = [name for name in names if name in existing]
+    if doomed:
+        for future in admin.delete_topics(doomed, request_timeout=timeout_s).values():
+            future.result(timeout=timeout_s)

@@ -88,11 +88,7 @@ class ScratchTopics:
         return name
 
     def cleanup(self) -> None:
-        existing = set(self.admin.list_topics(timeout=10).topics)
-        doomed = [name for name in self.names if name in existing]
-        if doomed:
-            for future in self.admin.delete_topics(doomed, request_timeout=30).values():
-                future.result(timeout=30)
+        topic_admin.delete(self.admin, self.names, timeout_s=30)
 
 
 @pytest.fixture

@@ -1,0 +1,269 @@
+"""The ledger agent: fold command batches into ledger entries, exactly once per event_id.
+
+Per batch (one partition's commands stay in order; one in-flight batch per
+worker):
+
+1. decode each command, look up its account and event_id in the state table,
+   :func:`agents.domain.decide`;
+2. produce every new entry to ``credit.ledger.entries`` (same partition as
+   the command) and every rejection to ``credit.commands.rejected``, with one
+   idempotent confluent-kafka producer (acks=all);
+3. flush and require every delivery to succeed;
+4. apply the acked entries to the state table (with their ledger offsets);
+5. return, which lets Faust ack the batch's commands; it commits offsets only
+   after that (and after flushing its own producer).
+
+A crash anywhere leaves the ledger with a prefix of the batch's entries (per
+partition, the idempotent producer keeps order and leaves no holes) and the
+state at most as far as the ledger. On restart Faust recovers the state by
+folding the ledger from the stored offset to its end, and the uncommitted
+commands come again: those already in the ledger are recognised as
+duplicates by event_id, the rest are decided on top of the recovered state.
+Nothing is lost, nothing is applied twice. See ARCHITECTURE.md.
+
+Why the batch body has no ``await``: Faust's ``take_events`` acks the batch
+in a ``finally`` even when the body fails, so a body that raised or was
+cancelled halfway could have its offsets committed. Without await points it
+cannot be cancelled halfway, and any exception ends the process at once
+(``os._exit``), before Faust can commit anything. A crash is safe by design;
+a half-done graceful stop is not.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiokafka.partitioner import murmur2
+from confluent_kafka import KafkaError
+
+from agents.domain import Account, Applied, Duplicate, Limits, Seen, decide, evolve
+from agents.records import (
+    CHARGE_TOPIC,
+    GRANT_TOPIC,
+    LEDGER_TOPIC,
+    REJECTED_TOPIC,
+    command_from_record,
+    entry_to_record,
+)
+from agents.state import LedgerStateTable, StateWrite
+from creditledger.errors import CodecError, CreditLedgerError
+from creditledger.settings import Settings
+from streams.app import LedgerApp
+from streams.codec import AvroCodec
+from streams.kafka_clients import make_producer
+
+log = logging.getLogger(__name__)
+
+COMMAND_TOPICS = (CHARGE_TOPIC, GRANT_TOPIC)
+EXIT_FATAL = 70  # EX_SOFTWARE
+STATS_EVERY_S = 10.0
+HOME_CACHE_MAX = 1_000_000  # users whose partition is remembered (pure-Python murmur2 is slow)
+
+
+class FoldError(CreditLedgerError):
+    """The batch could not be made durable; the worker must stop without committing."""
+
+
+@dataclass
+class FoldStats:
+    batches: int = 0
+    commands: int = 0
+    applied: int = 0
+    duplicates: int = 0
+    rejected: int = 0
+    busy_s: float = 0.0
+    since: float = field(default_factory=time.monotonic)
+
+    def line(self) -> str:
+        rate = self.commands / self.busy_s if self.busy_s else 0.0
+        return (
+            f"{self.commands} commands in {self.batches} batches: {self.applied} applied, "
+            f"{self.duplicates} duplicates, {self.rejected} rejected; "
+            f"{rate:,.0f} commands/s while busy"
+        )
+
+
+class LedgerFolder:
+    """Folds batches of command messages; owns the producer for entries and dead letters."""
+
+    def __init__(self, settings: Settings, codec: AvroCodec, state: LedgerStateTable,
+                 partitions: int, worker_name: str) -> None:  # fmt: skip
+        self.settings = settings
+        self.partitions = partitions
+        self._homes: dict[str, int] = {}
+        self.codec = codec
+        self.state = state
+        self.worker_name = worker_name
+        self.limits = Limits(max_amount_micro=settings.ledger.max_amount_micro)
+        self.stats = FoldStats()
+        self._producer: Any = None
+        self._last_stats = time.monotonic()
+
+    def start(self) -> None:
+        """Connect the producer (not at construction: nothing connects before start)."""
+        if self._producer is None:
+            self._producer = make_producer(
+                self.settings,
+                **{"client.id": f"{self.settings.kafka.client_id}-ledger-{self.worker_name}",
+                   "linger.ms": 2, "batch.size": 1_000_000},
+            )  # fmt: skip
+
+    def fold_batch(self, events: list[Any]) -> None:
+        """Fold one batch; raise :class:`FoldError` when it could not be made durable."""
+        started = time.monotonic()
+        producer = self._producer
+        assert producer is not None, "LedgerFolder.start() first"
+        accounts: dict[tuple[int, str], Account] = {}
+        seen: dict[str, Seen] = {}
+        writes: list[StateWrite] = []
+        offsets: dict[int, int] = {}  # index in writes -> ledger offset
+        failures: list[KafkaError] = []
+        codec, state, limits = self.codec, self.state, self.limits
+
+        def entry_delivered(index: int) -> Any:
+            def report(err: KafkaError | None, msg: Any) -> None:
+                if err is not None:
+                    failures.append(err)
+                else:
+                    offsets[index] = msg.offset()
+
+            return report
+
+        def dead_letter_delivered(err: KafkaError | None, _msg: Any) -> None:
+            if err is not None:
+                failures.append(err)
+
+        for event in events:
+            message = event.message
+            partition = message.partition
+            try:
+                decoded = codec.decode(message.value)
+            except CodecError as exc:
+                self._dead_letter(message, exc.reason, str(exc), None, None, dead_letter_delivered)
+                continue
+            if decoded.event_type != message.topic:
+                self._dead_letter(
+                    message, "invalid",
+                    f"a {decoded.event_type} event on topic {message.topic}",
+                    decoded.record.get("event_id"), decoded.record.get("user_id"),
+                    dead_letter_delivered,
+                )  # fmt: skip
+                continue
+            command = command_from_record(message.topic, decoded.record)
+            home = self._home_partition(command.user_id)
+            if home != partition:
+                # The state is kept per partition: an account split over two
+                # partitions would get two seq counters. Refuse, loudly.
+                self._dead_letter(
+                    message, "invalid",
+                    f"user {command.user_id!r} belongs on partition {home}, the command came on "
+                    f"{partition}: its producer does not use the murmur2 partitioner",
+                    command.event_id, command.user_id, dead_letter_delivered,
+                )  # fmt: skip
+                continue
+            key = (partition, command.user_id)
+            account = accounts.get(key)
+            if account is None:
+                account = state.account(partition, command.user_id)
+            first = seen.get(command.event_id) or state.seen(partition, command.event_id)
+            # The message's own timestamp: a redelivered command decides identically.
+            recorded_at_ms = round(message.timestamp * 1000)
+            outcome = decide(account, first, command, limits, recorded_at_ms)
+            if isinstance(outcome, Applied):
+                entry = outcome.entry
+                value = codec.encode(LEDGER_TOPIC, entry_to_record(entry), checked=False)
+                producer.produce(LEDGER_TOPIC, key=entry.user_id.encode(), value=value,
+                                 partition=partition,
+                                 on_delivery=entry_delivered(len(writes)))  # fmt: skip
+                accounts[key] = evolve(account, entry)
+                seen[entry.event_id] = Seen(entry.user_id, entry.seq, entry.command_digest)
+                writes.append(StateWrite(partition, -1, entry.user_id, entry.seq,
+                                         entry.balance_after_micro, entry.event_id,
+                                         entry.command_digest))  # fmt: skip
+                self.stats.applied += 1
+            elif isinstance(outcome, Duplicate):
+                self.stats.duplicates += 1
+            else:
+                self._dead_letter(message, outcome.reason, outcome.detail, outcome.event_id,
+                                  outcome.user_id, dead_letter_delivered)  # fmt: skip
+            producer.poll(0)
+
+        remaining = producer.flush(self.settings.ledger.flush_timeout_s)
+        if remaining or failures:
+            raise FoldError(
+                f"{remaining} ledger/DLQ messages unacknowledged after "
+                f"{self.settings.ledger.flush_timeout_s} s, {len(failures)} failed "
+                f"({failures[:3]}); exiting without committing the batch"
+            )
+        state.apply_entries(
+            StateWrite(w.partition, offsets[i], w.user_id, w.seq, w.balance_after_micro,
+                       w.event_id, w.command_digest)
+            for i, w in enumerate(writes)
+        )  # fmt: skip
+        self.stats.batches += 1
+        self.stats.commands += len(events)
+        self.stats.busy_s += time.monotonic() - started
+        if time.monotonic() - self._last_stats > STATS_EVERY_S:
+            self._last_stats = time.monotonic()
+            log.info("ledger fold: %s", self.stats.line())
+
+    def _home_partition(self, user_id: str) -> int:
+        """Where murmur2 puts this user (what every producer of ours computes)."""
+        home = self._homes.get(user_id)
+        if home is None:
+            if len(self._homes) > HOME_CACHE_MAX:
+                self._homes.clear()
+            home = (murmur2(user_id.encode()) & 0x7FFFFFFF) % self.partitions
+            self._homes[user_id] = home
+        return home
+
+    def _dead_letter(self, message: Any, reason: str, detail: str, event_id: str | None,
+                     user_id: str | None, on_delivery: Any) -> None:  # fmt: skip
+        record = {
+            "original_value": message.value,
+            "original_key": message.key,
+            "topic": message.topic,
+            "partition": message.partition,
+            "offset": message.offset,
+            "reason": reason,
+            "detail": detail[:2000],
+            "event_id": event_id if isinstance(event_id, str) else None,
+            "user_id": user_id if isinstance(user_id, str) else None,
+            "rejected_at": time.time_ns() // 1_000_000,
+            "rejected_by": f"ledger-{self.worker_name}",
+        }
+        value = self.codec.encode(REJECTED_TOPIC, record)
+        self._producer.produce(REJECTED_TOPIC, key=message.key, value=value,
+                               on_delivery=on_delivery)  # fmt: skip
+        self.stats.rejected += 1
+
+
+def fold_or_die(folder: LedgerFolder, events: list[Any]) -> None:
+    """Fold a batch; on any failure end the process before Faust can commit offsets."""
+    try:
+        folder.fold_batch(events)
+    except BaseException as exc:
+        log.critical("ledger fold failed, exiting without commit: %r", exc, exc_info=True)
+        logging.shutdown()
+        os._exit(EXIT_FATAL)
+
+
+def register_ledger_agent(ledger_app: LedgerApp, settings: Settings,
+                          worker_name: str) -> LedgerFolder:  # fmt: skip
+    """Attach the fold to the app: one agent instance, one batch in flight."""
+    folder = LedgerFolder(settings, ledger_app.codec, ledger_app.state,
+                          ledger_app.partitions, worker_name)  # fmt: skip
+    batch_max = settings.ledger.batch_max
+    within_s = settings.ledger.batch_within_ms / 1000
+
+    async def fold(stream: Any) -> None:
+        folder.start()
+        async for events in stream.take_events(batch_max, within=within_s):
+            fold_or_die(folder, list(events))
+
+    ledger_app.app.agent(ledger_app.commands, name="ledger-fold", concurrency=1)(fold)
+    return folder

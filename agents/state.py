@@ -1,0 +1,163 @@
+"""The fold's state: accounts and the processed-event index, in one Faust table.
+
+The table's changelog topic is ``credit.ledger.entries`` itself. An entry is
+both the ledger's fact and the state change it implies (the account's new
+``balance`` and ``seq``, one more ``event_id`` seen), so there is no second
+write that could be lost or land without the first. The worker never writes
+through Faust's changelog: it produces entries, waits for Kafka to ack them,
+then applies the acked entries to the table's local store with
+:meth:`LedgerStateTable.apply_entries`, which records the last applied ledger
+offset per partition in the same store (Faust's "persisted offset").
+
+When a partition is (re)assigned, Faust's own table recovery reads the ledger
+from that persisted offset to its end and hands the records to
+:meth:`LedgerStateTable.apply_changelog_batch`, the same code path. So the
+state is always the fold of a ledger prefix, whatever the worker lived through.
+
+Keys: ``a<user_id>`` for an account, ``e<event_id>`` for a processed event.
+Values are small fixed structs: this is the per-event path.
+"""
+
+from __future__ import annotations
+
+import logging
+import struct
+from collections.abc import Iterable, MutableMapping
+from dataclasses import dataclass
+from types import SimpleNamespace
+from typing import Any
+
+import faust
+from faust.types import TP
+
+from agents.domain import Account, Seen
+from agents.records import LEDGER_TOPIC
+from creditledger.errors import CodecError
+from streams.codec import AvroCodec
+
+log = logging.getLogger(__name__)
+
+ACCOUNT_PREFIX = b"a"
+EVENT_PREFIX = b"e"
+_ACCOUNT = struct.Struct("<qq")  # balance_micro, seq
+_SEEN = struct.Struct("<q16s")  # seq, digest (16 bytes) + user_id (utf-8) after it
+
+
+@dataclass(frozen=True, slots=True)
+class StateWrite:
+    """What one ledger entry at (partition, offset) changes in the state."""
+
+    partition: int
+    offset: int
+    user_id: str
+    seq: int
+    balance_after_micro: int
+    event_id: str
+    command_digest: str
+
+
+def pack_account(balance_micro: int, seq: int) -> bytes:
+    return _ACCOUNT.pack(balance_micro, seq)
+
+
+def unpack_account(value: bytes) -> Account:
+    balance, seq = _ACCOUNT.unpack(value)
+    return Account(balance_micro=balance, seq=seq)
+
+
+def pack_seen(user_id: str, seq: int, digest: str) -> bytes:
+    return _SEEN.pack(seq, bytes.fromhex(digest)) + user_id.encode()
+
+
+def unpack_seen(value: bytes) -> Seen:
+    seq, digest = _SEEN.unpack_from(value)
+    return Seen(user_id=value[_SEEN.size :].decode(), seq=seq, command_digest=digest.hex())
+
+
+def _store_event(partition: int, offset: int, key: bytes, value: bytes) -> Any:
+    # Faust stores read either event.key/value (memory) or event.message.* (RocksDB).
+    message = SimpleNamespace(
+        tp=TP(LEDGER_TOPIC, partition), partition=partition, offset=offset, key=key, value=value
+    )
+    return SimpleNamespace(message=message, key=key, value=value)
+
+
+class LedgerStateTable(faust.Table[bytes, bytes]):
+    """A Faust table folded from the ledger topic (its changelog)."""
+
+    codec: AvroCodec | None = None
+
+    def _raw_get(self, partition: int, key: bytes) -> bytes | None:
+        store = self.data
+        db_for_partition = getattr(store, "_db_for_partition", None)
+        if db_for_partition is not None:  # RocksDB: one database per partition
+            value: bytes | None = db_for_partition(partition).get(key)
+            return value
+        memory: MutableMapping[bytes, bytes] = store.data  # the memory store's dict
+        return memory.get(key)
+
+    def account(self, partition: int, user_id: str) -> Account:
+        value = self._raw_get(partition, ACCOUNT_PREFIX + user_id.encode())
+        return Account() if value is None else unpack_account(value)
+
+    def seen(self, partition: int, event_id: str) -> Seen | None:
+        value = self._raw_get(partition, EVENT_PREFIX + event_id.encode())
+        return None if value is None else unpack_seen(value)
+
+    def apply_entries(self, writes: Iterable[StateWrite]) -> int:
+        """Apply acked ledger entries to the local store; return how many changed it.
+
+        An account only moves forward: an entry whose seq is not newer than the
+        stored one (a redelivered duplicate in the log) leaves it as it is.
+        The store writes the batch, then the highest offset per partition.
+        """
+        newest: dict[tuple[int, str], StateWrite] = {}
+        events: list[Any] = []
+        for write in writes:
+            key = (write.partition, write.user_id)
+            known = newest.get(key)
+            if known is None:
+                stored = self.account(write.partition, write.user_id)
+                if write.seq <= stored.seq:
+                    continue
+            elif write.seq <= known.seq:
+                continue
+            newest[key] = write
+            events.append(
+                _store_event(write.partition, write.offset, EVENT_PREFIX + write.event_id.encode(),
+                             pack_seen(write.user_id, write.seq, write.command_digest))
+            )  # fmt: skip
+        for (partition, user_id), write in newest.items():
+            events.append(
+                _store_event(partition, write.offset, ACCOUNT_PREFIX + user_id.encode(),
+                             pack_account(write.balance_after_micro, write.seq))
+            )  # fmt: skip
+        if events:
+            self.data.apply_changelog_batch(events, to_key=_identity, to_value=_identity)
+        return len(newest)
+
+    def apply_changelog_batch(self, batch: Iterable[Any]) -> None:
+        """Faust's recovery path: ledger records from the persisted offset onwards."""
+        assert self.codec is not None, "LedgerStateTable.codec is set when the app is built"
+        writes: list[StateWrite] = []
+        for event in batch:
+            message = event.message
+            if message.value is None:
+                continue
+            try:
+                record = self.codec.decode(message.value, expected=LEDGER_TOPIC).record
+            except CodecError as exc:
+                # Not ours to fix here: fold-check reports it; the state skips it.
+                log.error("ledger %s[%s]@%s unreadable: %s", message.topic,
+                          message.partition, message.offset, exc)  # fmt: skip
+                continue
+            writes.append(
+                StateWrite(message.partition, message.offset, record["user_id"], record["seq"],
+                           record["balance_after_micro"], record["event_id"],
+                           record["command_digest"])
+            )  # fmt: skip
+        self.apply_entries(writes)
+
+
+def _identity(value: Any) -> Any:
+    return value
