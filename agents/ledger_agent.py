@@ -37,7 +37,6 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from aiokafka.partitioner import murmur2
 from confluent_kafka import KafkaError
 
 from agents.domain import Account, Applied, Duplicate, Limits, Seen, decide, evolve
@@ -54,7 +53,7 @@ from creditledger.errors import CodecError, CreditLedgerError
 from creditledger.settings import Settings
 from streams.app import LedgerApp
 from streams.codec import AvroCodec
-from streams.kafka_clients import make_producer
+from streams.kafka_clients import make_producer, partition_of
 
 log = logging.getLogger(__name__)
 
@@ -217,7 +216,7 @@ class LedgerFolder:
         if home is None:
             if len(self._homes) > HOME_CACHE_MAX:
                 self._homes.clear()
-            home = (murmur2(user_id.encode()) & 0x7FFFFFFF) % self.partitions
+            home = partition_of(user_id, self.partitions)
             self._homes[user_id] = home
         return home
 

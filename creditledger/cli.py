@@ -20,9 +20,11 @@ from creditledger.tables import render_table
 
 if TYPE_CHECKING:
     from stack.launcher import ServiceStatus
+    from streams.codec import AvroCodec
     from streams.topics import TopicsSpec
 
 Handler = Callable[[argparse.Namespace, Settings], int]
+REASONS = ["malformed", "unknown_schema", "idempotency_conflict", "invalid"]
 
 
 def _print_services(report: Sequence[ServiceStatus]) -> None:
@@ -118,6 +120,97 @@ def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
     return run_worker(settings, name=args.name, loglevel=args.loglevel, store=args.store)
 
 
+def _codec(settings: Settings) -> AvroCodec:
+    from streams.codec import load_codec
+
+    return load_codec(project_path(settings.schemas.avro_dir))
+
+
+def _credits(micro: int) -> str:
+    """Micro-credits as a decimal string, without ever going through a float."""
+    sign = "-" if micro < 0 else ""
+    whole, fraction = divmod(abs(micro), 1_000_000)
+    return f"{sign}{whole}.{fraction:06d}"
+
+
+def cmd_ledger_balance(args: argparse.Namespace, settings: Settings) -> int:
+    from agents import ops
+    from agents.records import LEDGER_TOPIC
+    from streams.kafka_clients import partition_of
+
+    partitions = _topic_spec(args, settings)[LEDGER_TOPIC].partitions
+    account, entries = ops.balance(settings, _codec(settings), args.user, partitions)
+    print(
+        render_table(
+            ["user", "balance (credits)", "balance_micro", "seq", "entries", "partition"],
+            [(args.user, _credits(account.balance_micro), account.balance_micro, account.seq,
+              entries, partition_of(args.user, partitions))],
+        )
+    )  # fmt: skip
+    return 0
+
+
+def cmd_ledger_fold_check(args: argparse.Namespace, settings: Settings) -> int:
+    from agents import ops
+
+    t0 = time.monotonic()
+    report = ops.fold_check(settings, _codec(settings), progress=not args.quiet,
+                            keep_entries=args.strict)  # fmt: skip
+    checker = report.checker
+    print(
+        render_table(
+            ["entries", "users", "event_ids", "redelivered", "unreadable", "violations", "seconds"],
+            [(checker.entries, len(checker.users), len(checker.events), checker.redelivered,
+              report.unreadable, checker.violations, f"{time.monotonic() - t0:.1f}")],
+        )
+    )  # fmt: skip
+    if report.first_unreadable:
+        print(f"first unreadable entry: {report.first_unreadable}")
+    if checker.first_violation is not None:
+        print(f"first violation: {checker.first_violation}")
+    print("fold-check: OK" if report.ok else "fold-check: FAILED")
+    return 0 if report.ok else 1
+
+
+def cmd_dlq_list(args: argparse.Namespace, settings: Settings) -> int:
+    from agents import ops
+
+    letters = ops.dead_letters(settings, _codec(settings), reason=args.reason)
+    shown = letters[-args.limit :] if args.limit else letters
+    rows = [
+        (letter.offset, f"{r['topic']}[{r['partition']}]@{r['offset']}", r["reason"],
+         r["event_id"] or "-", r["user_id"] or "-", r["detail"][:70])
+        for letter in shown
+        for r in [letter.record]
+    ]  # fmt: skip
+    print(render_table(["dlq offset", "from", "reason", "event_id", "user", "detail"], rows))
+    print(f"{len(letters)} dead letters{f' with reason {args.reason}' if args.reason else ''}"
+          f"{f', last {len(shown)} shown' if len(shown) < len(letters) else ''}")  # fmt: skip
+    return 0
+
+
+def cmd_dlq_redrive(args: argparse.Namespace, settings: Settings) -> int:
+    from agents import ops
+
+    letters = ops.dead_letters(settings, _codec(settings), reason=args.reason)
+    if args.offset:
+        wanted = set(args.offset)
+        letters = [letter for letter in letters if letter.offset in wanted]
+        missing = wanted - {letter.offset for letter in letters}
+        if missing:
+            raise CreditLedgerError(f"no dead letter at offset(s) {sorted(missing)}")
+    elif not (args.reason or args.all):
+        raise CreditLedgerError("say which: --offset N (repeatable), --reason R or --all")
+    for letter in letters:
+        r = letter.record
+        print(f"{'would re-drive' if args.dry_run else 're-drive'} dlq@{letter.offset}: "
+              f"{r['reason']} from {r['topic']}[{r['partition']}]@{r['offset']}")  # fmt: skip
+    if not args.dry_run:
+        sent = ops.redrive(settings, letters)
+        print(f"re-drove {sent} message(s); the ledger worker decides them again")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="creditledger",
@@ -195,6 +288,56 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     p.add_argument("--store", default=None, help="override ledger.store (rocksdb:// or memory://)")
     p.set_defaults(handler=cmd_worker)
+
+    ledger = commands.add_parser(
+        "ledger",
+        help="inspect the ledger: balance, fold-check, dead letters",
+        description="Ops on credit.ledger.entries and credit.commands.rejected.",
+    )
+    ledger_commands = ledger.add_subparsers(dest="action", required=True, metavar="ACTION")
+    p = ledger_commands.add_parser(
+        "balance", help="a user's balance, folded from the ledger",
+        description="Fold the user's partition of credit.ledger.entries and print the balance.",
+    )  # fmt: skip
+    p.add_argument("user", help="user_id")
+    p.add_argument("--file", type=Path, default=None, help="topic spec (default: settings)")
+    p.set_defaults(handler=cmd_ledger_balance)
+    p = ledger_commands.add_parser(
+        "fold-check", help="check the ledger's invariants from offset 0; exit 1 on a violation",
+        description=(
+            "Fold credit.ledger.entries from the start and check: gap-free seq per user, "
+            "balance_after = previous + amount, no event_id applied twice, identical "
+            "redeliveries only. Prints the first violation and exits 1 if there is one."
+        ),
+    )  # fmt: skip
+    p.add_argument(
+        "--strict",
+        action="store_true",
+        help="keep every entry to compare redeliveries field by field (more memory)",
+    )
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(handler=cmd_ledger_fold_check)
+    dlq = ledger_commands.add_parser(
+        "dlq", help="list and re-drive dead letters (credit.commands.rejected)",
+        description="Dead letters keep the original bytes, where they came from and why.",
+    )  # fmt: skip
+    dlq_commands = dlq.add_subparsers(dest="dlq_action", required=True, metavar="ACTION")
+    p = dlq_commands.add_parser("list", help="list dead letters, oldest first")
+    p.add_argument("--reason", choices=REASONS, help="only this reason")
+    p.add_argument("--limit", type=int, default=50, help="show the last N (0: all; default 50)")
+    p.set_defaults(handler=cmd_dlq_list)
+    p = dlq_commands.add_parser(
+        "redrive", help="send dead letters back to their topic after a fix",
+        description=(
+            "Produce the original bytes again to the original topic. Safe to repeat: "
+            "an applied command is a duplicate by event_id, a still-bad one returns here."
+        ),
+    )  # fmt: skip
+    p.add_argument("--offset", type=int, action="append", help="dlq offset (repeatable)")
+    p.add_argument("--reason", choices=REASONS, help="every dead letter with this reason")
+    p.add_argument("--all", action="store_true", help="every dead letter")
+    p.add_argument("--dry-run", action="store_true", help="only say what would be sent")
+    p.set_defaults(handler=cmd_dlq_redrive)
 
     p = commands.add_parser(
         "demo",

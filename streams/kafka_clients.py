@@ -11,11 +11,18 @@ from __future__ import annotations
 
 from typing import Any
 
+from aiokafka.partitioner import murmur2
 from confluent_kafka import Consumer, Producer
 
 from creditledger.settings import Settings
 
 PARTITIONER = "murmur2_random"
+
+
+def partition_of(key: str, partitions: int) -> int:
+    """The partition murmur2 gives ``key``: what our producers, Faust and Java compute."""
+    hashed: int = murmur2(key.encode())
+    return (hashed & 0x7FFFFFFF) % partitions
 
 
 def producer_config(settings: Settings, **overrides: Any) -> dict[str, Any]:

@@ -1,0 +1,165 @@
+"""Ops on the ledger and its dead letters: balance, fold-check, DLQ list and re-drive.
+
+These read topics from the beginning up to the high watermarks taken when
+they start (a moving target would never finish), with a progress bar on
+standard error for long scans.
+"""
+
+from __future__ import annotations
+
+import sys
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from confluent_kafka import TopicPartition
+from tqdm import tqdm
+
+from agents.domain import Account, Entry
+from agents.fold_check import FoldChecker
+from agents.records import LEDGER_TOPIC, REJECTED_TOPIC, entry_from_record
+from creditledger.errors import CodecError, CreditLedgerError, StackError
+from creditledger.settings import Settings
+from streams.codec import AvroCodec
+from streams.kafka_clients import make_consumer, make_producer, partition_of
+
+BATCH = 5000
+
+
+@dataclass(frozen=True)
+class Record:
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes | None
+
+
+def read_topic(settings: Settings, topic: str, partitions: list[int] | None = None,
+               progress: bool = False) -> Iterator[Record]:  # fmt: skip
+    """Every record of ``topic`` (or of some partitions) up to the current end."""
+    consumer = make_consumer(settings, f"{settings.kafka.client_id}-ops-{uuid.uuid4().hex[:8]}",
+                             **{"enable.partition.eof": False})  # fmt: skip
+    try:
+        metadata = consumer.list_topics(topic, timeout=10).topics.get(topic)
+        if metadata is None or metadata.error is not None:
+            raise StackError(f"topic {topic} not found; run `creditledger topics apply`")
+        wanted = sorted(metadata.partitions) if partitions is None else partitions
+        ends: dict[int, int] = {}
+        for partition in wanted:
+            low, high = consumer.get_watermark_offsets(TopicPartition(topic, partition), timeout=10)
+            if high > low:
+                ends[partition] = high
+        total = sum(ends.values())
+        if not ends:
+            return
+        consumer.assign([TopicPartition(topic, p, 0) for p in ends])
+        done: set[int] = set()
+        bar = tqdm(total=total, unit="rec", desc=topic, file=sys.stderr, disable=not progress,
+                   mininterval=0.5)  # fmt: skip
+        with bar:
+            while len(done) < len(ends):
+                batch = consumer.consume(num_messages=BATCH, timeout=1.0)
+                for message in batch:
+                    if message.error():
+                        raise StackError(f"reading {topic}: {message.error()}")
+                    partition, offset = message.partition(), message.offset()
+                    if partition is None or offset is None:
+                        continue
+                    if partition in done or offset >= ends[partition]:
+                        continue
+                    yield Record(partition, offset, message.key(), message.value())
+                    if offset + 1 >= ends[partition]:
+                        done.add(partition)
+                bar.update(len(batch))
+    finally:
+        consumer.close()
+
+
+def read_entries(
+    settings: Settings, codec: AvroCodec, partitions: list[int] | None = None,
+    progress: bool = False,
+) -> Iterator[tuple[Record, Entry | CodecError]]:  # fmt: skip
+    for record in read_topic(settings, LEDGER_TOPIC, partitions, progress):
+        try:
+            decoded = codec.decode(record.value, expected=LEDGER_TOPIC)
+        except CodecError as exc:
+            yield record, exc
+            continue
+        yield record, entry_from_record(decoded.record)
+
+
+@dataclass(frozen=True)
+class FoldCheckReport:
+    checker: FoldChecker
+    unreadable: int
+    first_unreadable: str | None
+
+    @property
+    def ok(self) -> bool:
+        return self.checker.ok and self.unreadable == 0
+
+
+def fold_check(settings: Settings, codec: AvroCodec, progress: bool = True,
+               keep_entries: bool = False) -> FoldCheckReport:  # fmt: skip
+    checker = FoldChecker(keep_entries=keep_entries)
+    unreadable = 0
+    first_unreadable: str | None = None
+    for record, entry in read_entries(settings, codec, progress=progress):
+        where = f"{LEDGER_TOPIC}[{record.partition}]@{record.offset}"
+        if isinstance(entry, CodecError):
+            unreadable += 1
+            first_unreadable = first_unreadable or f"{where}: {entry}"
+            continue
+        checker.add(entry, where)
+    return FoldCheckReport(checker, unreadable, first_unreadable)
+
+
+def balance(settings: Settings, codec: AvroCodec, user_id: str,
+            partitions: int) -> tuple[Account, int]:  # fmt: skip
+    """The account by folding the user's partition of the ledger; and its entry count."""
+    account = Account()
+    count = 0
+    for _record, entry in read_entries(settings, codec, [partition_of(user_id, partitions)]):
+        if isinstance(entry, Entry) and entry.user_id == user_id and entry.seq > account.seq:
+            account = Account(balance_micro=entry.balance_after_micro, seq=entry.seq)
+            count += 1
+    return account, count
+
+
+@dataclass(frozen=True)
+class DeadLetter:
+    offset: int  # in credit.commands.rejected
+    record: dict[str, Any]
+
+
+def dead_letters(settings: Settings, codec: AvroCodec, reason: str | None = None,
+                 progress: bool = False) -> list[DeadLetter]:  # fmt: skip
+    letters: list[DeadLetter] = []
+    for record in read_topic(settings, REJECTED_TOPIC, progress=progress):
+        decoded = codec.decode(record.value, expected=REJECTED_TOPIC).record
+        if reason is None or decoded["reason"] == reason:
+            letters.append(DeadLetter(record.offset, decoded))
+    return letters
+
+
+def redrive(settings: Settings, letters: list[DeadLetter]) -> int:
+    """Send the original bytes back to their original topic (the fold decides again).
+
+    Safe to repeat: a command that was applied meanwhile is a duplicate by
+    event_id, and one that is still wrong returns to the dead-letter topic.
+    """
+    producer = make_producer(settings)
+    failures: list[Any] = []
+    for letter in letters:
+        record = letter.record
+        producer.produce(
+            record["topic"], key=record["original_key"], value=record["original_value"],
+            on_delivery=lambda err, _msg: failures.append(err) if err else None,
+        )  # fmt: skip
+        producer.poll(0)
+    remaining = producer.flush(60)
+    if remaining or failures:
+        raise CreditLedgerError(f"re-drive incomplete: {remaining} unsent, {failures[:3]}")
+    sent: int = len(letters)
+    return sent
