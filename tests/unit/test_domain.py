@@ -25,6 +25,7 @@ from agents.domain import (
     decide,
     evolve,
 )
+from tests.workload import Auditor
 
 LIMITS = Limits(max_amount_micro=10_000_000_000)
 T0 = 1_767_225_600_000  # 2026-01-01T00:00:00Z in ms
@@ -166,37 +167,7 @@ def test_duplicate_points_at_the_seen_record() -> None:
     assert outcome == Duplicate(seen)
 
 
-# --- the stateful property: Ledger == an independent auditor --------------------------
-
-
-class Auditor:
-    """A few lines of plain Python that fold the same commands, written without the domain."""
-
-    def __init__(self, max_amount_micro: int) -> None:
-        self.max_amount_micro = max_amount_micro
-        self.balance: dict[str, int] = {}
-        self.seq: dict[str, int] = {}
-        self.first: dict[str, tuple[tuple[Any, ...], str, int]] = {}
-
-    def apply(self, command: Command) -> tuple[Any, ...]:
-        fields = dataclasses.asdict(command)
-        fields.pop("producer")
-        content = (type(command).__name__, tuple(sorted(fields.items())))
-        amount = command.amount_micro
-        is_charge = isinstance(command, Charge)
-        if (not command.user_id or amount > self.max_amount_micro
-                or (amount < 0 if is_charge else amount <= 0)):  # fmt: skip
-            return ("rejected", "invalid")
-        if command.event_id in self.first:
-            first_content, user, seq = self.first[command.event_id]
-            if first_content == content:
-                return ("duplicate", user, seq)
-            return ("rejected", "idempotency_conflict")
-        user = command.user_id
-        self.balance[user] = self.balance.get(user, 0) + (-amount if is_charge else amount)
-        self.seq[user] = self.seq.get(user, 0) + 1
-        self.first[command.event_id] = (content, user, self.seq[user])
-        return ("applied", user, self.seq[user], self.balance[user])
+# --- the stateful property: Ledger == an independent auditor (tests/workload.py) ----
 
 
 def summarise(outcome: Any) -> tuple[Any, ...]:
