@@ -192,6 +192,8 @@ def cmd_dlq_list(args: argparse.Namespace, settings: Settings) -> int:
 def cmd_dlq_redrive(args: argparse.Namespace, settings: Settings) -> int:
     from agents import ops
 
+    if not (args.offset or args.reason or args.all):
+        raise CreditLedgerError("say which: --offset N (repeatable), --reason R or --all")
     letters = ops.dead_letters(settings, _codec(settings), reason=args.reason)
     if args.offset:
         wanted = set(args.offset)
@@ -199,8 +201,6 @@ def cmd_dlq_redrive(args: argparse.Namespace, settings: Settings) -> int:
         missing = wanted - {letter.offset for letter in letters}
         if missing:
             raise CreditLedgerError(f"no dead letter at offset(s) {sorted(missing)}")
-    elif not (args.reason or args.all):
-        raise CreditLedgerError("say which: --offset N (repeatable), --reason R or --all")
     for letter in letters:
         r = letter.record
         print(f"{'would re-drive' if args.dry_run else 're-drive'} dlq@{letter.offset}: "

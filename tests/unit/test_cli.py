@@ -19,6 +19,13 @@ COMMANDS = [
     ["config", "show"],
     ["config", "example"],
     ["demo"],
+    ["worker"],
+    ["ledger"],
+    ["ledger", "balance"],
+    ["ledger", "fold-check"],
+    ["ledger", "dlq"],
+    ["ledger", "dlq", "list"],
+    ["ledger", "dlq", "redrive"],
 ]
 
 
@@ -56,3 +63,17 @@ def test_config_show_masks_secrets(capsys: pytest.CaptureFixture[str]) -> None:
     out = capsys.readouterr().out
     assert "url: '**********'" in out
     assert "creditledger@" not in out
+
+
+def test_redrive_needs_a_selection(capsys: pytest.CaptureFixture[str]) -> None:
+    # Refused before anything is read: re-driving everything by accident is not an option.
+    assert main(["ledger", "dlq", "redrive"]) == 1
+    assert "say which: --offset N" in capsys.readouterr().err
+
+
+def test_credits_are_formatted_without_floats() -> None:
+    from creditledger.cli import _credits
+
+    assert _credits(3_700) == "0.003700"
+    assert _credits(-12_000_001) == "-12.000001"
+    assert _credits(10**18 + 1) == "1000000000000.000001"
