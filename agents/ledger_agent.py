@@ -21,6 +21,16 @@ commands come again: those already in the ledger are recognised as
 duplicates by event_id, the rest are decided on top of the recovered state.
 Nothing is lost, nothing is applied twice. See ARCHITECTURE.md.
 
+Why the agent checks its own input: faust-streaming can skip a message. Seen
+here: a worker joining while another was still recovering made Faust drop the
+first message of a partition unacked, filter the re-fetched copy as "already
+read", and commit past it (its commit check tolerates a hole of exactly one
+at the head). So the agent verifies that every command topic-partition
+arrives without holes: the first message after an assignment must be at the
+group's committed offset, each next one at the previous + 1. A hole is read
+directly from Kafka and folded first. Folding something twice is harmless
+(a duplicate by event_id), so the check can only add safety.
+
 Why the batch body has no ``await``: Faust's ``take_events`` acks the batch
 in a ``finally`` even when the body fails, so a body that raised or was
 cancelled halfway could have its offsets committed. Without await points it
@@ -37,7 +47,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from confluent_kafka import KafkaError
+from confluent_kafka import KafkaError, TopicPartition
 
 from agents.domain import Account, Applied, Duplicate, Limits, Seen, decide, evolve
 from agents.records import (
@@ -53,7 +63,7 @@ from creditledger.errors import CodecError, CreditLedgerError
 from creditledger.settings import Settings
 from streams.app import LedgerApp
 from streams.codec import AvroCodec
-from streams.kafka_clients import make_producer, partition_of
+from streams.kafka_clients import make_consumer, make_producer, partition_of
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +71,25 @@ COMMAND_TOPICS = (CHARGE_TOPIC, GRANT_TOPIC)
 EXIT_FATAL = 70  # EX_SOFTWARE
 STATS_EVERY_S = 10.0
 HOME_CACHE_MAX = 1_000_000  # users whose partition is remembered (pure-Python murmur2 is slow)
+
+
+@dataclass(frozen=True, slots=True)
+class Incoming:
+    """One command message, whoever fetched it (Faust, or the gap filler)."""
+
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes | None
+    timestamp_ms: int
+
+    @classmethod
+    def from_faust(cls, event: Any) -> Incoming:
+        message = event.message
+        # Faust reports the Kafka timestamp in (float) seconds; Kafka stores whole ms.
+        return cls(message.topic, message.partition, message.offset, message.key,
+                   message.value, round(message.timestamp * 1000))  # fmt: skip
 
 
 class FoldError(CreditLedgerError):
@@ -74,6 +103,7 @@ class FoldStats:
     applied: int = 0
     duplicates: int = 0
     rejected: int = 0
+    gap_filled: int = 0
     busy_s: float = 0.0
     since: float = field(default_factory=time.monotonic)
 
@@ -81,7 +111,8 @@ class FoldStats:
         rate = self.commands / self.busy_s if self.busy_s else 0.0
         return (
             f"{self.commands} commands in {self.batches} batches: {self.applied} applied, "
-            f"{self.duplicates} duplicates, {self.rejected} rejected; "
+            f"{self.duplicates} duplicates, {self.rejected} rejected, "
+            f"{self.gap_filled} recovered from input holes; "
             f"{rate:,.0f} commands/s while busy"
         )
 
@@ -100,6 +131,8 @@ class LedgerFolder:
         self.limits = Limits(max_amount_micro=settings.ledger.max_amount_micro)
         self.stats = FoldStats()
         self._producer: Any = None
+        self._reader: Any = None  # committed offsets and hole filling
+        self._next: dict[tuple[str, int], int] = {}  # next offset expected per command tp
         self._last_stats = time.monotonic()
 
     def start(self) -> None:
@@ -110,10 +143,76 @@ class LedgerFolder:
                 **{"client.id": f"{self.settings.kafka.client_id}-ledger-{self.worker_name}",
                    "linger.ms": 2, "batch.size": 1_000_000},
             )  # fmt: skip
+        if self._reader is None:
+            # Same group id, so committed() answers for the workers' group; it never
+            # subscribes or commits, so it never joins the group.
+            self._reader = make_consumer(
+                self.settings, self.settings.ledger.app_id,
+                **{"client.id": f"{self.settings.kafka.client_id}-gapfill-{self.worker_name}"},
+            )  # fmt: skip
+
+    def forget(self, partitions: Any) -> None:
+        """A rebalance moved these partitions: their next offset is the committed one again."""
+        for tp in partitions:
+            self._next.pop((tp.topic, tp.partition), None)
+
+    def _expected_start(self, topic: str, partition: int) -> int:
+        tp = TopicPartition(topic, partition)
+        committed = self._reader.committed([tp], timeout=10)[0].offset
+        if committed is not None and committed >= 0:
+            return int(committed)
+        low, _high = self._reader.get_watermark_offsets(tp, timeout=10)
+        return int(low)
+
+    def _read_hole(self, topic: str, partition: int, start: int, end: int) -> list[Incoming]:
+        """Messages [start, end) of one partition, straight from Kafka."""
+        reader = self._reader
+        reader.assign([TopicPartition(topic, partition, start)])
+        found: dict[int, Incoming] = {}
+        deadline = time.monotonic() + self.settings.ledger.flush_timeout_s * 4
+        while len(found) < end - start and time.monotonic() < deadline:
+            for message in reader.consume(num_messages=1000, timeout=0.5):
+                if message.error():
+                    continue
+                offset = message.offset()
+                if start <= offset < end:
+                    found[offset] = Incoming(topic, partition, offset, message.key(),
+                                             message.value(), message.timestamp()[1])  # fmt: skip
+        reader.unassign()
+        if len(found) < end - start:
+            # Offsets may be missing for good (deleted by retention): take what exists,
+            # but only once the partition's low watermark says so.
+            low, _high = reader.get_watermark_offsets(TopicPartition(topic, partition), timeout=10)
+            if any(offset >= low and offset not in found for offset in range(start, end)):
+                raise FoldError(f"could not read {topic}[{partition}] offsets {start}..{end - 1}")
+        return [found[offset] for offset in sorted(found)]
+
+    def with_holes_filled(self, items: list[Incoming]) -> list[Incoming]:
+        """The batch, with any message Faust skipped put back in its place."""
+        out: list[Incoming] = []
+        next_offsets = self._next
+        for item in items:
+            tp = (item.topic, item.partition)
+            expected = next_offsets.get(tp)
+            if expected is None:
+                expected = self._expected_start(item.topic, item.partition)
+            if item.offset > expected:
+                hole = self._read_hole(item.topic, item.partition, expected, item.offset)
+                log.warning(
+                    "%s[%s]: Faust skipped offsets %s..%s; folding %d from Kafka",
+                    item.topic, item.partition, expected, item.offset - 1, len(hole),
+                )  # fmt: skip
+                self.stats.gap_filled += len(hole)
+                out.extend(hole)
+            out.append(item)
+            if item.offset >= expected:
+                next_offsets[tp] = item.offset + 1
+        return out
 
     def fold_batch(self, events: list[Any]) -> None:
         """Fold one batch; raise :class:`FoldError` when it could not be made durable."""
         started = time.monotonic()
+        items = self.with_holes_filled([Incoming.from_faust(event) for event in events])
         producer = self._producer
         assert producer is not None, "LedgerFolder.start() first"
         accounts: dict[tuple[int, str], Account] = {}
@@ -136,8 +235,7 @@ class LedgerFolder:
             if err is not None:
                 failures.append(err)
 
-        for event in events:
-            message = event.message
+        for message in items:
             partition = message.partition
             try:
                 decoded = codec.decode(message.value)
@@ -170,8 +268,7 @@ class LedgerFolder:
                 account = state.account(partition, command.user_id)
             first = seen.get(command.event_id) or state.seen(partition, command.event_id)
             # The message's own timestamp: a redelivered command decides identically.
-            recorded_at_ms = round(message.timestamp * 1000)
-            outcome = decide(account, first, command, limits, recorded_at_ms)
+            outcome = decide(account, first, command, limits, message.timestamp_ms)
             if isinstance(outcome, Applied):
                 entry = outcome.entry
                 value = codec.encode(LEDGER_TOPIC, entry_to_record(entry), checked=False)
@@ -204,7 +301,7 @@ class LedgerFolder:
             for i, w in enumerate(writes)
         )  # fmt: skip
         self.stats.batches += 1
-        self.stats.commands += len(events)
+        self.stats.commands += len(items)
         self.stats.busy_s += time.monotonic() - started
         if time.monotonic() - self._last_stats > STATS_EVERY_S:
             self._last_stats = time.monotonic()
@@ -220,7 +317,7 @@ class LedgerFolder:
             self._homes[user_id] = home
         return home
 
-    def _dead_letter(self, message: Any, reason: str, detail: str, event_id: str | None,
+    def _dead_letter(self, message: Incoming, reason: str, detail: str, event_id: str | None,
                      user_id: str | None, on_delivery: Any) -> None:  # fmt: skip
         record = {
             "original_value": message.value,
@@ -265,4 +362,11 @@ def register_ledger_agent(ledger_app: LedgerApp, settings: Settings,
             fold_or_die(folder, list(events))
 
     ledger_app.app.agent(ledger_app.commands, name="ledger-fold", concurrency=1)(fold)
+
+    def on_rebalance(sender: Any, /, *args: Any, signal: Any, **kwargs: Any) -> None:
+        # mode's Signal calls receiver(sender, partitions, signal=...)
+        folder.forget(args[0] if args else ())
+
+    ledger_app.app.on_partitions_revoked.connect(on_rebalance)
+    ledger_app.app.on_partitions_assigned.connect(on_rebalance)
     return folder
