@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import random
 import shutil
+import signal
 import statistics
 import sys
 import time
@@ -142,6 +143,9 @@ def throughput(settings: Settings, codec: AvroCodec, workers: int, count: int,
         deadline = time.monotonic() + 900
         with tqdm(total=count, desc=f"fold {workers}w", unit="cmd", file=sys.stderr) as bar:
             while seen < count and time.monotonic() < deadline:
+                for name in group.processes:
+                    if not group.alive(name):
+                        raise SystemExit(f"worker {name} died:\n{group.tail(name)}")
                 batch = tail.poll(0.2)
                 if batch:
                     first = first or batch[0][0]
@@ -312,6 +316,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--restart-accounts", type=int, default=1_000_000)
     parser.add_argument("--quick", action="store_true", help="small sizes, to check it runs")
     args = parser.parse_args(argv)
+    # SIGTERM must run the `finally` blocks: they stop the worker processes,
+    # which live in sessions of their own and would otherwise go on folding.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     if args.quick:
         args.commands, args.baseline_commands = 20_000, 2_000
         args.latency_seconds, args.restart_accounts = 5, 20_000

@@ -71,9 +71,11 @@ def build_ledger_app(settings: Settings, worker_name: str, store: str | None = N
     )
     commands = app.topic(CHARGE_TOPIC, GRANT_TOPIC, key_type=bytes, value_type=bytes,
                          key_serializer="raw", value_serializer="raw")  # fmt: skip
+    # acks=False as Faust gives its own changelogs: no stream consumes this topic,
+    # and with acks on, Faust's slow-stream detector reports it as stuck.
     changelog = app.topic(
         LEDGER_TOPIC, key_type=bytes, value_type=bytes, key_serializer="raw",
-        value_serializer="raw", partitions=partitions,
+        value_serializer="raw", partitions=partitions, acks=False,
     )  # fmt: skip
     state = LedgerStateTable(
         app, name=STATE_TABLE, beacon=app.tables.beacon, partitions=partitions,
