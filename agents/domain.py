@@ -168,8 +168,8 @@ def command_digest(command: Command) -> str:
 
 
 def _is_int(value: object) -> bool:
-    # bool is an int subclass; money and counts must be real integers.
-    return isinstance(value, int) and not isinstance(value, bool)
+    # Exactly int: bool is an int subclass, and money and counts must be real integers.
+    return type(value) is int
 
 
 def validate(command: Command, limits: Limits) -> str | None:

@@ -218,18 +218,21 @@ class LedgerFolder:
         accounts: dict[tuple[int, str], Account] = {}
         seen: dict[str, Seen] = {}
         writes: list[StateWrite] = []
-        offsets: dict[int, int] = {}  # index in writes -> ledger offset
+        # The state only needs, per partition, the highest acked ledger offset
+        # (its persisted offset); one shared callback records it.
+        acked_max: dict[int, int] = {}
+        acked_count = [0]
         failures: list[KafkaError] = []
         codec, state, limits = self.codec, self.state, self.limits
 
-        def entry_delivered(index: int) -> Any:
-            def report(err: KafkaError | None, msg: Any) -> None:
-                if err is not None:
-                    failures.append(err)
-                else:
-                    offsets[index] = msg.offset()
-
-            return report
+        def entry_delivered(err: KafkaError | None, msg: Any) -> None:
+            if err is not None:
+                failures.append(err)
+                return
+            acked_count[0] += 1
+            partition, offset = msg.partition(), msg.offset()
+            if offset > acked_max.get(partition, -1):
+                acked_max[partition] = offset
 
         def dead_letter_delivered(err: KafkaError | None, _msg: Any) -> None:
             if err is not None:
@@ -238,7 +241,7 @@ class LedgerFolder:
         for message in items:
             partition = message.partition
             try:
-                decoded = codec.decode(message.value)
+                decoded = codec.decode(message.value, plain_times=True)
             except CodecError as exc:
                 self._dead_letter(message, exc.reason, str(exc), None, None, dead_letter_delivered)
                 continue
@@ -273,11 +276,10 @@ class LedgerFolder:
                 entry = outcome.entry
                 value = codec.encode(LEDGER_TOPIC, entry_to_record(entry), checked=False)
                 producer.produce(LEDGER_TOPIC, key=entry.user_id.encode(), value=value,
-                                 partition=partition,
-                                 on_delivery=entry_delivered(len(writes)))  # fmt: skip
+                                 partition=partition, on_delivery=entry_delivered)  # fmt: skip
                 accounts[key] = evolve(account, entry)
                 seen[entry.event_id] = Seen(entry.user_id, entry.seq, entry.command_digest)
-                writes.append(StateWrite(partition, -1, entry.user_id, entry.seq,
+                writes.append(StateWrite(partition, 0, entry.user_id, entry.seq,
                                          entry.balance_after_micro, entry.event_id,
                                          entry.command_digest))  # fmt: skip
                 self.stats.applied += 1
@@ -286,20 +288,17 @@ class LedgerFolder:
             else:
                 self._dead_letter(message, outcome.reason, outcome.detail, outcome.event_id,
                                   outcome.user_id, dead_letter_delivered)  # fmt: skip
-            producer.poll(0)
+            if len(writes) % 500 == 0:
+                producer.poll(0)  # serve delivery reports now and then, not per message
 
         remaining = producer.flush(self.settings.ledger.flush_timeout_s)
-        if remaining or failures:
+        if remaining or failures or acked_count[0] != len(writes):
             raise FoldError(
                 f"{remaining} ledger/DLQ messages unacknowledged after "
                 f"{self.settings.ledger.flush_timeout_s} s, {len(failures)} failed "
                 f"({failures[:3]}); exiting without committing the batch"
             )
-        state.apply_entries(
-            StateWrite(w.partition, offsets[i], w.user_id, w.seq, w.balance_after_micro,
-                       w.event_id, w.command_digest)
-            for i, w in enumerate(writes)
-        )  # fmt: skip
+        state.apply_entries(writes, trusted=True, offsets=acked_max)
         self.stats.batches += 1
         self.stats.commands += len(items)
         self.stats.busy_s += time.monotonic() - started

@@ -86,15 +86,26 @@ class LedgerStateTable(faust.Table[bytes, bytes]):
     """A Faust table folded from the ledger topic (its changelog)."""
 
     codec: AvroCodec | None = None
+    _getter: Any = None
 
     def _raw_get(self, partition: int, key: bytes) -> bytes | None:
-        store = self.data
-        db_for_partition = getattr(store, "_db_for_partition", None)
-        if db_for_partition is not None:  # RocksDB: one database per partition
-            value: bytes | None = db_for_partition(partition).get(key)
-            return value
-        memory: MutableMapping[bytes, bytes] = store.data  # the memory store's dict
-        return memory.get(key)
+        getter = self._getter
+        if getter is None:
+            store = self.data
+            db_for_partition = getattr(store, "_db_for_partition", None)
+            if db_for_partition is not None:  # RocksDB: one database per partition
+
+                def getter(partition: int, key: bytes) -> bytes | None:
+                    value: bytes | None = db_for_partition(partition).get(key)
+                    return value
+            else:
+                memory: MutableMapping[bytes, bytes] = store.data  # the memory store's dict
+
+                def getter(partition: int, key: bytes) -> bytes | None:
+                    return memory.get(key)
+
+            self._getter = getter
+        return getter(partition, key)  # type: ignore[no-any-return]
 
     def account(self, partition: int, user_id: str) -> Account:
         value = self._raw_get(partition, ACCOUNT_PREFIX + user_id.encode())
@@ -104,12 +115,21 @@ class LedgerStateTable(faust.Table[bytes, bytes]):
         value = self._raw_get(partition, EVENT_PREFIX + event_id.encode())
         return None if value is None else unpack_seen(value)
 
-    def apply_entries(self, writes: Iterable[StateWrite]) -> int:
+    def apply_entries(
+        self,
+        writes: Iterable[StateWrite],
+        trusted: bool = False,
+        offsets: dict[int, int] | None = None,
+    ) -> int:
         """Apply acked ledger entries to the local store; return how many changed it.
 
         An account only moves forward: an entry whose seq is not newer than the
         stored one (a redelivered duplicate in the log) leaves it as it is.
-        The store writes the batch, then the highest offset per partition.
+        ``trusted``: the entries were just decided on this very state, so each
+        is newer by construction and the stored account need not be read.
+        The store writes the batch, then the highest offset per partition;
+        ``offsets`` gives those directly (partition -> highest ledger offset)
+        when the writes do not carry their own.
         """
         newest: dict[tuple[int, str], StateWrite] = {}
         events: list[Any] = []
@@ -117,19 +137,20 @@ class LedgerStateTable(faust.Table[bytes, bytes]):
             key = (write.partition, write.user_id)
             known = newest.get(key)
             if known is None:
-                stored = self.account(write.partition, write.user_id)
-                if write.seq <= stored.seq:
+                if not trusted and write.seq <= self.account(write.partition, write.user_id).seq:
                     continue
             elif write.seq <= known.seq:
                 continue
             newest[key] = write
+            offset = write.offset if offsets is None else offsets[write.partition]
             events.append(
-                _store_event(write.partition, write.offset, EVENT_PREFIX + write.event_id.encode(),
+                _store_event(write.partition, offset, EVENT_PREFIX + write.event_id.encode(),
                              pack_seen(write.user_id, write.seq, write.command_digest))
             )  # fmt: skip
         for (partition, user_id), write in newest.items():
+            offset = write.offset if offsets is None else offsets[partition]
             events.append(
-                _store_event(partition, write.offset, ACCOUNT_PREFIX + user_id.encode(),
+                _store_event(partition, offset, ACCOUNT_PREFIX + user_id.encode(),
                              pack_account(write.balance_after_micro, write.seq))
             )  # fmt: skip
         if events:
@@ -145,7 +166,9 @@ class LedgerStateTable(faust.Table[bytes, bytes]):
             if message.value is None:
                 continue
             try:
-                record = self.codec.decode(message.value, expected=LEDGER_TOPIC).record
+                record = self.codec.decode(
+                    message.value, expected=LEDGER_TOPIC, plain_times=True
+                ).record
             except CodecError as exc:
                 # Not ours to fix here: fold-check reports it; the state skips it.
                 log.error("ledger %s[%s]@%s unreadable: %s", message.topic,

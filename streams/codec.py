@@ -49,6 +49,9 @@ class SchemaVersion:
     schema: Any  # fastavro's parsed schema
     canonical_form: str
     path: Path
+    # The same schema without logical types: timestamps read as int milliseconds.
+    # Logical types are not part of the canonical form, so the fingerprint is the same.
+    plain_schema: Any = None
 
 
 @dataclass(frozen=True)
@@ -66,6 +69,7 @@ def _load(path: Path, event_type: str, version: str) -> SchemaVersion:
     except (OSError, ValueError, fastavro.schema.SchemaParseException) as exc:
         raise CodecError(f"schema {path} cannot be loaded: {exc}") from exc
     canonical = to_parsing_canonical_form(parsed)
+    plain = fastavro.parse_schema(_without_logical_types(raw), named_schemas={})
     return SchemaVersion(
         event_type=event_type,
         version=version,
@@ -73,7 +77,18 @@ def _load(path: Path, event_type: str, version: str) -> SchemaVersion:
         schema=parsed,
         canonical_form=canonical,
         path=path,
+        plain_schema=plain,
     )
+
+
+def _without_logical_types(node: Any) -> Any:
+    if isinstance(node, dict):
+        if "logicalType" in node:
+            return {k: _without_logical_types(v) for k, v in node.items() if k != "logicalType"}
+        return {k: _without_logical_types(v) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_without_logical_types(item) for item in node]
+    return node
 
 
 class SchemaRegistry:
@@ -167,8 +182,14 @@ class AvroCodec:
         fastavro.schemaless_writer(buffer, version.schema, record)
         return buffer.getvalue()
 
-    def decode(self, data: bytes | None, expected: str | None = None) -> Decoded:
-        """Decode ``data``; with ``expected``, also insist on that event type."""
+    def decode(
+        self, data: bytes | None, expected: str | None = None, *, plain_times: bool = False
+    ) -> Decoded:
+        """Decode ``data``; with ``expected``, also insist on that event type.
+
+        ``plain_times=True`` returns timestamps as int milliseconds instead of
+        datetimes when the writer is the current schema (the hot paths want ints).
+        """
         if data is None:
             raise MalformedMessageError("message has no value (a tombstone or an empty send)")
         if len(data) < HEADER_SIZE or data[:2] != MARKER:
@@ -191,9 +212,11 @@ class AvroCodec:
         body = io.BytesIO(data)
         body.seek(HEADER_SIZE)
         try:
-            record = fastavro.schemaless_reader(
-                body, writer.schema, None if reader is writer else reader.schema
-            )
+            if reader is writer or reader.fingerprint == writer.fingerprint:
+                schema = writer.plain_schema if plain_times else writer.schema
+                record = fastavro.schemaless_reader(body, schema, None)
+            else:
+                record = fastavro.schemaless_reader(body, writer.schema, reader.schema)
         except Exception as exc:  # fastavro raises EOFError, ValueError, UnicodeDecodeError...
             raise MalformedMessageError(
                 f"{writer.event_type} ({writer.version}) body does not decode: "

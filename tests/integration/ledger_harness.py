@@ -32,6 +32,7 @@ class WorkerGroup:
     """Ledger worker processes sharing one consumer group."""
 
     def __init__(self, unique: str, settings: Settings) -> None:
+        self.extra_env: dict[str, str] = {}
         self.unique = unique
         self.root = Path(f"/tmp/creditledger-test-{unique}")
         self.settings = settings
@@ -47,6 +48,7 @@ class WorkerGroup:
                 "CREDITLEDGER_KAFKA__BOOTSTRAP_SERVERS": self.settings.kafka.bootstrap_servers,
             }
         )
+        env.update(self.extra_env)
         return env
 
     def log(self, name: str) -> Path:
