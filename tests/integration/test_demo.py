@@ -1,0 +1,22 @@
+"""The README's first command ends with the demo; it must keep working (docs that run)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from creditledger.settings import Settings
+
+
+@pytest.mark.timeout(600)
+def test_the_demo_passes(stack_settings: Settings) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "creditledger.cli", "demo"],
+        capture_output=True, text=True, timeout=540, check=False,
+    )  # fmt: skip
+    assert result.returncode == 0, f"{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    assert "decoded == sent" in result.stdout
+    assert "(as expected)" in result.stdout
+    assert "demo passed" in result.stdout
