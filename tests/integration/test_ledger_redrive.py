@@ -68,5 +68,15 @@ def test_a_grant_refused_by_a_too_low_limit_applies_after_the_fix(
         entries = _entries_for(stack_settings, codec, user)
         assert len(entries) == 1
         assert len(refused()) == 1, "the re-driven duplicate must not be rejected again"
+
+        # What an operator sees through the CLI.
+        capsys.readouterr()
+        assert main(["ledger", "balance", user]) == 0
+        balance_line = capsys.readouterr().out.splitlines()[-1].split()
+        assert balance_line[:5] == [user, "5.000000", "5000000", "1", "1"]
+        assert main(["ledger", "dlq", "list", "--reason", "invalid", "--limit", "0"]) == 0
+        assert command.event_id in capsys.readouterr().out
+        assert main(["ledger", "fold-check", "--quiet"]) == 0
+        assert "fold-check: OK" in capsys.readouterr().out
     finally:
         workers.cleanup()
