@@ -13,6 +13,16 @@ from streams import topic_admin
 from streams.topics import load_topics
 
 
+# Faust's names for log levels -> the logging module's.
+LOG_LEVELS = {
+    "crit": logging.CRITICAL,
+    "error": logging.ERROR,
+    "warn": logging.WARNING,
+    "info": logging.INFO,
+    "debug": logging.DEBUG,
+}
+
+
 def run_worker(settings: Settings, name: str, loglevel: str, store: str | None) -> int:
     import faust
     import uvloop
@@ -29,6 +39,6 @@ def run_worker(settings: Settings, name: str, loglevel: str, store: str | None) 
     ledger_app = build_ledger_app(settings, worker_name=name, store=store)
     register_ledger_agent(ledger_app, settings, worker_name=name)
     worker = faust.Worker(ledger_app.app, loglevel=loglevel)
-    logging.getLogger("agents").setLevel(loglevel.upper())
+    logging.getLogger("agents").setLevel(LOG_LEVELS[loglevel])
     worker.execute_from_commandline()
     return 0

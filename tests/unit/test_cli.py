@@ -77,3 +77,13 @@ def test_credits_are_formatted_without_floats() -> None:
     assert _credits(3_700) == "0.003700"
     assert _credits(-12_000_001) == "-12.000001"
     assert _credits(10**18 + 1) == "1000000000000.000001"
+
+
+def test_every_worker_log_level_maps_to_logging() -> None:
+    from creditledger.cli import build_parser
+    from creditledger.worker import LOG_LEVELS
+
+    parser = build_parser()
+    for level in ("crit", "error", "warn", "info", "debug"):
+        args = parser.parse_args(["worker", "--loglevel", level])
+        assert args.loglevel in LOG_LEVELS
