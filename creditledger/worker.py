@@ -12,7 +12,6 @@ from creditledger.settings import Settings, project_path
 from streams import topic_admin
 from streams.topics import load_topics
 
-
 # Faust's names for log levels -> the logging module's.
 LOG_LEVELS = {
     "crit": logging.CRITICAL,
