@@ -44,7 +44,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from confluent_kafka import KafkaError, TopicPartition
@@ -105,7 +105,6 @@ class FoldStats:
     rejected: int = 0
     gap_filled: int = 0
     busy_s: float = 0.0
-    since: float = field(default_factory=time.monotonic)
 
     def line(self) -> str:
         rate = self.commands / self.busy_s if self.busy_s else 0.0
