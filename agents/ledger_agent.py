@@ -1,7 +1,7 @@
 """The ledger agent: fold command batches into ledger entries, exactly once per event_id.
 
 Per batch (one partition's commands stay in order; one in-flight batch per
-worker):
+worker; the batch is what Faust has queued for the agent):
 
 1. decode each command, look up its account and event_id in the state table,
    :func:`agents.domain.decide`;
@@ -31,9 +31,8 @@ group's committed offset, each next one at the previous + 1. A hole is read
 directly from Kafka and folded first. Folding something twice is harmless
 (a duplicate by event_id), so the check can only add safety.
 
-Why the batch body has no ``await``: Faust's ``take_events`` acks the batch
-in a ``finally`` even when the body fails, so a body that raised or was
-cancelled halfway could have its offsets committed. Without await points it
+Why the batch body has no ``await``: a body cancelled halfway (a stopping
+worker) must not be followed by acks or a commit. Without await points it
 cannot be cancelled halfway, and any exception ends the process at once
 (``os._exit``), before Faust can commit anything. A crash is safe by design;
 a half-done graceful stop is not.
@@ -41,6 +40,7 @@ a half-done graceful stop is not.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import time
@@ -350,16 +350,42 @@ def fold_or_die(folder: LedgerFolder, events: list[Any]) -> None:
 
 def register_ledger_agent(ledger_app: LedgerApp, settings: Settings,
                           worker_name: str) -> LedgerFolder:  # fmt: skip
-    """Attach the fold to the app: one agent instance, one batch in flight."""
+    """Attach the fold to the app: one agent instance, one batch in flight.
+
+    The agent drains its channel's queue in bulk instead of iterating Faust's
+    ``Stream``: measured here, ``Stream`` iteration costs ~67 µs per message
+    (two task round trips in ``mode.Service.wait_first`` each), the bulk drain
+    ~50 µs. Everything else stays Faust's: group membership, recovery, the
+    queue and its clearing on rebalance, acks and commits. Faust's conductor
+    hands over one message per await, so a batch needs a moment to gather:
+    when fewer than ``ledger.batch_max`` are queued, the agent waits
+    ``ledger.batch_within_ms`` before draining (under load it never waits).
+    Events are acked only after their batch is durable.
+    """
     folder = LedgerFolder(settings, ledger_app.codec, ledger_app.state,
                           ledger_app.partitions, worker_name)  # fmt: skip
     batch_max = settings.ledger.batch_max
     within_s = settings.ledger.batch_within_ms / 1000
+    monitor = ledger_app.app.monitor
 
     async def fold(stream: Any) -> None:
         folder.start()
-        async for events in stream.take_events(batch_max, within=within_s):
-            fold_or_die(folder, list(events))
+        queue = stream.channel.queue
+        while True:
+            batch = [await queue.get()]
+            if queue.qsize() < batch_max:
+                await asyncio.sleep(within_s)
+            while len(batch) < batch_max:
+                try:
+                    batch.append(queue.get_nowait())
+                except asyncio.QueueEmpty:
+                    break
+            fold_or_die(folder, batch)
+            now = time.monotonic()
+            for event in batch:
+                event.ack()
+                # What Stream iteration would record; Faust's slow-stream check reads it.
+                monitor.stream_inbound_time[event.message.tp] = now
 
     ledger_app.app.agent(ledger_app.commands, name="ledger-fold", concurrency=1)(fold)
 

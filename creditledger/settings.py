@@ -153,10 +153,10 @@ class LedgerSettings(_Section):
         description="Largest amount one command may move, micro-credits (bigger: rejected).",
     )
     batch_max: int = Field(
-        2000, ge=1, description="Commands folded per batch (one producer flush per batch)."
+        2000, ge=1, description="Most commands folded per batch (one producer flush per batch)."
     )
     batch_within_ms: int = Field(
-        20, ge=1, description="How long a batch waits to fill before it is folded anyway."
+        10, ge=0, description="How long a batch may wait to fill when traffic is light."
     )
     flush_timeout_s: int = Field(
         5,
