@@ -51,8 +51,6 @@ from confluent_kafka import KafkaError, TopicPartition
 
 from agents.domain import Account, Applied, Duplicate, Limits, Seen, decide, evolve
 from agents.records import (
-    CHARGE_TOPIC,
-    GRANT_TOPIC,
     LEDGER_TOPIC,
     REJECTED_TOPIC,
     command_from_record,
@@ -67,7 +65,6 @@ from streams.kafka_clients import make_consumer, make_producer, partition_of
 
 log = logging.getLogger(__name__)
 
-COMMAND_TOPICS = (CHARGE_TOPIC, GRANT_TOPIC)
 EXIT_FATAL = 70  # EX_SOFTWARE
 STATS_EVERY_S = 10.0
 HOME_CACHE_MAX = 1_000_000  # users whose partition is remembered (pure-Python murmur2 is slow)

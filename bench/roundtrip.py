@@ -121,8 +121,7 @@ def run(events: int, partitions: int, users: int) -> list[tuple[str, ...]]:
         rows.append(("consume (fetch + decode)", f"{seen:,}", f"{consume_s:.2f}",
                      _rate(seen, consume_s)))  # fmt: skip
     finally:
-        for future in admin.delete_topics([topic], request_timeout=30).values():
-            future.result(timeout=30)
+        topic_admin.delete(admin, [topic], timeout_s=30)
     return rows
 
 
