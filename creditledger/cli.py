@@ -14,6 +14,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from creditledger.cli_projections import add_projection_commands, credits
 from creditledger.errors import CreditLedgerError
 from creditledger.settings import PROJECT_ROOT, Settings, load_settings, project_path
 from creditledger.tables import render_table
@@ -126,13 +127,6 @@ def _codec(settings: Settings) -> AvroCodec:
     return load_codec(project_path(settings.schemas.avro_dir))
 
 
-def _credits(micro: int) -> str:
-    """Micro-credits as a decimal string, without ever going through a float."""
-    sign = "-" if micro < 0 else ""
-    whole, fraction = divmod(abs(micro), 1_000_000)
-    return f"{sign}{whole}.{fraction:06d}"
-
-
 def cmd_ledger_balance(args: argparse.Namespace, settings: Settings) -> int:
     from agents import ops
     from agents.records import LEDGER_TOPIC
@@ -143,7 +137,7 @@ def cmd_ledger_balance(args: argparse.Namespace, settings: Settings) -> int:
     print(
         render_table(
             ["user", "balance (credits)", "balance_micro", "seq", "entries", "partition"],
-            [(args.user, _credits(account.balance_micro), account.balance_micro, account.seq,
+            [(args.user, credits(account.balance_micro), account.balance_micro, account.seq,
               entries, partition_of(args.user, partitions))],
         )
     )  # fmt: skip
@@ -349,6 +343,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(handler=cmd_demo)
 
+    add_projection_commands(commands)
     return parser
 
 

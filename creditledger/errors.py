@@ -55,3 +55,12 @@ class EncodeError(CodecError):
     """A record does not match the schema it is being written with."""
 
     reason = "invalid"
+
+
+class ProjectionError(CreditLedgerError):
+    """A projector, ``replay`` or ``migrate`` cannot go on (the read models are left as they
+    were: every write is one transaction or one atomic script)."""
+
+
+class QueryError(CreditLedgerError):
+    """A read-model query got arguments it cannot answer (bad period, cursor or limit)."""

@@ -177,6 +177,35 @@ class LedgerSettings(_Section):
     )
 
 
+class ProjectionSettings(_Section):
+    ledger_topic: str = Field(
+        "credit.ledger.entries", description="The ledger topic the projectors materialise."
+    )
+    postgres_group: str = Field(
+        "creditledger-project-postgres",
+        description="Consumer group of the Postgres projector (`creditledger project postgres`).",
+    )
+    redis_group: str = Field(
+        "creditledger-project-redis",
+        description="Consumer group of the Redis projector (`creditledger project redis`).",
+    )
+    redis_key_prefix: str = Field(
+        "creditledger",
+        description="Prefix of every Redis key the projections write (see ARCHITECTURE.md).",
+    )
+    batch_max: int = Field(
+        5000, ge=1, description="Most ledger entries applied per projector transaction."
+    )
+    poll_timeout_ms: int = Field(
+        20,
+        ge=1,
+        description="How long a projector waits for more entries before applying a batch.",
+    )
+    replay_batch: int = Field(
+        20000, ge=100, description="Entries per transaction while `replay` bulk-loads."
+    )
+
+
 class SchemaSettings(_Section):
     avro_dir: Path = Field(
         Path("schemas/avro"),
@@ -204,6 +233,10 @@ class Settings(BaseSettings):
     ledger: LedgerSettings = Field(
         default_factory=LedgerSettings,
         description="The ledger fold (Faust workers: creditledger worker).",
+    )
+    projections: ProjectionSettings = Field(
+        default_factory=ProjectionSettings,
+        description="Read models: Redis snapshots and Postgres tables (creditledger project).",
     )
     schemas: SchemaSettings = Field(
         default_factory=SchemaSettings,

@@ -72,11 +72,11 @@ def test_redrive_needs_a_selection(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 def test_credits_are_formatted_without_floats() -> None:
-    from creditledger.cli import _credits
+    from creditledger.cli_projections import credits
 
-    assert _credits(3_700) == "0.003700"
-    assert _credits(-12_000_001) == "-12.000001"
-    assert _credits(10**18 + 1) == "1000000000000.000001"
+    assert credits(3_700) == "0.003700"
+    assert credits(-12_000_001) == "-12.000001"
+    assert credits(10**18 + 1) == "1000000000000.000001"
 
 
 def test_every_worker_log_level_maps_to_logging() -> None:

@@ -1,0 +1,67 @@
+"""Ledger entries as the projections handle them: one flat row per entry.
+
+Decoding goes straight from the Avro record to a tuple in the column order of
+the staging tables (times stay integer milliseconds; Postgres turns them into
+timestamptz with integer arithmetic), because the projectors' cost is mostly
+per-entry Python work. An entry that does not decode is not skipped: the
+ledger is the truth, and a projection that silently missed an entry would be
+wrong forever, so the projector stops and names the message.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from agents.records import LEDGER_TOPIC
+from creditledger.errors import CodecError, ProjectionError
+from streams.codec import AvroCodec
+
+# Column order of the staging tables (see postgres_sink.STAGE_DDL).
+RAW_COLUMNS = (
+    "user_id", "seq", "event_id", "command_digest", "kind", "amount_micro",
+    "balance_after_micro", "reference", "scene", "request_id", "conversation_id",
+    "model_alias", "upstream_model", "input_tokens", "output_tokens", "cached_tokens",
+    "reasoning_tokens", "usage_estimated", "price_rule_id", "price_rule_version",
+    "occurred_ms", "recorded_ms", "ledger_partition", "ledger_offset",
+)  # fmt: skip
+USER, SEQ, BALANCE, RECORDED_MS = 0, 1, 6, 21
+
+Row = tuple[Any, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class LogPosition:
+    topic: str
+    partition: int
+    offset: int
+
+    def __str__(self) -> str:
+        return f"{self.topic}[{self.partition}]@{self.offset}"
+
+
+def decode_row(codec: AvroCodec, value: bytes | None, where: LogPosition) -> Row:
+    try:
+        r = codec.decode(value, expected=LEDGER_TOPIC, plain_times=True).record
+    except CodecError as exc:
+        raise ProjectionError(
+            f"ledger entry at {where} does not decode ({exc.reason}): {exc}; the projection "
+            "stops rather than skip a fact (check the topic with `creditledger ledger fold-check`)"
+        ) from exc
+    return (
+        r["user_id"], r["seq"], r["event_id"], r["command_digest"], r["kind"], r["amount_micro"],
+        r["balance_after_micro"], r["reference"], r["scene"], r["request_id"],
+        r["conversation_id"], r["model_alias"], r["upstream_model"], r["input_tokens"],
+        r["output_tokens"], r["cached_tokens"], r["reasoning_tokens"], r["usage_estimated"],
+        r["price_rule_id"], r["price_rule_version"], _ms(r["occurred_at"]),
+        _ms(r["recorded_at"]), where.partition, where.offset,
+    )  # fmt: skip
+
+
+def _ms(value: Any) -> int:
+    # Older schema versions decode through the resolving reader, which yields datetimes.
+    if isinstance(value, int):
+        return value
+    from agents.records import to_ms
+
+    return to_ms(value)

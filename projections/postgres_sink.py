@@ -1,0 +1,221 @@
+"""The Postgres projection: ledger entries, accounts and hourly consumption.
+
+One batch is one transaction: lock the progress rows of the batch's
+partitions, drop what was applied already (see :mod:`projections.progress`),
+COPY the rest into a temporary staging table, then one statement inserts the
+entries and bumps the aggregates from the entries that were *actually
+inserted* (``ON CONFLICT DO NOTHING ... RETURNING``), so a redelivered entry
+changes nothing, aggregates included; and the new progress is written before
+the commit. A crash before the commit leaves the previous state and progress;
+after it, both moved together. So the tables always hold the fold of a prefix
+of each partition.
+
+The same statements serve ``replay``'s catch-up phase: a sink takes the name
+of the schema it writes to.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import psycopg
+from psycopg import sql
+
+from creditledger.errors import ProjectionError
+from creditledger.settings import Settings
+from projections.db import connect
+from projections.entries import RAW_COLUMNS, Row
+from projections.progress import BatchPlan, plan_batch
+
+PROJECTION = "postgres"
+RETRIES = 5
+
+# The raw layout of an entry: times as integer milliseconds. Shared by the
+# live staging table and replay's bulk-load table.
+RAW_COLUMN_TYPES = (
+    "text", "bigint", "text", "text", "text", "bigint", "bigint", "text", "text", "text",
+    "text", "text", "text", "bigint", "bigint", "bigint", "bigint", "boolean", "text",
+    "integer", "bigint", "bigint", "integer", "bigint",
+)  # fmt: skip
+RAW_COLUMNS_DDL = ", ".join(f"{c} {t}" for c, t in zip(RAW_COLUMNS, RAW_COLUMN_TYPES, strict=True))
+
+# From the raw layout to ledger_entries' columns. Milliseconds become
+# timestamptz by integer interval arithmetic (no float on the way).
+ENTRY_SELECT = """
+    user_id, seq, event_id, command_digest, kind, amount_micro, balance_after_micro,
+    reference, scene, request_id, conversation_id, model_alias, upstream_model,
+    input_tokens, output_tokens, cached_tokens, reasoning_tokens, usage_estimated,
+    price_rule_id, price_rule_version,
+    timestamptz 'epoch' + occurred_ms * interval '1 millisecond',
+    timestamptz 'epoch' + recorded_ms * interval '1 millisecond',
+    ledger_partition, ledger_offset
+"""
+ENTRY_COLUMNS = """
+    user_id, seq, event_id, command_digest, kind, amount_micro, balance_after_micro,
+    reference, scene, request_id, conversation_id, model_alias, upstream_model,
+    input_tokens, output_tokens, cached_tokens, reasoning_tokens, usage_estimated,
+    price_rule_id, price_rule_version, occurred_at, recorded_at, ledger_partition, ledger_offset
+"""
+# The UTC hour of an occurred_at, whatever the session's time zone.
+HOUR_OF = "date_trunc('hour', {col} AT TIME ZONE 'UTC') AT TIME ZONE 'UTC'"
+
+APPLY_SQL = (
+    """
+WITH ins AS (
+    INSERT INTO {schema}.ledger_entries ("""
+    + ENTRY_COLUMNS
+    + """)
+    SELECT """
+    + ENTRY_SELECT
+    + """ FROM stage_entries
+    ON CONFLICT DO NOTHING
+    RETURNING user_id, seq, kind, amount_micro, balance_after_micro, recorded_at, occurred_at,
+              model_alias, scene, input_tokens, output_tokens, cached_tokens, reasoning_tokens
+), acc AS (
+    INSERT INTO {schema}.accounts AS a
+        (user_id, balance_micro, seq, granted_micro, charged_micro, updated_at)
+    SELECT user_id,
+           (array_agg(balance_after_micro ORDER BY seq DESC))[1],
+           max(seq),
+           coalesce(sum(amount_micro) FILTER (WHERE kind <> 'charge'), 0),
+           coalesce(-sum(amount_micro) FILTER (WHERE kind = 'charge'), 0),
+           (array_agg(recorded_at ORDER BY seq DESC))[1]
+    FROM ins GROUP BY user_id
+    ON CONFLICT (user_id) DO UPDATE SET
+        balance_micro = CASE WHEN excluded.seq > a.seq
+                             THEN excluded.balance_micro ELSE a.balance_micro END,
+        updated_at = CASE WHEN excluded.seq > a.seq THEN excluded.updated_at ELSE a.updated_at END,
+        seq = greatest(a.seq, excluded.seq),
+        granted_micro = a.granted_micro + excluded.granted_micro,
+        charged_micro = a.charged_micro + excluded.charged_micro
+), cons AS (
+    INSERT INTO {schema}.consumption_hourly AS c
+        (user_id, hour, model_alias, scene, credits_micro, input_tokens, output_tokens,
+         cached_tokens, reasoning_tokens, calls)
+    SELECT user_id, """
+    + HOUR_OF.format(col="occurred_at")
+    + """,
+           coalesce(model_alias, ''), coalesce(scene, ''), -sum(amount_micro),
+           sum(input_tokens), sum(output_tokens), sum(cached_tokens), sum(reasoning_tokens),
+           count(*)
+    FROM ins WHERE kind = 'charge' GROUP BY 1, 2, 3, 4
+    ON CONFLICT (user_id, hour, model_alias, scene) DO UPDATE SET
+        credits_micro = c.credits_micro + excluded.credits_micro,
+        input_tokens = c.input_tokens + excluded.input_tokens,
+        output_tokens = c.output_tokens + excluded.output_tokens,
+        cached_tokens = c.cached_tokens + excluded.cached_tokens,
+        reasoning_tokens = c.reasoning_tokens + excluded.reasoning_tokens,
+        calls = c.calls + excluded.calls
+)
+SELECT count(*) FROM ins
+"""
+)
+
+
+def copy_raw(cursor: psycopg.Cursor[Any], table: sql.Composable, rows: list[Row]) -> None:
+    """COPY rows in the raw layout into ``table`` (binary: no text formatting per value)."""
+    statement = sql.SQL("COPY {} ({}) FROM STDIN (FORMAT BINARY)").format(
+        table, sql.SQL(", ").join(sql.Identifier(c) for c in RAW_COLUMNS)
+    )
+    with cursor.copy(statement) as copy:
+        copy.set_types(list(RAW_COLUMN_TYPES))
+        for row in rows:
+            copy.write_row(row)
+
+
+class PostgresSink:
+    """Applies batches of ledger rows to the read-model tables of one schema."""
+
+    name = PROJECTION
+
+    def __init__(self, settings: Settings, *, dsn: str | None = None,
+                 schema: str = "public") -> None:  # fmt: skip
+        self.settings = settings
+        self.dsn = dsn
+        self.schema = schema
+        self._conn: psycopg.Connection[Any] | None = None
+        self._apply = sql.SQL(APPLY_SQL).format(schema=sql.Identifier(schema))
+
+    def start(self) -> None:
+        conn = connect(self.settings, dsn=self.dsn)
+        conn.execute(
+            f"CREATE TEMP TABLE IF NOT EXISTS stage_entries ({RAW_COLUMNS_DDL}) "
+            "ON COMMIT DELETE ROWS".encode()
+        )
+        conn.commit()
+        self._conn = conn
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+    @property
+    def conn(self) -> psycopg.Connection[Any]:
+        if self._conn is None:
+            raise ProjectionError("PostgresSink used before start()")
+        return self._conn
+
+    def _progress_table(self) -> sql.Composed:
+        return sql.SQL("{}.projection_progress").format(sql.Identifier(self.schema))
+
+    def stored(self, topic: str, partitions: list[int]) -> dict[int, int]:
+        rows = self.conn.execute(
+            sql.SQL("SELECT partition, next_offset FROM {} WHERE projection = %s AND topic = %s "
+                    "AND partition = ANY(%s)").format(self._progress_table()),
+            (PROJECTION, topic, partitions),
+        ).fetchall()  # fmt: skip
+        self.conn.commit()
+        return {int(p): int(o) for p, o in rows}
+
+    def apply(self, topic: str, rows: dict[int, list[Row]], lows: dict[int, int],
+              sought: dict[int, int]) -> BatchPlan:  # fmt: skip
+        for attempt in range(RETRIES):
+            try:
+                return self._apply_once(topic, rows, lows, sought)
+            except (psycopg.errors.DeadlockDetected, psycopg.errors.SerializationFailure):
+                # Two projectors overlapping during a rebalance: the loser retries and
+                # then finds its rows applied.
+                self.conn.rollback()
+                time.sleep(0.05 * (attempt + 1))
+            except psycopg.Error as exc:
+                self.conn.rollback()
+                raise ProjectionError(f"Postgres projection batch failed: {exc}") from exc
+        raise ProjectionError(f"Postgres projection batch kept deadlocking ({RETRIES} tries)")
+
+    def _apply_once(self, topic: str, rows: dict[int, list[Row]], lows: dict[int, int],
+                    sought: dict[int, int]) -> BatchPlan:  # fmt: skip
+        conn = self.conn
+        partitions = sorted(rows)
+        progress = self._progress_table()
+        with conn.cursor() as cur:
+            # Make sure every progress row exists, then lock them (sorted: no lock-order
+            # deadlock between two projectors).
+            cur.execute(
+                sql.SQL("INSERT INTO {} (projection, topic, partition, next_offset) "
+                        "SELECT %s, %s, p, o FROM unnest(%s::int[], %s::bigint[]) AS x(p, o) "
+                        "ON CONFLICT DO NOTHING").format(progress),
+                (PROJECTION, topic, partitions, [lows.get(p, 0) for p in partitions]),
+            )  # fmt: skip
+            cur.execute(
+                sql.SQL("SELECT partition, next_offset FROM {} WHERE projection = %s AND "
+                        "topic = %s AND partition = ANY(%s) ORDER BY partition "
+                        "FOR UPDATE").format(progress),
+                (PROJECTION, topic, partitions),
+            )  # fmt: skip
+            stored = {int(p): int(o) for p, o in cur.fetchall()}
+            plan = plan_batch(rows, stored, sought)
+            if plan.apply:
+                copy_raw(cur, sql.Identifier("stage_entries"), plan.rows)
+                cur.execute(self._apply)
+                done = list(plan.next_offsets)
+                cur.execute(
+                    sql.SQL("UPDATE {} AS g SET next_offset = x.o, updated_at = now() "
+                            "FROM unnest(%s::int[], %s::bigint[]) AS x(p, o) "
+                            "WHERE g.projection = %s AND g.topic = %s AND g.partition = x.p"
+                            ).format(progress),
+                    (done, [plan.next_offsets[p] for p in done], PROJECTION, topic),
+                )  # fmt: skip
+        conn.commit()
+        return plan

@@ -1,0 +1,219 @@
+"""The projector loop: read the ledger topic, hand batches to one sink.
+
+Each sink (Redis, Postgres) runs as its own process in its own consumer group
+(``creditledger project redis|postgres``); several processes of one sink share
+the partitions. Where to start is not Kafka's committed offset but the
+progress the sink stored with its rows (read on every assignment); offsets
+are also committed to Kafka, only so that the usual lag tools show the truth.
+
+Stopping: SIGTERM/SIGINT finish the current batch and leave. SIGKILL at any
+moment is safe too: each batch is one transaction (Postgres) or one script
+(Redis) together with its progress, so the read model is always the fold of a
+prefix of each partition, and the next run resumes from that prefix.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, TopicPartition
+
+from creditledger.errors import CreditLedgerError, ProjectionError, StackError
+from creditledger.settings import Settings
+from projections.entries import LogPosition, Row, decode_row
+from projections.progress import BatchPlan
+from streams.codec import AvroCodec
+from streams.kafka_clients import make_consumer
+
+log = logging.getLogger(__name__)
+
+
+class Sink(Protocol):
+    name: str
+
+    def start(self) -> None: ...
+
+    def close(self) -> None: ...
+
+    def stored(self, topic: str, partitions: list[int]) -> dict[int, int]: ...
+
+    def apply(self, topic: str, rows: dict[int, list[Row]], lows: dict[int, int],
+              sought: dict[int, int]) -> BatchPlan: ...  # fmt: skip
+
+
+@dataclass
+class ProjectorStats:
+    batches: int = 0
+    applied: int = 0
+    skipped: int = 0
+    rewinds: int = 0
+    started: float = field(default_factory=time.monotonic)
+
+
+class Projector:
+    """Runs one sink over the ledger topic, in a consumer group or on fixed partitions."""
+
+    def __init__(self, settings: Settings, sink: Sink, codec: AvroCodec, *, group_id: str,
+                 topic: str | None = None, batch_max: int | None = None,
+                 retry_for_s: float = 60.0) -> None:  # fmt: skip
+        self.settings = settings
+        self.sink = sink
+        self.codec = codec
+        self.group_id = group_id
+        self.topic = topic or settings.projections.ledger_topic
+        self.batch_max = batch_max or settings.projections.batch_max
+        self.poll_s = settings.projections.poll_timeout_ms / 1000
+        self.retry_for_s = retry_for_s
+        self.stats = ProjectorStats()
+        self.lows: dict[int, int] = {}
+        self.sought: dict[int, int] = {}
+        self.assigned: set[int] = set()
+        self._consumer: Consumer | None = None
+
+    # -- assignment ------------------------------------------------------------------------
+
+    def _position(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        numbers = [tp.partition for tp in partitions]
+        stored = self.sink.stored(self.topic, numbers)
+        for tp in partitions:
+            low, _high = consumer.get_watermark_offsets(tp, timeout=10)
+            self.lows[tp.partition] = low
+            tp.offset = stored.get(tp.partition, OFFSET_BEGINNING)
+        self.assigned = set(numbers)
+        self.sought.clear()
+        log.info("%s projector assigned %s, resuming at %s", self.sink.name, sorted(numbers),
+                 {tp.partition: tp.offset for tp in partitions})  # fmt: skip
+
+    def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        self._position(consumer, partitions)
+        consumer.assign(partitions)
+
+    def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        self.assigned -= {tp.partition for tp in partitions}
+
+    def start(self, partitions: list[int] | None = None) -> None:
+        """Join the group, or (``partitions`` given) read those partitions with no group."""
+        self.sink.start()
+        consumer = make_consumer(
+            self.settings, self.group_id, **{"enable.partition.eof": False,
+                                             "fetch.wait.max.ms": 50},
+        )  # fmt: skip
+        if partitions is None:
+            consumer.subscribe([self.topic], on_assign=self._on_assign, on_revoke=self._on_revoke,
+                               on_lost=self._on_revoke)  # fmt: skip
+        else:
+            tps = [TopicPartition(self.topic, p) for p in partitions]
+            self._position(consumer, tps)
+            consumer.assign(tps)
+        self._consumer = consumer
+
+    def close(self) -> None:
+        if self._consumer is not None:
+            self._consumer.close()
+            self._consumer = None
+        self.sink.close()
+
+    # -- the loop --------------------------------------------------------------------------
+
+    def poll_batch(self) -> dict[int, list[Row]]:
+        consumer = self._consumer
+        if consumer is None:
+            raise ProjectionError("projector used before start()")
+        messages = consumer.consume(num_messages=self.batch_max, timeout=self.poll_s)
+        rows: dict[int, list[Row]] = defaultdict(list)
+        for message in messages:
+            error = message.error()
+            if error is not None:
+                if error.code() == KafkaError._PARTITION_EOF:
+                    continue
+                raise StackError(f"reading {self.topic}: {error}")
+            partition, offset = message.partition(), message.offset()
+            if partition is None or offset is None or partition not in self.assigned:
+                continue  # fetched before a revoke
+            where = LogPosition(self.topic, partition, offset)
+            rows[partition].append(decode_row(self.codec, message.value(), where))
+        return rows
+
+    def apply(self, rows: dict[int, list[Row]]) -> BatchPlan:
+        """Apply one batch; on a lost connection, reconnect and retry for a while."""
+        deadline = time.monotonic() + self.retry_for_s
+        while True:
+            try:
+                plan = self.sink.apply(self.topic, rows, self.lows, self.sought)
+                break
+            except (ProjectionError, StackError) as exc:
+                if time.monotonic() > deadline:
+                    raise
+                log.warning("%s projector: %s; reconnecting and retrying", self.sink.name, exc)
+                time.sleep(1.0)
+                self._reconnect()
+        self._after(rows, plan)
+        return plan
+
+    def _reconnect(self) -> None:
+        try:
+            self.sink.close()
+            self.sink.start()
+        except CreditLedgerError as exc:
+            log.warning("%s projector: still cannot connect: %s", self.sink.name, exc)
+
+    def _after(self, rows: dict[int, list[Row]], plan: BatchPlan) -> None:
+        consumer = self._consumer
+        assert consumer is not None
+        for partition, offset in plan.rewinds.items():
+            log.warning("%s projector: partition %d is ahead of its stored progress; "
+                        "seeking back to %d", self.sink.name, partition, offset)  # fmt: skip
+            consumer.seek(TopicPartition(self.topic, partition, offset))
+            self.sought[partition] = offset
+        for partition in plan.apply:
+            self.sought.pop(partition, None)
+        applied = sum(len(r) for r in plan.apply.values())
+        self.stats.batches += 1
+        self.stats.applied += applied
+        self.stats.rewinds += len(plan.rewinds)
+        self.stats.skipped += sum(len(r) for r in rows.values()) - applied
+        if plan.next_offsets:
+            offsets = [TopicPartition(self.topic, p, o) for p, o in plan.next_offsets.items()]
+            try:
+                consumer.commit(offsets=offsets, asynchronous=True)
+            except Exception as exc:  # only informative: the sink holds the real progress
+                log.debug("offset commit failed: %s", exc)
+
+    def run(self, should_stop: Callable[[], bool], *,
+            report_every_s: float = 10.0) -> ProjectorStats:  # fmt: skip
+        last_report = time.monotonic()
+        while not should_stop():
+            rows = self.poll_batch()
+            if rows:
+                self.apply(rows)
+            now = time.monotonic()
+            if now - last_report >= report_every_s:
+                last_report = now
+                log.info("%s projector: %d entries applied in %d batches, %d redelivered "
+                         "skipped, %d rewinds", self.sink.name, self.stats.applied,
+                         self.stats.batches, self.stats.skipped, self.stats.rewinds)  # fmt: skip
+        return self.stats
+
+    def run_until(self, ends: dict[int, int], should_stop: Callable[[], bool] = lambda: False,
+                  on_batch: Callable[[int], Any] | None = None) -> None:  # fmt: skip
+        """With fixed partitions: apply until the sink's progress reaches ``ends``."""
+        remaining = {p: e for p, e in ends.items() if e > self.lows.get(p, 0)}
+        stored = self.sink.stored(self.topic, sorted(remaining))
+        remaining = {p: e for p, e in remaining.items() if stored.get(p, 0) < e}
+        while remaining and not should_stop():
+            rows = self.poll_batch()
+            rows = {p: [r for r in rs if r[23] < ends.get(p, 0)] for p, rs in rows.items()}
+            rows = {p: rs for p, rs in rows.items() if rs}
+            if not rows:
+                continue
+            plan = self.apply(rows)
+            if on_batch is not None:
+                on_batch(sum(len(r) for r in plan.apply.values()))
+            for p, next_offset in plan.next_offsets.items():
+                if next_offset >= remaining.get(p, 0):
+                    remaining.pop(p, None)

@@ -1,0 +1,271 @@
+"""Queries for readers (the credit-store API, analysts): balance, consumption, history.
+
+Async, over a small connection pool opened in :meth:`ReadModels.start`, since
+the credit-store API (step 5) is an asyncio server. Every argument is checked
+before any SQL runs and a bad one raises :class:`QueryError` with the reason.
+
+- :meth:`ReadModels.balance`: the snapshot from Redis (what the proxy's guard
+  reads), or from Postgres ``accounts`` when Redis cannot be reached;
+- :meth:`ReadModels.consumption`: totals, a series by hour or day, and a split
+  by model, for ``24h | 7d | 30d | all`` (see :mod:`projections.periods`);
+- :meth:`ReadModels.history`: a user's entries newest first, with a keyset
+  cursor ("view more"): every entry is returned exactly once, even while new
+  entries arrive, because pages are cut by ``seq``, never by position.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any, Literal
+
+import redis.asyncio as aioredis
+from psycopg.rows import dict_row
+from psycopg_pool import AsyncConnectionPool
+
+from creditledger.errors import QueryError, StackError
+from creditledger.settings import Settings
+from projections.db import SESSION_OPTIONS
+from projections.periods import Window, window
+from projections.redis_keys import balance_key
+
+MAX_USER_ID = 256
+MAX_LIMIT = 200
+CURSOR = re.compile(r"^s(\d{1,18})$")
+
+
+@dataclass(frozen=True)
+class Balance:
+    user_id: str
+    balance_micro: int
+    seq: int  # 0: no entry yet
+    updated_at_ms: int | None
+    source: Literal["redis", "postgres"]
+
+
+@dataclass(frozen=True)
+class Usage:
+    credits_micro: int = 0
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cached_tokens: int = 0
+    reasoning_tokens: int = 0
+    calls: int = 0
+
+    def __add__(self, other: Usage) -> Usage:
+        return Usage(
+            self.credits_micro + other.credits_micro, self.input_tokens + other.input_tokens,
+            self.output_tokens + other.output_tokens, self.cached_tokens + other.cached_tokens,
+            self.reasoning_tokens + other.reasoning_tokens, self.calls + other.calls,
+        )  # fmt: skip
+
+
+@dataclass(frozen=True)
+class SeriesPoint:
+    start: datetime
+    total: Usage
+    by_model: dict[str, Usage] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Consumption:
+    user_id: str
+    window: Window
+    total: Usage
+    by_model: dict[str, Usage]
+    series: list[SeriesPoint]
+
+
+@dataclass(frozen=True)
+class HistoryEntry:
+    seq: int
+    event_id: str
+    kind: str
+    amount_micro: int
+    balance_after_micro: int
+    reference: str | None
+    scene: str | None
+    model_alias: str | None
+    input_tokens: int
+    output_tokens: int
+    cached_tokens: int
+    reasoning_tokens: int
+    usage_estimated: bool
+    occurred_at: datetime
+    recorded_at: datetime
+
+
+@dataclass(frozen=True)
+class HistoryPage:
+    user_id: str
+    entries: list[HistoryEntry]
+    next_cursor: str | None  # None: nothing older
+
+
+def check_user(user_id: str) -> str:
+    if not isinstance(user_id, str) or not user_id.strip():
+        raise QueryError("user_id must be a non-empty string")
+    user_id = user_id.strip()
+    if len(user_id) > MAX_USER_ID:
+        raise QueryError(f"user_id is longer than {MAX_USER_ID} characters")
+    return user_id
+
+
+def check_limit(limit: int) -> int:
+    if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= MAX_LIMIT:
+        raise QueryError(f"limit must be an integer from 1 to {MAX_LIMIT}; got {limit!r}")
+    return limit
+
+
+def parse_cursor(cursor: str | None) -> int | None:
+    """The seq below which the next page starts (``None``: the newest page)."""
+    if cursor is None or cursor == "":
+        return None
+    match = CURSOR.match(cursor) if isinstance(cursor, str) else None
+    if match is None:
+        raise QueryError(f"cursor {cursor!r} is not one this API returned")
+    return int(match.group(1))
+
+
+def make_cursor(seq: int) -> str:
+    return f"s{seq}"
+
+
+CONSUMPTION_SQL = """
+SELECT date_trunc(%(bucket)s, hour AT TIME ZONE 'UTC') AT TIME ZONE 'UTC' AS start, model_alias,
+       sum(credits_micro)::bigint, sum(input_tokens)::bigint, sum(output_tokens)::bigint,
+       sum(cached_tokens)::bigint, sum(reasoning_tokens)::bigint, sum(calls)::bigint
+FROM consumption_hourly
+WHERE user_id = %(user)s AND hour >= %(start)s AND hour < %(end)s
+GROUP BY 1, 2 ORDER BY 1, 2
+"""
+
+HISTORY_SQL = """
+SELECT seq, event_id, kind, amount_micro, balance_after_micro, reference, scene, model_alias,
+       input_tokens, output_tokens, cached_tokens, reasoning_tokens, usage_estimated,
+       occurred_at, recorded_at
+FROM ledger_entries
+WHERE user_id = %(user)s AND seq < %(before)s
+ORDER BY seq DESC
+LIMIT %(limit)s
+"""
+
+EPOCH_START = datetime(1970, 1, 1, tzinfo=UTC)
+_MS = timedelta(milliseconds=1)
+NO_CURSOR = 2**62
+
+
+class ReadModels:
+    """The read side: a Postgres pool and a Redis client, opened in :meth:`start`."""
+
+    def __init__(self, settings: Settings, *, dsn: str | None = None,
+                 redis_prefix: str | None = None, pool_size: int = 10) -> None:  # fmt: skip
+        self.settings = settings
+        self.dsn = dsn or settings.postgres_dsn
+        self.prefix = redis_prefix or settings.projections.redis_key_prefix
+        self.pool_size = pool_size
+        self._pool: AsyncConnectionPool[Any] | None = None
+        self._redis: aioredis.Redis | None = None
+
+    async def start(self) -> None:
+        self._pool = AsyncConnectionPool(
+            self.dsn, min_size=1, max_size=self.pool_size, open=False,
+            kwargs={"options": SESSION_OPTIONS, "autocommit": True,
+                    "connect_timeout": self.settings.postgres.connect_timeout_s},
+        )  # fmt: skip
+        try:
+            await self._pool.open(wait=True, timeout=self.settings.postgres.connect_timeout_s)
+        except Exception as exc:
+            raise StackError(f"cannot reach Postgres: {exc}; start it with `creditledger "
+                             "stack up` or set DATABASE_URL") from exc  # fmt: skip
+        self._redis = aioredis.Redis.from_url(
+            self.settings.redis_url, socket_timeout=self.settings.redis.socket_timeout_ms / 1000,
+            socket_connect_timeout=self.settings.redis.socket_timeout_ms / 1000,
+        )  # fmt: skip
+
+    async def close(self) -> None:
+        if self._pool is not None:
+            await self._pool.close()
+            self._pool = None
+        if self._redis is not None:
+            await self._redis.aclose()
+            self._redis = None
+
+    @property
+    def pool(self) -> AsyncConnectionPool[Any]:
+        if self._pool is None:
+            raise QueryError("ReadModels used before start()")
+        return self._pool
+
+    # -- balance ---------------------------------------------------------------------------
+
+    async def balance(self, user_id: str) -> Balance:
+        """Redis snapshot first (the proxy's view); Postgres when Redis is unreachable."""
+        user_id = check_user(user_id)
+        try:
+            return await self.redis_balance(user_id)
+        except (aioredis.RedisError, OSError):
+            return await self.postgres_balance(user_id)
+
+    async def redis_balance(self, user_id: str) -> Balance:
+        if self._redis is None:
+            raise QueryError("ReadModels used before start()")
+        values = await self._redis.hmget(
+            balance_key(self.prefix, user_id), ["balance_micro", "seq", "updated_at_ms"]
+        )
+        if values[1] is None:
+            return Balance(user_id, 0, 0, None, "redis")
+        balance, seq, updated = (int(v or 0) for v in values)
+        return Balance(user_id, balance, seq, updated, "redis")
+
+    async def postgres_balance(self, user_id: str) -> Balance:
+        async with self.pool.connection() as conn:
+            row = await (await conn.execute(
+                "SELECT balance_micro, seq, updated_at FROM accounts WHERE user_id = %s",
+                (user_id,),
+            )).fetchone()  # fmt: skip
+        if row is None:
+            return Balance(user_id, 0, 0, None, "postgres")
+        updated_ms = (row[2] - EPOCH_START) // _MS
+        return Balance(user_id, int(row[0]), int(row[1]), updated_ms, "postgres")
+
+    # -- consumption -----------------------------------------------------------------------
+
+    async def consumption(self, user_id: str, period: str, *,
+                          now: datetime | None = None) -> Consumption:  # fmt: skip
+        user_id = check_user(user_id)
+        win = window(period, now or datetime.now(UTC))
+        params = {"bucket": win.bucket, "user": user_id, "start": win.start or EPOCH_START,
+                  "end": win.end}  # fmt: skip
+        async with self.pool.connection() as conn:
+            rows = await (await conn.execute(CONSUMPTION_SQL, params)).fetchall()
+        points: dict[datetime, dict[str, Usage]] = {start: {} for start in win.buckets()}
+        for start, model, *figures in rows:
+            points.setdefault(start, {})[model] = Usage(*(int(f) for f in figures))
+        series = [
+            SeriesPoint(start, sum(models.values(), Usage()), models)
+            for start, models in sorted(points.items())
+        ]
+        by_model: dict[str, Usage] = {}
+        for point in series:
+            for model, usage in point.by_model.items():
+                by_model[model] = by_model.get(model, Usage()) + usage
+        total = sum(by_model.values(), Usage())
+        return Consumption(user_id, win, total, dict(sorted(by_model.items())), series)
+
+    # -- history ---------------------------------------------------------------------------
+
+    async def history(self, user_id: str, *, cursor: str | None = None,
+                      limit: int = 20) -> HistoryPage:  # fmt: skip
+        user_id = check_user(user_id)
+        limit = check_limit(limit)
+        before = parse_cursor(cursor)
+        params = {"user": user_id, "before": NO_CURSOR if before is None else before,
+                  "limit": limit + 1}  # fmt: skip
+        async with self.pool.connection() as conn:
+            cur = conn.cursor(row_factory=dict_row)
+            rows = await (await cur.execute(HISTORY_SQL, params)).fetchall()
+        entries = [HistoryEntry(**row) for row in rows[:limit]]
+        more = len(rows) > limit
+        return HistoryPage(user_id, entries, make_cursor(entries[-1].seq) if more else None)

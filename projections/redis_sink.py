@@ -1,0 +1,160 @@
+"""The Redis projection: one balance snapshot per user, replaced only by a newer seq.
+
+A batch is one Lua script, so it is atomic: the snapshots of the batch's
+users (only the newest entry per user is sent) and the new progress are
+written together or not at all. The script first checks that the progress
+is still what the projector read before planning the batch (optimistic
+concurrency): if another projector moved it, or Redis restarted empty
+meanwhile, nothing is written and the projector plans again. Snapshots never
+go backwards because the script compares ``seq`` before writing.
+
+Redis runs without persistence here; if it restarts empty, the stored
+progress is gone too, so the projector seeks back to the beginning of the log
+and rebuilds every snapshot by itself.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import redis
+
+from creditledger.errors import ProjectionError, StackError
+from creditledger.settings import Settings
+from projections.entries import BALANCE, RECORDED_MS, SEQ, USER, Row
+from projections.progress import BatchPlan, plan_batch
+from projections.redis_keys import balance_key, progress_key
+
+RETRIES = 20
+
+# KEYS[1] = progress hash, KEYS[2..] = balance hashes.
+# ARGV[1] = number of partitions n, then n x (field, expected stored or "", new next offset),
+# then per balance key (seq, balance_micro, updated_at_ms).
+APPLY_LUA = """
+local n = tonumber(ARGV[1])
+for k = 0, n - 1 do
+  local stored = redis.call('HGET', KEYS[1], ARGV[2 + 3 * k])
+  if (stored or '') ~= ARGV[3 + 3 * k] then return -1 end
+end
+local base = 2 + 3 * n
+local written = 0
+for i = 2, #KEYS do
+  local j = base + (i - 2) * 3
+  local current = redis.call('HGET', KEYS[i], 'seq')
+  if current == false or tonumber(current) < tonumber(ARGV[j]) then
+    redis.call('HSET', KEYS[i], 'seq', ARGV[j], 'balance_micro', ARGV[j + 1],
+               'updated_at_ms', ARGV[j + 2])
+    written = written + 1
+  end
+end
+for k = 0, n - 1 do
+  redis.call('HSET', KEYS[1], ARGV[2 + 3 * k], ARGV[4 + 3 * k])
+end
+return written
+"""
+
+# Used by replay's rebuild: like APPLY_LUA but also overwrites a snapshot of the
+# same seq (a corrupted one), and never touches the progress.
+# KEYS = balance hashes; ARGV = per key (seq, balance_micro, updated_at_ms).
+REBUILD_LUA = """
+local written = 0
+for i = 1, #KEYS do
+  local j = (i - 1) * 3 + 1
+  local current = redis.call('HGET', KEYS[i], 'seq')
+  if current == false or tonumber(current) <= tonumber(ARGV[j]) then
+    redis.call('HSET', KEYS[i], 'seq', ARGV[j], 'balance_micro', ARGV[j + 1],
+               'updated_at_ms', ARGV[j + 2])
+    written = written + 1
+  end
+end
+return written
+"""
+
+
+def connect_redis(settings: Settings) -> redis.Redis:
+    client = redis.Redis.from_url(
+        settings.redis_url, socket_timeout=settings.redis.socket_timeout_ms / 1000,
+        socket_connect_timeout=settings.postgres.connect_timeout_s,
+    )  # fmt: skip
+    try:
+        client.ping()
+    except redis.RedisError as exc:
+        raise StackError(
+            f"cannot reach Redis: {exc}; start it with `creditledger stack up` or set REDIS_URL"
+        ) from exc
+    return client
+
+
+def _text(value: bytes | str | None) -> str:
+    if value is None:
+        return ""
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def newest_per_user(rows: list[Row]) -> dict[str, tuple[int, int, int]]:
+    """user -> (seq, balance_micro, recorded_ms) of that user's newest entry in ``rows``."""
+    newest: dict[str, tuple[int, int, int]] = {}
+    for row in rows:
+        user, seq = row[USER], row[SEQ]
+        held = newest.get(user)
+        if held is None or seq > held[0]:
+            newest[user] = (seq, row[BALANCE], row[RECORDED_MS])
+    return newest
+
+
+class RedisSink:
+    name = "redis"
+
+    def __init__(self, settings: Settings, *, prefix: str | None = None) -> None:
+        self.settings = settings
+        self.prefix = prefix or settings.projections.redis_key_prefix
+        self._client: redis.Redis | None = None
+        self._apply: Any = None
+
+    def start(self) -> None:
+        self._client = connect_redis(self.settings)
+        self._apply = self._client.register_script(APPLY_LUA)
+
+    def close(self) -> None:
+        if self._client is not None:
+            self._client.close()
+            self._client = None
+
+    @property
+    def client(self) -> redis.Redis:
+        if self._client is None:
+            raise ProjectionError("RedisSink used before start()")
+        return self._client
+
+    def stored(self, topic: str, partitions: list[int]) -> dict[int, int]:
+        values = self.client.hmget(progress_key(self.prefix, topic), [str(p) for p in partitions])
+        return {p: int(v) for p, v in zip(partitions, values, strict=True) if v is not None}
+
+    def apply(self, topic: str, rows: dict[int, list[Row]], lows: dict[int, int],
+              sought: dict[int, int]) -> BatchPlan:  # fmt: skip
+        key = progress_key(self.prefix, topic)
+        partitions = sorted(rows)
+        fields = [str(p) for p in partitions]
+        for _attempt in range(RETRIES):
+            try:
+                raw = self.client.hmget(key, fields)
+                stored = {p: int(v) if v is not None else lows.get(p, 0)
+                          for p, v in zip(partitions, raw, strict=True)}  # fmt: skip
+                plan = plan_batch(rows, stored, sought)
+                if not plan.apply:
+                    return plan
+                newest = newest_per_user(plan.rows)
+                keys = [key] + [balance_key(self.prefix, user) for user in newest]
+                args: list[Any] = [len(plan.next_offsets)]
+                for p, next_offset in plan.next_offsets.items():
+                    value = raw[partitions.index(p)]
+                    args += [str(p), _text(value), next_offset]
+                for seq, balance, recorded_ms in newest.values():
+                    args += [seq, balance, recorded_ms]
+                if self._apply(keys=keys, args=args) != -1:
+                    return plan
+            except redis.RedisError as exc:
+                raise ProjectionError(f"Redis projection batch failed: {exc}") from exc
+            time.sleep(0.01)  # someone else moved the progress: plan again
+        raise ProjectionError(f"Redis progress kept moving under this projector ({RETRIES} tries)")
