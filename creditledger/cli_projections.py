@@ -18,7 +18,7 @@ from typing import Any
 from creditledger.settings import Settings, project_path
 from creditledger.tables import render_table
 
-MAX_DIFF_ROWS = 50
+PER_TABLE = 10  # differences shown per store and table
 
 
 def credits(micro: int) -> str:
@@ -125,7 +125,7 @@ def cmd_verify(args: argparse.Namespace, settings: Settings) -> int:
     if report.ok:
         print("verify: OK, the read models equal the fold of the ledger")
         return 0
-    shown = report.differences[:MAX_DIFF_ROWS]
+    shown = report.sample(PER_TABLE)
     print(render_table(
         ["store", "table", "user", "field", "expected", "found"],
         [(d.store, d.table, d.user_id, d.field, d.expected, d.found) for d in shown],

@@ -26,11 +26,13 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, TopicPartiti
 from creditledger.errors import CreditLedgerError, ProjectionError, StackError
 from creditledger.settings import Settings
 from projections.entries import LogPosition, Row, decode_row
-from projections.progress import BatchPlan
+from projections.progress import OFFSET, BatchPlan
 from streams.codec import AvroCodec
 from streams.kafka_clients import make_consumer
 
 log = logging.getLogger(__name__)
+
+IDLE_RESEEK_S = 2.0
 
 
 class Sink(Protocol):
@@ -205,12 +207,30 @@ class Projector:
         remaining = {p: e for p, e in ends.items() if e > self.lows.get(p, 0)}
         stored = self.sink.stored(self.topic, sorted(remaining))
         remaining = {p: e for p, e in remaining.items() if stored.get(p, 0) < e}
+        consumer = self._consumer
+        assert consumer is not None
+        idle_since = time.monotonic()
         while remaining and not should_stop():
-            rows = self.poll_batch()
-            rows = {p: [r for r in rs if r[23] < ends.get(p, 0)] for p, rs in rows.items()}
+            polled = self.poll_batch()
+            rows: dict[int, list[Row]] = {}
+            for p, partition_rows in polled.items():
+                end = ends.get(p, 0)
+                rows[p] = [r for r in partition_rows if r[OFFSET] < end]
+                if len(rows[p]) < len(partition_rows):
+                    # Read past the end: go back there, so a later call starts at the end.
+                    consumer.seek(TopicPartition(self.topic, p, end))
             rows = {p: rs for p, rs in rows.items() if rs}
             if not rows:
+                if time.monotonic() - idle_since > IDLE_RESEEK_S:
+                    # Nothing arrives although the end is not reached: the position
+                    # drifted from the sink's progress; start again from the progress.
+                    stored = self.sink.stored(self.topic, sorted(remaining))
+                    for p in remaining:
+                        offset = stored.get(p, self.lows.get(p, 0))
+                        consumer.seek(TopicPartition(self.topic, p, offset))
+                    idle_since = time.monotonic()
                 continue
+            idle_since = time.monotonic()
             plan = self.apply(rows)
             if on_batch is not None:
                 on_batch(sum(len(r) for r in plan.apply.values()))

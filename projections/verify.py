@@ -52,6 +52,18 @@ class VerifyReport:
     def ok(self) -> bool:
         return not self.differences
 
+    def sample(self, per_table: int = 10) -> list[Difference]:
+        """The first few differences of each store and table (one table must not hide
+        the others in a long report)."""
+        shown: dict[tuple[str, str], int] = {}
+        picked = []
+        for difference in self.differences:
+            group = (difference.store, difference.table)
+            if shown.get(group, 0) < per_table:
+                shown[group] = shown.get(group, 0) + 1
+                picked.append(difference)
+        return picked
+
 
 @dataclass
 class PostgresView:
@@ -184,6 +196,12 @@ def _compare_postgres(fold: ReadModelFold, pg: PostgresView, report: VerifyRepor
         want_c = fold.consumption.get(key, [0] * 6)
         got_c = pg.consumption.get(key, [0] * 6)
         user, hour_ms, model, scene = key
+        if key not in fold.consumption or key not in pg.consumption:
+            where = f"row @ hour {hour_ms} {model}/{scene}"
+            diff.append(Difference("postgres", "consumption_hourly", user, where,
+                                   "present" if key in fold.consumption else "absent",
+                                   "present" if key in pg.consumption else "absent"))  # fmt: skip
+            continue
         for name, w, g in zip(columns, want_c, got_c, strict=True):
             if w != g:
                 where = f"{name} @ hour {hour_ms} {model}/{scene}"

@@ -149,7 +149,11 @@ class PostgresService:
         return True
 
     def bootstrap(self) -> None:
-        """Create the application role and database from ``postgres.url``, if missing."""
+        """Create the application role and database from ``postgres.url``, if missing.
+
+        The role may create databases: on this throw-away local stack, tests and
+        benchmarks each make a database of their own.
+        """
         import psycopg
         from psycopg import sql
 
@@ -158,9 +162,9 @@ class PostgresService:
                 "SELECT 1 FROM pg_roles WHERE rolname = %s", (self.app_user,)
             ).fetchone()
             statement = (
-                "ALTER ROLE {} WITH LOGIN PASSWORD {}"
+                "ALTER ROLE {} WITH LOGIN CREATEDB PASSWORD {}"
                 if role
-                else ("CREATE ROLE {} WITH LOGIN PASSWORD {}")
+                else "CREATE ROLE {} WITH LOGIN CREATEDB PASSWORD {}"
             )
             conn.execute(
                 sql.SQL(statement).format(

@@ -1,0 +1,242 @@
+"""One isolated read-model world per test: a Postgres database, a ledger topic, a Redis prefix.
+
+Projectors run as real processes (``creditledger project ...``) pointed at
+that world by environment variables, so a test can SIGKILL them.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+from confluent_kafka import TopicPartition
+
+from agents.domain import Entry
+from agents.records import LEDGER_TOPIC, entry_to_record
+from creditledger.settings import Settings, load_settings
+from projections.db import connect
+from projections.migrate import migrate
+from projections.postgres_sink import PROJECTION
+from projections.redis_keys import balance_pattern, progress_key
+from projections.redis_sink import connect_redis
+from streams.codec import AvroCodec
+from streams.kafka_clients import make_consumer, make_producer
+from tests.integration.conftest import ScratchTopics
+
+READ_MODELS = ("ledger_entries", "accounts", "consumption_hourly")
+ORDER = {
+    "ledger_entries": "user_id, seq",
+    "accounts": "user_id",
+    "consumption_hourly": "user_id, hour, model_alias, scene",
+}
+
+
+def with_database(url: str, database: str) -> str:
+    parts = urlsplit(url)
+    return urlunsplit(parts._replace(path=f"/{database}"))
+
+
+class ProjectionEnv:
+    def __init__(self, stack_settings: Settings, scratch: ScratchTopics, unique: str,
+                 codec: AvroCodec, partitions: int = 6) -> None:  # fmt: skip
+        self.unique = unique
+        self.codec = codec
+        self.topic = scratch.create("ledger", partitions)
+        self.partitions = partitions
+        self.database = f"test_{unique}"
+        with connect(stack_settings, autocommit=True) as conn:
+            conn.execute(f"CREATE DATABASE {self.database}".encode())
+        self.dsn = with_database(stack_settings.postgres_dsn, self.database)
+        self.prefix = f"test-{unique}"
+        self.overrides = {
+            "postgres": {"url": self.dsn},
+            "projections": {
+                "ledger_topic": self.topic, "redis_key_prefix": self.prefix,
+                "postgres_group": f"test-pg-{unique}", "redis_group": f"test-redis-{unique}",
+            },
+        }  # fmt: skip
+        self.settings = load_settings(**self.overrides)
+        self.stack_settings = stack_settings
+        migrate(self.settings)
+        self.processes: dict[str, subprocess.Popen[bytes]] = {}
+        self.logdir = Path(f"/tmp/creditledger-test-{unique}")
+        self.logdir.mkdir(parents=True, exist_ok=True)
+
+    # -- Kafka -----------------------------------------------------------------------------
+
+    def produce(self, entries: list[Entry]) -> None:
+        producer = make_producer(self.settings)
+        failures: list[Any] = []
+        for entry in entries:
+            value = self.codec.encode(LEDGER_TOPIC, entry_to_record(entry))
+            producer.produce(
+                self.topic, key=entry.user_id.encode(), value=value,
+                on_delivery=lambda e, _m: failures.append(e) if e else None,
+            )  # fmt: skip
+            producer.poll(0)
+        assert producer.flush(60) == 0 and not failures, failures[:3]
+
+    def high_watermarks(self) -> dict[int, int]:
+        consumer = make_consumer(self.settings, f"test-marks-{self.unique}")
+        try:
+            return {p: consumer.get_watermark_offsets(TopicPartition(self.topic, p), timeout=10)[1]
+                    for p in range(self.partitions)}  # fmt: skip
+        finally:
+            consumer.close()
+
+    # -- processes -------------------------------------------------------------------------
+
+    def env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        env.update({
+            "CREDITLEDGER_POSTGRES__URL": self.dsn,
+            "CREDITLEDGER_PROJECTIONS__LEDGER_TOPIC": self.topic,
+            "CREDITLEDGER_PROJECTIONS__REDIS_KEY_PREFIX": self.prefix,
+            "CREDITLEDGER_PROJECTIONS__POSTGRES_GROUP": f"test-pg-{self.unique}",
+            "CREDITLEDGER_PROJECTIONS__REDIS_GROUP": f"test-redis-{self.unique}",
+            "CREDITLEDGER_KAFKA__BOOTSTRAP_SERVERS": self.settings.kafka.bootstrap_servers,
+        })  # fmt: skip
+        if "DATABASE_URL" in env:
+            env["DATABASE_URL"] = self.dsn
+        return env
+
+    def command(self, *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "creditledger.cli", *args], env=self.env(),
+            capture_output=True, text=True, timeout=timeout,
+        )  # fmt: skip
+
+    def start(self, sink: str, name: str | None = None) -> None:
+        name = name or sink
+        log = (self.logdir / f"{name}.log").open("ab")
+        self.processes[name] = subprocess.Popen(
+            [sys.executable, "-m", "creditledger.cli", "project", sink],
+            env=self.env(), stdout=log, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+
+    def kill(self, name: str) -> None:
+        process = self.processes.pop(name)
+        process.send_signal(signal.SIGKILL)
+        process.wait(30)
+
+    def stop_all(self) -> None:
+        for process in self.processes.values():
+            process.send_signal(signal.SIGTERM)
+        for process in self.processes.values():
+            try:
+                process.wait(30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait(10)
+        self.processes.clear()
+
+    def log_tail(self) -> str:
+        out = []
+        for path in sorted(self.logdir.glob("*.log")):
+            out.append(f"--- {path.name}\n" + "\n".join(path.read_text().splitlines()[-15:]))
+        return "\n".join(out)
+
+    # -- progress --------------------------------------------------------------------------
+
+    def postgres_progress(self) -> dict[int, int]:
+        with connect(self.settings) as conn:
+            rows = conn.execute(
+                "SELECT partition, next_offset FROM projection_progress WHERE projection = %s "
+                "AND topic = %s", (PROJECTION, self.topic)).fetchall()  # fmt: skip
+        return {int(p): int(o) for p, o in rows}
+
+    def redis_progress(self) -> dict[int, int]:
+        client = connect_redis(self.settings)
+        try:
+            raw = client.hgetall(progress_key(self.prefix, self.topic))
+        finally:
+            client.close()
+        return {int(p): int(o) for p, o in raw.items()}
+
+    def wait_caught_up(self, sinks: tuple[str, ...] = ("postgres", "redis"),
+                       timeout: float = 120) -> None:  # fmt: skip
+        ends = {p: o for p, o in self.high_watermarks().items() if o > 0}
+        deadline = time.monotonic() + timeout
+        readers = {"postgres": self.postgres_progress, "redis": self.redis_progress}
+        while True:
+            behind = {s: {p: (readers[s]().get(p, 0), e) for p, e in ends.items()
+                          if readers[s]().get(p, 0) < e} for s in sinks}  # fmt: skip
+            if not any(behind.values()):
+                return
+            for process in self.processes.values():
+                assert process.poll() is None, f"a projector died:\n{self.log_tail()}"
+            if time.monotonic() > deadline:
+                raise AssertionError(f"projections not caught up: {behind}\n{self.log_tail()}")
+            time.sleep(0.2)
+
+    # -- reading the read models -----------------------------------------------------------
+
+    def accounts(self) -> dict[str, list[int]]:
+        with connect(self.settings) as conn:
+            rows = conn.execute(
+                "SELECT user_id, balance_micro, seq, granted_micro, charged_micro, "
+                "(extract(epoch FROM updated_at) * 1000)::bigint FROM accounts"
+            ).fetchall()  # fmt: skip
+        return {str(r[0]): [int(x) for x in r[1:]] for r in rows}
+
+    def consumption(self) -> dict[tuple[str, int, str, str], list[int]]:
+        with connect(self.settings) as conn:
+            rows = conn.execute(
+                "SELECT user_id, (extract(epoch FROM hour) * 1000)::bigint, model_alias, scene, "
+                "credits_micro, input_tokens, output_tokens, cached_tokens, reasoning_tokens, "
+                "calls FROM consumption_hourly").fetchall()  # fmt: skip
+        return {(str(r[0]), int(r[1]), str(r[2]), str(r[3])): [int(x) for x in r[4:]]
+                for r in rows}  # fmt: skip
+
+    def entry_count(self) -> int:
+        with connect(self.settings) as conn:
+            row = conn.execute("SELECT count(*) FROM ledger_entries").fetchone()
+        return int(row[0]) if row else 0
+
+    def snapshots(self) -> dict[str, tuple[int, int, int]]:
+        """user -> (balance_micro, seq, updated_at_ms) from Redis."""
+        client = connect_redis(self.settings)
+        head = len(f"{self.prefix}:balance:")
+        try:
+            out = {}
+            for key in client.scan_iter(match=balance_pattern(self.prefix), count=1000):
+                b, s, u = client.hmget(key, ["balance_micro", "seq", "updated_at_ms"])
+                out[key.decode()[head:]] = (int(b), int(s), int(u))
+            return out
+        finally:
+            client.close()
+
+    def checksums(self) -> dict[str, str]:
+        """md5 of every row of each read model in key order: byte-for-byte comparison."""
+        sums = {}
+        with connect(self.settings) as conn:
+            for table in READ_MODELS:
+                row = conn.execute(
+                    f"SELECT count(*), md5(coalesce(string_agg(t::text, '|' ORDER BY "
+                    f"{ORDER[table]}), '')) FROM {table} AS t".encode()).fetchone()  # fmt: skip
+                assert row is not None
+                sums[table] = f"{row[0]} rows, md5 {row[1]}"
+        return sums
+
+    # -- clean up --------------------------------------------------------------------------
+
+    def cleanup(self) -> None:
+        for process in self.processes.values():
+            process.kill()
+            process.wait(10)
+        self.processes.clear()
+        with connect(self.stack_settings, autocommit=True) as conn:
+            conn.execute(f"DROP DATABASE IF EXISTS {self.database} WITH (FORCE)".encode())
+        client = connect_redis(self.settings)
+        try:
+            keys = list(client.scan_iter(match=f"{self.prefix}:*", count=1000))
+            for start in range(0, len(keys), 1000):
+                client.delete(*keys[start : start + 1000])
+        finally:
+            client.close()
