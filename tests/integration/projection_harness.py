@@ -207,7 +207,7 @@ class ProjectionEnv:
             out = {}
             for key in client.scan_iter(match=balance_pattern(self.prefix), count=1000):
                 b, s, u = client.hmget(key, ["balance_micro", "seq", "updated_at_ms"])
-                out[key.decode()[head:]] = (int(b), int(s), int(u))
+                out[key.decode()[head:]] = (int(b or 0), int(s or 0), int(u or 0))
             return out
         finally:
             client.close()

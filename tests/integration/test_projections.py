@@ -90,7 +90,12 @@ def test_projectors_killed_three_times_mid_batch_still_end_equal(world: Projecti
     world.start("postgres")
     world.start("redis")
     chunks = [workload.entries[i : i + 2000] for i in range(0, len(workload.entries), 2000)]
-    producer = threading.Thread(target=lambda: [world.produce(c) for c in chunks])
+
+    def send_all() -> None:
+        for chunk in chunks:
+            world.produce(chunk)
+
+    producer = threading.Thread(target=send_all)
     producer.start()
     for _round in range(3):
         time.sleep(rng.uniform(0.3, 1.2))
@@ -116,8 +121,11 @@ def test_replay_on_a_live_system_is_byte_identical_and_resumable(world: Projecti
     world.wait_caught_up()
 
     # Replay while entries keep arriving and the live projectors keep writing.
-    sender = threading.Thread(target=lambda: [world.produce(second[i : i + 500])
-                                              for i in range(0, len(second), 500)])  # fmt: skip
+    def send_second() -> None:
+        for i in range(0, len(second), 500):
+            world.produce(second[i : i + 500])
+
+    sender = threading.Thread(target=send_second)
     sender.start()
     result = world.command("replay", "--quiet")
     sender.join()
