@@ -3,8 +3,9 @@
 Bring the stack up, apply the topics, send one event of every type through real
 Kafka and back, then run a real ledger worker over a few commands (with a
 duplicate, a conflict, an invalid one and a debt) and print the ledger and
-the dead letters. Later steps grow this into the full proxy → ledger →
-projections demo.
+the dead letters; then run both projectors and read the balances, the
+consumption and the history back from Redis and Postgres, and verify them
+against the ledger. Step 4 grows this into the full proxy demo.
 """
 
 from __future__ import annotations
@@ -96,7 +97,10 @@ def run_demo(settings: Settings) -> bool:
     print(" the idempotent producer's start-up: connection and producer id)")
     ok = all(r.equal for r in results)
     print()
-    ok = ledger_demo(settings, codec, stamp) and ok
+    ledger_ok, users = ledger_demo(settings, codec, stamp)
+    ok = ledger_ok and ok
+    print()
+    ok = projections_demo(settings, codec, users) and ok
     print(f"\ndemo {'passed' if ok else 'FAILED'} in {time.monotonic() - t0:.1f} s")
     print("the stack keeps running; stop it with: .venv/bin/creditledger stack down")
     return ok
@@ -125,7 +129,7 @@ def _demo_commands(run: str) -> list[tuple[Command, str]]:
     ]
 
 
-def ledger_demo(settings: Settings, codec: AvroCodec, stamp: datetime) -> bool:
+def ledger_demo(settings: Settings, codec: AvroCodec, stamp: datetime) -> tuple[bool, list[str]]:
     """Step 2: a real ledger worker folds a few commands; balances come from the ledger."""
     spec_partitions = load_topics(project_path(settings.topics_file))[LEDGER_TOPIC].partitions
     print("== 4. the ledger: a worker folds commands exactly once per event_id")
@@ -156,7 +160,7 @@ def ledger_demo(settings: Settings, codec: AvroCodec, stamp: datetime) -> bool:
         worker.wait(timeout=60)
     if entries is None:
         print(f"the worker did not fold the commands in time; see {log_file}")
-        return False
+        return False, users
     print()
     print(render_table(
         ["user", "seq", "event_id", "kind", "amount_micro", "balance_after_micro"],
@@ -173,7 +177,103 @@ def ledger_demo(settings: Settings, codec: AvroCodec, stamp: datetime) -> bool:
     ok = balances == {users[0]: 10_000_000 - 1_800 - 2_600, users[1]: 1_000_000 - 1_250_000}
     ok = ok and len(letters) == 2
     print(f"\nbalances from the ledger: {balances} ({'as expected' if ok else 'NOT as expected'})")
-    return ok
+    return ok, users
+
+
+def projections_demo(settings: Settings, codec: AvroCodec, users: list[str]) -> bool:
+    """Step 3: both projectors run; the read models answer and equal a fold of the ledger."""
+    import asyncio
+
+    from projections.migrate import migrate
+    from projections.queries import ReadModels
+    from projections.verify import verify
+
+    print("== 5. projections: Redis balance snapshots and Postgres read models")
+    applied = migrate(settings)
+    print(f"migrations: {len(applied.applied)} applied, {applied.already} already applied")
+    projectors = {}
+    for sink in ("redis", "postgres"):
+        log_file = settings.stack.state_dir / f"demo-project-{sink}.log"
+        with log_file.open("ab") as log:
+            projectors[sink] = subprocess.Popen(
+                [sys.executable, "-m", "creditledger.cli", "project", sink],
+                stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            )  # fmt: skip
+    try:
+        caught_up = _wait_for_projections(settings, projectors)
+    finally:
+        for process in projectors.values():
+            process.terminate()
+        for process in projectors.values():
+            process.wait(timeout=60)
+    if not caught_up:
+        print(f"the projectors did not catch up in time; see {settings.stack.state_dir}")
+        return False
+
+    async def read() -> list[tuple[object, ...]]:
+        models = ReadModels(settings)
+        await models.start()
+        try:
+            rows: list[tuple[object, ...]] = []
+            for user in users:
+                snapshot = await models.redis_balance(user)
+                account = await models.postgres_balance(user)
+                usage = await models.consumption(user, "all")
+                page = await models.history(user, limit=2)
+                rows.append((user, snapshot.balance_micro, account.balance_micro, snapshot.seq,
+                             usage.total.credits_micro, usage.total.calls,
+                             ", ".join(f"{e.seq}:{e.kind}" for e in page.entries)
+                             + (" (more)" if page.next_cursor else "")))  # fmt: skip
+            return rows
+        finally:
+            await models.close()
+
+    rows = asyncio.run(read())
+    print(render_table(["user", "redis balance", "postgres balance", "seq", "credits used",
+                        "calls", "history (newest 2)"], rows))  # fmt: skip
+    report = verify(settings, codec, progress=False)
+    print(f"verify: {'OK' if report.ok else 'FAILED'}: {report.entries_read} ledger entries "
+          f"folded, {len(report.differences)} differences with Postgres and Redis")  # fmt: skip
+    same = all(row[1] == row[2] for row in rows)
+    return report.ok and same
+
+
+def _wait_for_projections(settings: Settings,
+                          projectors: dict[str, subprocess.Popen[bytes]]) -> bool:  # fmt: skip
+    """Until each projector's stored progress reaches the ledger's current end."""
+    from confluent_kafka import TopicPartition
+
+    from projections.postgres_sink import PostgresSink
+    from projections.projector import Sink
+    from projections.redis_sink import RedisSink
+    from streams.kafka_clients import make_consumer
+
+    topic = settings.projections.ledger_topic
+    consumer = make_consumer(settings, f"{settings.kafka.client_id}-demo")
+    try:
+        parts = sorted(consumer.list_topics(topic, timeout=10).topics[topic].partitions)
+        ends = {p: consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1]
+                for p in parts}  # fmt: skip
+    finally:
+        consumer.close()
+    sinks: dict[str, Sink] = {"redis": RedisSink(settings), "postgres": PostgresSink(settings)}
+    deadline = time.monotonic() + 300
+    try:
+        for sink in sinks.values():
+            sink.start()
+        while time.monotonic() < deadline:
+            if any(p.poll() is not None for p in projectors.values()):
+                return False
+            behind = [name for name, sink in sinks.items()
+                      if any(sink.stored(topic, parts).get(p, 0) < e
+                             for p, e in ends.items() if e > 0)]  # fmt: skip
+            if not behind:
+                return True
+            time.sleep(0.5)
+        return False
+    finally:
+        for sink in sinks.values():
+            sink.close()
 
 
 def _wait_for_entries(settings: Settings, codec: AvroCodec, users: list[str],
