@@ -204,6 +204,13 @@ class ProjectionSettings(_Section):
     replay_batch: int = Field(
         20000, ge=100, description="Entries per transaction while `replay` bulk-loads."
     )
+    replay_workers: int = Field(
+        2,
+        ge=1,
+        le=32,
+        description="Processes that bulk-load partitions in parallel during `replay` "
+        "(decoding is the bottleneck; 1 = in this process).",
+    )
 
 
 class SchemaSettings(_Section):

@@ -25,6 +25,8 @@ resumes where it stopped (``--restart`` throws the shadow away instead):
 from __future__ import annotations
 
 import json
+import multiprocessing
+import signal
 import sys
 import time
 import uuid
@@ -38,7 +40,7 @@ from psycopg import sql
 from tqdm import tqdm
 
 from creditledger.errors import ProjectionError, StackError
-from creditledger.settings import Settings
+from creditledger.settings import Settings, project_path
 from projections.db import connect
 from projections.entries import Row
 from projections.postgres_sink import (
@@ -164,6 +166,47 @@ def _watermarks(settings: Settings, topic: str) -> dict[int, tuple[int, int]]:
         consumer.close()
 
 
+def split_partitions(left: dict[int, int], workers: int) -> list[list[int]]:
+    """Partitions into ``workers`` groups of about equal remaining entries (greedy)."""
+    groups: list[list[int]] = [[] for _ in range(workers)]
+    sizes = [0] * workers
+    for partition, count in sorted(left.items(), key=lambda item: -item[1]):
+        smallest = sizes.index(min(sizes))
+        groups[smallest].append(partition)
+        sizes[smallest] += count
+    return [sorted(group) for group in groups if group]
+
+
+def _load_worker(settings: Settings, dsn: str | None, topic: str, partitions: list[int],
+                 ends: dict[int, int], avro_dir: str, loaded: Any, stop: Any,
+                 errors: Any) -> None:  # fmt: skip
+    """One bulk-load process of ``replay`` (a spawn target: module level, picklable args)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when to stop
+    from pathlib import Path
+
+    from streams.codec import load_codec
+
+    projector = Projector(
+        settings, RawLoadSink(settings, dsn), load_codec(Path(avro_dir)),
+        group_id=f"{settings.kafka.client_id}-replay", topic=topic,
+        batch_max=settings.projections.replay_batch,
+    )  # fmt: skip
+
+    def advance(n: int) -> None:
+        with loaded.get_lock():
+            loaded.value += n
+
+    try:
+        projector.start(partitions=partitions)
+        try:
+            projector.run_until(ends, stop.is_set, advance)
+        finally:
+            projector.close()
+    except Exception as exc:
+        errors.put(f"{type(exc).__name__}: {exc}")
+        sys.exit(1)
+
+
 class Replay:
     def __init__(self, settings: Settings, codec: AvroCodec, *, dsn: str | None = None,
                  topic: str | None = None, redis_prefix: str | None = None,
@@ -251,29 +294,86 @@ class Replay:
 
     def _load(self, conn: psycopg.Connection[Any], targets: dict[int, int]) -> None:
         started = time.monotonic()
+        lows = {p: low for p, (low, _high) in _watermarks(self.settings, self.topic).items()}
         sink = RawLoadSink(self.settings, self.dsn)
-        projector = Projector(
-            self.settings, sink, self.codec, group_id=f"{self.settings.kafka.client_id}-replay",
-            topic=self.topic, batch_max=self.settings.projections.replay_batch,
-        )  # fmt: skip
-        projector.start(partitions=sorted(targets))
+        sink.start()
         try:
             done = sink.stored(self.topic, sorted(targets))
-            lows = projector.lows
-            total = sum(max(0, t - lows.get(p, 0)) for p, t in targets.items())
-            initial = sum(max(0, done.get(p, lows.get(p, 0)) - lows.get(p, 0)) for p in targets)
-            with self._bar(total, initial, "replay: load") as bar:
-
-                def advance(n: int) -> None:
-                    self.report.loaded += n
-                    bar.update(n)
-
-                projector.run_until(targets, self.should_stop, advance)
         finally:
-            projector.close()
+            sink.close()
+        position = {p: done.get(p, lows.get(p, 0)) for p in targets}
+        left = {p: t - position[p] for p, t in targets.items() if t > position[p]}
+        total = sum(max(0, t - lows.get(p, 0)) for p, t in targets.items())
+        with self._bar(total, total - sum(left.values()), "replay: load") as bar:
+            workers = min(self.settings.projections.replay_workers, len(left))
+            if workers <= 1:
+                self._load_here(sorted(left), targets, bar)
+            else:
+                self._load_in_processes(split_partitions(left, workers), targets, bar)
         self.report.load_seconds = time.monotonic() - started
         if self.should_stop():
             self.report.interrupted = True
+
+    def _load_here(self, partitions: list[int], targets: dict[int, int], bar: tqdm) -> None:
+        if not partitions:
+            return
+        projector = Projector(
+            self.settings, RawLoadSink(self.settings, self.dsn), self.codec,
+            group_id=f"{self.settings.kafka.client_id}-replay", topic=self.topic,
+            batch_max=self.settings.projections.replay_batch,
+        )  # fmt: skip
+        projector.start(partitions=partitions)
+        try:
+
+            def advance(n: int) -> None:
+                self.report.loaded += n
+                bar.update(n)
+
+            projector.run_until({p: targets[p] for p in partitions}, self.should_stop, advance)
+        finally:
+            projector.close()
+
+    def _load_in_processes(self, groups: list[list[int]], targets: dict[int, int],
+                           bar: tqdm) -> None:  # fmt: skip
+        """Decoding is the bottleneck of the load: one process per group of partitions.
+
+        Each process commits its own batches with their progress, exactly as in
+        one process; Ctrl-C reaches them through ``stop`` (they ignore SIGINT).
+        """
+        ctx = multiprocessing.get_context("spawn")  # never fork librdkafka's threads
+        loaded = ctx.Value("q", 0)
+        stop = ctx.Event()
+        errors = ctx.Queue()
+        avro_dir = project_path(self.settings.schemas.avro_dir)
+        processes = [
+            ctx.Process(target=_load_worker, name=f"replay-load-{n}", args=(
+                self.settings, self.dsn, self.topic, group, {p: targets[p] for p in group},
+                str(avro_dir), loaded, stop, errors))
+            for n, group in enumerate(groups)
+        ]  # fmt: skip
+        for process in processes:
+            process.start()
+        shown = 0
+        try:
+            while any(process.is_alive() for process in processes):
+                if self.should_stop():
+                    stop.set()
+                time.sleep(0.2)
+                with loaded.get_lock():
+                    now = int(loaded.value)
+                bar.update(now - shown)
+                shown = now
+        finally:
+            stop.set()
+            for process in processes:
+                process.join()
+        self.report.loaded += int(loaded.value)
+        bar.update(int(loaded.value) - shown)
+        failed = [p for p in processes if p.exitcode != 0]
+        if failed:
+            detail = errors.get(timeout=1) if not errors.empty() else "no detail"
+            raise ProjectionError(f"a replay load process failed ({failed[0].name}, exit "
+                                  f"{failed[0].exitcode}): {detail}")  # fmt: skip
 
     def _build(self, conn: psycopg.Connection[Any]) -> None:
         started = time.monotonic()

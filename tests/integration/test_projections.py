@@ -134,9 +134,10 @@ def test_replay_on_a_live_system_is_byte_identical_and_resumable(world: Projecti
     assert_equals_auditor(world, workload, seed)
     live = world.checksums()
 
-    # Interrupted after three batches, then resumed: the same bytes again.
+    # Interrupted after three batches (in-process load, to stop at a batch), then resumed
+    # (by two load processes): the same bytes again.
     settings = load_settings(**{**world.overrides, "projections": {
-        **world.overrides["projections"], "replay_batch": 500}})  # fmt: skip
+        **world.overrides["projections"], "replay_batch": 500, "replay_workers": 1}})  # fmt: skip
     batches = {"n": 0}
 
     def stop_after_three() -> bool:
@@ -146,7 +147,9 @@ def test_replay_on_a_live_system_is_byte_identical_and_resumable(world: Projecti
     interrupted = Replay(settings, world.codec, progress=False, should_stop=stop_after_three)
     report = interrupted.run()
     assert report.interrupted and 0 < report.loaded < len(workload.entries), report
-    resumed = Replay(settings, world.codec, progress=False).run()
+    two_loaders = load_settings(**{**world.overrides, "projections": {
+        **world.overrides["projections"], "replay_batch": 500, "replay_workers": 2}})  # fmt: skip
+    resumed = Replay(two_loaders, world.codec, progress=False).run()
     assert resumed.resumed and not resumed.interrupted, resumed
     assert resumed.entries == len(workload.entries), resumed
     assert world.checksums() == live, f"seed {seed}: replay changed the read models"

@@ -14,6 +14,7 @@ from projections.periods import window
 from projections.progress import OFFSET, plan_batch
 from projections.queries import check_limit, make_cursor, parse_cursor
 from projections.redis_sink import newest_per_user
+from projections.replay import split_partitions
 
 
 def row(offset: int, user: str = "u", seq: int = 1, kind: str = "charge", amount: int = -5,
@@ -119,3 +120,12 @@ def test_migrations_are_numbered_without_gaps(tmp_path: object) -> None:
     (folder / "2_bad name.sql").write_text("")
     with pytest.raises(ProjectionError, match="NNNN_lower_case"):
         load_migrations(folder)
+
+
+def test_split_partitions_balances_remaining_entries() -> None:
+    left = {0: 100, 1: 90, 2: 10, 3: 5, 4: 80, 5: 95}
+    groups = split_partitions(left, 2)
+    assert sorted(p for g in groups for p in g) == [0, 1, 2, 3, 4, 5]
+    sizes = sorted(sum(left[p] for p in g) for g in groups)
+    assert sizes == [190, 190]
+    assert split_partitions({3: 7}, 4) == [[3]]
