@@ -67,8 +67,15 @@ def cmd_project(args: argparse.Namespace, settings: Settings) -> int:
     from projections.postgres_sink import PostgresSink
     from projections.projector import Projector, Sink
     from projections.redis_sink import RedisSink
+    from streams import topic_admin
+    from streams.topics import load_topics
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    spec = load_topics(project_path(settings.topics_file))
+    if (args.topic or settings.projections.ledger_topic) in spec.topics:
+        # As the worker does: safe on every start, refuses (changing nothing) on drift.
+        topic_admin.apply(topic_admin.make_admin(settings), spec,
+                          settings.kafka.request_timeout_ms / 1000)  # fmt: skip
     sink: Sink
     if args.sink == "postgres":
         migrate(settings)  # safe on every start: a no-op once applied

@@ -133,7 +133,14 @@ class Projector:
             if error is not None:
                 if error.code() == KafkaError._PARTITION_EOF:
                     continue
-                raise StackError(f"reading {self.topic}: {error}")
+                if error.code() == KafkaError.UNKNOWN_TOPIC_OR_PART:
+                    raise StackError(f"reading {self.topic}: {error}; create the topics with "
+                                     "`creditledger topics apply`")  # fmt: skip
+                if error.fatal():
+                    raise StackError(f"reading {self.topic}: {error}")
+                # Transient (broker restart, network): librdkafka retries by itself.
+                log.warning("%s projector: %s", self.sink.name, error)
+                continue
             partition, offset = message.partition(), message.offset()
             if partition is None or offset is None or partition not in self.assigned:
                 continue  # fetched before a revoke
