@@ -64,3 +64,11 @@ class ProjectionError(CreditLedgerError):
 
 class QueryError(CreditLedgerError):
     """A read-model query got arguments it cannot answer (bad period, cursor or limit)."""
+
+
+class PriceRuleError(ConfigError):
+    """A price rule is malformed; the message names the rule, the version and the field."""
+
+
+class PricingError(CreditLedgerError):
+    """A call's usage cannot be priced (no active rule, impossible token counts)."""
