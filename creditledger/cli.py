@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from creditledger.cli_projections import add_projection_commands, credits
+from creditledger.cli_proxy import add_proxy_commands
 from creditledger.errors import CreditLedgerError
 from creditledger.settings import PROJECT_ROOT, Settings, load_settings, project_path
 from creditledger.tables import render_table
@@ -344,6 +345,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(handler=cmd_demo)
 
     add_projection_commands(commands)
+    add_proxy_commands(commands)
     return parser
 
 

@@ -1,0 +1,40 @@
+"""Sub-commands of the LLM proxy side (step 4): the fake upstream so far."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from creditledger.settings import Settings
+
+
+def cmd_fake_upstream(args: argparse.Namespace, settings: Settings) -> int:
+    from llm_proxy.fake_upstream import Behaviour, serve
+
+    behaviour = Behaviour(
+        latency_ms=args.latency_ms, chunk_delay_ms=args.chunk_delay_ms,
+        output_tokens=args.output_tokens, usage_chunk=not args.no_usage_chunk,
+    )  # fmt: skip
+    print(f"fake upstream on http://{args.host}:{args.port}/v1 (Ctrl-C stops it)", flush=True)
+    serve(args.host, args.port, behaviour, args.api_key)
+    return 0
+
+
+def add_proxy_commands(commands: Any) -> None:
+    p = commands.add_parser(
+        "fake-upstream", help="run a fake OpenAI-compatible upstream LLM (tests, demo, bench)",
+        description=(
+            "A real HTTP server speaking the OpenAI protocol: chat completions (streamed and "
+            "not, with or without the usage chunk), embeddings, models. Change its behaviour "
+            "while it runs with POST /_fake/behaviour."
+        ),
+    )  # fmt: skip
+    p.add_argument("--host", default="127.0.0.1", help="listen address (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=18080, help="listen port (default 18080)")
+    p.add_argument("--latency-ms", type=int, default=0, help="delay before the first byte")
+    p.add_argument("--chunk-delay-ms", type=int, default=0, help="delay between stream chunks")
+    p.add_argument("--output-tokens", type=int, default=16, help="tokens per answer (default 16)")
+    p.add_argument("--no-usage-chunk", action="store_true",
+                   help="never send the final usage chunk, even when asked")  # fmt: skip
+    p.add_argument("--api-key", default=None, help="require this bearer key (default: none)")
+    p.set_defaults(handler=cmd_fake_upstream)
