@@ -20,7 +20,50 @@ def cmd_fake_upstream(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def cmd_outbox_relay(args: argparse.Namespace, settings: Settings) -> int:
+    import logging
+
+    from creditledger.cli_projections import stop_on_signals
+    from llm_proxy.outbox import OutboxRelay
+    from projections.migrate import migrate
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    migrate(settings)  # safe on every start
+    relay = OutboxRelay(settings)
+    should_stop = stop_on_signals()
+    relay.start()
+    try:
+        stats = relay.run(should_stop)
+    finally:
+        relay.close()
+    print(f"outbox relay stopped: {stats.sent} events sent in {stats.batches} batches")
+    return 0
+
+
+def cmd_outbox_status(args: argparse.Namespace, settings: Settings) -> int:
+    from llm_proxy.outbox import OutboxRelay
+
+    relay = OutboxRelay(settings)
+    relay.start()
+    try:
+        print(f"{relay.pending()} events pending in the outbox")
+    finally:
+        relay.close()
+    return 0
+
+
 def add_proxy_commands(commands: Any) -> None:
+    outbox = commands.add_parser(
+        "outbox", help="the transactional outbox: relay pending events to Kafka",
+        description="Events are written to Postgres first and published by relays; every "
+        "event reaches Kafka at least once, and the ledger applies it once per event_id.",
+    )  # fmt: skip
+    actions = outbox.add_subparsers(dest="action", required=True, metavar="ACTION")
+    p = actions.add_parser("relay", help="publish pending rows (run several; SIGKILL-safe)")
+    p.set_defaults(handler=cmd_outbox_relay)
+    p = actions.add_parser("status", help="how many events are pending")
+    p.set_defaults(handler=cmd_outbox_status)
+
     p = commands.add_parser(
         "fake-upstream", help="run a fake OpenAI-compatible upstream LLM (tests, demo, bench)",
         description=(

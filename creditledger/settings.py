@@ -213,6 +213,18 @@ class ProjectionSettings(_Section):
     )
 
 
+class OutboxSettings(_Section):
+    batch_max: int = Field(
+        500, ge=1, description="Most outbox rows one relay sends per transaction."
+    )
+    poll_interval_ms: int = Field(
+        50, ge=1, description="How long an idle relay waits before looking for new rows."
+    )
+    flush_timeout_s: int = Field(
+        10, ge=1, description="Longest wait for Kafka to ack a batch before the relay retries."
+    )
+
+
 class SchemaSettings(_Section):
     avro_dir: Path = Field(
         Path("schemas/avro"),
@@ -244,6 +256,10 @@ class Settings(BaseSettings):
     projections: ProjectionSettings = Field(
         default_factory=ProjectionSettings,
         description="Read models: Redis snapshots and Postgres tables (creditledger project).",
+    )
+    outbox: OutboxSettings = Field(
+        default_factory=OutboxSettings,
+        description="The transactional outbox and its relay (creditledger outbox relay).",
     )
     schemas: SchemaSettings = Field(
         default_factory=SchemaSettings,
