@@ -241,21 +241,14 @@ def projections_demo(settings: Settings, codec: AvroCodec, users: list[str]) -> 
 def _wait_for_projections(settings: Settings,
                           projectors: dict[str, subprocess.Popen[bytes]]) -> bool:  # fmt: skip
     """Until each projector's stored progress reaches the ledger's current end."""
-    from confluent_kafka import TopicPartition
-
     from projections.postgres_sink import PostgresSink
     from projections.projector import Sink
     from projections.redis_sink import RedisSink
-    from streams.kafka_clients import make_consumer
+    from streams.kafka_clients import watermarks
 
     topic = settings.projections.ledger_topic
-    consumer = make_consumer(settings, f"{settings.kafka.client_id}-demo")
-    try:
-        parts = sorted(consumer.list_topics(topic, timeout=10).topics[topic].partitions)
-        ends = {p: consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1]
-                for p in parts}  # fmt: skip
-    finally:
-        consumer.close()
+    ends = {p: high for p, (_low, high) in watermarks(settings, topic).items()}
+    parts = sorted(ends)
     sinks: dict[str, Sink] = {"redis": RedisSink(settings), "postgres": PostgresSink(settings)}
     deadline = time.monotonic() + 300
     try:

@@ -29,17 +29,15 @@ import multiprocessing
 import signal
 import sys
 import time
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import psycopg
-from confluent_kafka import TopicPartition
 from psycopg import sql
 from tqdm import tqdm
 
-from creditledger.errors import ProjectionError, StackError
+from creditledger.errors import ProjectionError
 from creditledger.settings import Settings, project_path
 from projections.db import connect
 from projections.entries import Row
@@ -57,7 +55,7 @@ from projections.projector import Projector
 from projections.redis_keys import balance_key
 from projections.redis_sink import REBUILD_LUA, connect_redis
 from streams.codec import AvroCodec
-from streams.kafka_clients import make_consumer
+from streams.kafka_clients import watermarks
 
 SHADOW = "replay_shadow"
 OLD = "replay_old"
@@ -152,18 +150,6 @@ class RawLoadSink:
                 )
             self.conn.commit()
         return plan
-
-
-def _watermarks(settings: Settings, topic: str) -> dict[int, tuple[int, int]]:
-    consumer = make_consumer(settings, f"{settings.kafka.client_id}-replay-{uuid.uuid4().hex[:8]}")
-    try:
-        metadata = consumer.list_topics(topic, timeout=10).topics.get(topic)
-        if metadata is None or metadata.error is not None:
-            raise StackError(f"topic {topic} not found; run `creditledger topics apply`")
-        return {p: consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)
-                for p in sorted(metadata.partitions)}  # fmt: skip
-    finally:
-        consumer.close()
 
 
 def split_partitions(left: dict[int, int], workers: int) -> list[list[int]]:
@@ -271,7 +257,7 @@ class Replay:
                 )
             self.report.resumed = True
             return str(phase), {int(p): int(o) for p, o in dict(targets).items()}
-        marks = _watermarks(self.settings, self.topic)
+        marks = watermarks(self.settings, self.topic)
         targets = {p: high for p, (_low, high) in marks.items()}
         with conn.transaction():
             conn.execute(f"CREATE SCHEMA {SHADOW}".encode())
@@ -294,7 +280,7 @@ class Replay:
 
     def _load(self, conn: psycopg.Connection[Any], targets: dict[int, int]) -> None:
         started = time.monotonic()
-        lows = {p: low for p, (low, _high) in _watermarks(self.settings, self.topic).items()}
+        lows = {p: low for p, (low, _high) in watermarks(self.settings, self.topic).items()}
         sink = RawLoadSink(self.settings, self.dsn)
         sink.start()
         try:
@@ -444,7 +430,7 @@ class Replay:
 
     def _catch_up(self) -> None:
         """Apply what arrived since the load's end offsets (bounded: two rounds)."""
-        marks = _watermarks(self.settings, self.topic)
+        marks = watermarks(self.settings, self.topic)
         projector = self._sink_projector()
         projector.start(partitions=sorted(marks))
         try:
@@ -453,14 +439,14 @@ class Replay:
                 before = projector.stats.applied
                 projector.run_until(ends, self.should_stop)
                 self.report.caught_up += projector.stats.applied - before
-                marks = _watermarks(self.settings, self.topic)
+                marks = watermarks(self.settings, self.topic)
         finally:
             projector.close()
 
     def _swap(self, conn: psycopg.Connection[Any]) -> None:
         started = time.monotonic()
         projector = self._sink_projector()
-        marks = _watermarks(self.settings, self.topic)
+        marks = watermarks(self.settings, self.topic)
         projector.start(partitions=sorted(marks))
         try:
             with conn.transaction():

@@ -9,11 +9,13 @@ is murmur2 for keyed messages (random only for key-less ones).
 
 from __future__ import annotations
 
+import uuid
 from typing import Any
 
 from aiokafka.partitioner import murmur2
-from confluent_kafka import Consumer, Producer
+from confluent_kafka import Consumer, Producer, TopicPartition
 
+from creditledger.errors import StackError
 from creditledger.settings import Settings
 
 PARTITIONER = "murmur2_random"
@@ -65,3 +67,16 @@ def consumer_config(settings: Settings, group_id: str, **overrides: Any) -> dict
 
 def make_consumer(settings: Settings, group_id: str, **overrides: Any) -> Consumer:
     return Consumer(consumer_config(settings, group_id, **overrides))
+
+
+def watermarks(settings: Settings, topic: str) -> dict[int, tuple[int, int]]:
+    """(low, high) offsets of every partition of ``topic`` now (a throw-away group)."""
+    consumer = make_consumer(settings, f"{settings.kafka.client_id}-marks-{uuid.uuid4().hex[:8]}")
+    try:
+        metadata = consumer.list_topics(topic, timeout=10).topics.get(topic)
+        if metadata is None or metadata.error is not None:
+            raise StackError(f"topic {topic} not found; run `creditledger topics apply`")
+        return {p: consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)
+                for p in sorted(metadata.partitions)}  # fmt: skip
+    finally:
+        consumer.close()
