@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from agents.records import LEDGER_TOPIC
+from agents.records import LEDGER_TOPIC, to_ms
 from creditledger.errors import CodecError, ProjectionError
 from streams.codec import AvroCodec
 
@@ -48,20 +48,12 @@ def decode_row(codec: AvroCodec, value: bytes | None, where: LogPosition) -> Row
             f"ledger entry at {where} does not decode ({exc.reason}): {exc}; the projection "
             "stops rather than skip a fact (check the topic with `creditledger ledger fold-check`)"
         ) from exc
+    # to_ms: older schema versions decode through the resolving reader, into datetimes.
     return (
         r["user_id"], r["seq"], r["event_id"], r["command_digest"], r["kind"], r["amount_micro"],
         r["balance_after_micro"], r["reference"], r["scene"], r["request_id"],
         r["conversation_id"], r["model_alias"], r["upstream_model"], r["input_tokens"],
         r["output_tokens"], r["cached_tokens"], r["reasoning_tokens"], r["usage_estimated"],
-        r["price_rule_id"], r["price_rule_version"], _ms(r["occurred_at"]),
-        _ms(r["recorded_at"]), where.partition, where.offset,
+        r["price_rule_id"], r["price_rule_version"], to_ms(r["occurred_at"]),
+        to_ms(r["recorded_at"]), where.partition, where.offset,
     )  # fmt: skip
-
-
-def _ms(value: Any) -> int:
-    # Older schema versions decode through the resolving reader, which yields datetimes.
-    if isinstance(value, int):
-        return value
-    from agents.records import to_ms
-
-    return to_ms(value)
