@@ -124,27 +124,16 @@ def copy_raw(cursor: psycopg.Cursor[Any], table: sql.Composable, rows: list[Row]
             copy.write_row(row)
 
 
-class PostgresSink:
-    """Applies batches of ledger rows to the read-model tables of one schema."""
+class PostgresConnection:
+    """One Postgres connection, opened in ``start()``: what every Postgres sink holds."""
 
-    name = PROJECTION
-
-    def __init__(self, settings: Settings, *, dsn: str | None = None,
-                 schema: str = "public") -> None:  # fmt: skip
+    def __init__(self, settings: Settings, dsn: str | None) -> None:
         self.settings = settings
         self.dsn = dsn
-        self.schema = schema
         self._conn: psycopg.Connection[Any] | None = None
-        self._apply = sql.SQL(APPLY_SQL).format(schema=sql.Identifier(schema))
 
     def start(self) -> None:
-        conn = connect(self.settings, dsn=self.dsn)
-        conn.execute(
-            f"CREATE TEMP TABLE IF NOT EXISTS stage_entries ({RAW_COLUMNS_DDL}) "
-            "ON COMMIT DELETE ROWS".encode()
-        )
-        conn.commit()
-        self._conn = conn
+        self._conn = connect(self.settings, dsn=self.dsn)
 
     def close(self) -> None:
         if self._conn is not None:
@@ -154,8 +143,28 @@ class PostgresSink:
     @property
     def conn(self) -> psycopg.Connection[Any]:
         if self._conn is None:
-            raise ProjectionError("PostgresSink used before start()")
+            raise ProjectionError(f"{type(self).__name__} used before start()")
         return self._conn
+
+
+class PostgresSink(PostgresConnection):
+    """Applies batches of ledger rows to the read-model tables of one schema."""
+
+    name = PROJECTION
+
+    def __init__(self, settings: Settings, *, dsn: str | None = None,
+                 schema: str = "public") -> None:  # fmt: skip
+        super().__init__(settings, dsn)
+        self.schema = schema
+        self._apply = sql.SQL(APPLY_SQL).format(schema=sql.Identifier(schema))
+
+    def start(self) -> None:
+        super().start()
+        self.conn.execute(
+            f"CREATE TEMP TABLE IF NOT EXISTS stage_entries ({RAW_COLUMNS_DDL}) "
+            "ON COMMIT DELETE ROWS".encode()
+        )
+        self.conn.commit()
 
     def _progress_table(self) -> sql.Composed:
         return sql.SQL("{}.projection_progress").format(sql.Identifier(self.schema))

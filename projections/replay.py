@@ -47,6 +47,7 @@ from projections.postgres_sink import (
     HOUR_OF,
     PROJECTION,
     RAW_COLUMNS_DDL,
+    PostgresConnection,
     PostgresSink,
     copy_raw,
 )
@@ -103,29 +104,10 @@ class ReplayReport:
     interrupted: bool = False
 
 
-class RawLoadSink:
+class RawLoadSink(PostgresConnection):
     """Bulk-load sink: COPY into ``replay_shadow.raw_entries`` plus its progress."""
 
     name = "replay-load"
-
-    def __init__(self, settings: Settings, dsn: str | None) -> None:
-        self.settings = settings
-        self.dsn = dsn
-        self._conn: psycopg.Connection[Any] | None = None
-
-    def start(self) -> None:
-        self._conn = connect(self.settings, dsn=self.dsn)
-
-    def close(self) -> None:
-        if self._conn is not None:
-            self._conn.close()
-            self._conn = None
-
-    @property
-    def conn(self) -> psycopg.Connection[Any]:
-        if self._conn is None:
-            raise ProjectionError("RawLoadSink used before start()")
-        return self._conn
 
     def stored(self, topic: str, partitions: list[int]) -> dict[int, int]:
         rows = self.conn.execute(
