@@ -94,6 +94,18 @@ class FakeUpstream:
                          code="invalid_api_key")  # fmt: skip
         return None
 
+    async def _model_request(self, request: Request) -> dict[str, Any] | JSONResponse:
+        """The checks every model call starts with: the key, a JSON object, a model."""
+        refused = self._refused(request)
+        if refused is not None:
+            return refused
+        body = await self._json(request)
+        if isinstance(body, dict):
+            model = body.get("model")
+            if not isinstance(model, str) or not model:
+                return error(400, "you must provide a model parameter", param="model")
+        return body
+
     async def _json(self, request: Request) -> dict[str, Any] | JSONResponse:
         try:
             body = json.loads(await request.body())
@@ -104,15 +116,10 @@ class FakeUpstream:
         return body
 
     async def chat(self, request: Request) -> Response:
-        refused = self._refused(request)
-        if refused is not None:
-            return refused
-        body = await self._json(request)
+        body = await self._model_request(request)
         if isinstance(body, JSONResponse):
             return body
-        model, messages = body.get("model"), body.get("messages")
-        if not isinstance(model, str) or not model:
-            return error(400, "you must provide a model parameter", param="model")
+        model, messages = body["model"], body.get("messages")
         if not isinstance(messages, list) or not messages:
             return error(400, "'messages' must be a non-empty array", param="messages")
         self.calls += 1
@@ -161,15 +168,10 @@ class FakeUpstream:
         yield b"data: [DONE]\n\n"
 
     async def embeddings(self, request: Request) -> Response:
-        refused = self._refused(request)
-        if refused is not None:
-            return refused
-        body = await self._json(request)
+        body = await self._model_request(request)
         if isinstance(body, JSONResponse):
             return body
-        model, given = body.get("model"), body.get("input")
-        if not isinstance(model, str) or not model:
-            return error(400, "you must provide a model parameter", param="model")
+        model, given = body["model"], body.get("input")
         texts = [given] if isinstance(given, str) else given
         if not isinstance(texts, list) or not texts or not all(isinstance(t, str) for t in texts):
             return error(400, "'input' must be a string or an array of strings", param="input")
