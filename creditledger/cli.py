@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from creditledger.cli_projections import add_projection_commands, credits
+from creditledger.cli_projections import add_projection_commands, credits, project_codec
 from creditledger.cli_proxy import add_proxy_commands
 from creditledger.errors import CreditLedgerError
 from creditledger.settings import PROJECT_ROOT, Settings, load_settings, project_path
@@ -22,7 +22,6 @@ from creditledger.tables import render_table
 
 if TYPE_CHECKING:
     from stack.launcher import ServiceStatus
-    from streams.codec import AvroCodec
     from streams.topics import TopicsSpec
 
 Handler = Callable[[argparse.Namespace, Settings], int]
@@ -122,19 +121,13 @@ def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
     return run_worker(settings, name=args.name, loglevel=args.loglevel, store=args.store)
 
 
-def _codec(settings: Settings) -> AvroCodec:
-    from streams.codec import load_codec
-
-    return load_codec(project_path(settings.schemas.avro_dir))
-
-
 def cmd_ledger_balance(args: argparse.Namespace, settings: Settings) -> int:
     from agents import ops
     from agents.records import LEDGER_TOPIC
     from streams.kafka_clients import partition_of
 
     partitions = _topic_spec(args, settings)[LEDGER_TOPIC].partitions
-    account, entries = ops.balance(settings, _codec(settings), args.user, partitions)
+    account, entries = ops.balance(settings, project_codec(settings), args.user, partitions)
     print(
         render_table(
             ["user", "balance (credits)", "balance_micro", "seq", "entries", "partition"],
@@ -149,7 +142,7 @@ def cmd_ledger_fold_check(args: argparse.Namespace, settings: Settings) -> int:
     from agents import ops
 
     t0 = time.monotonic()
-    report = ops.fold_check(settings, _codec(settings), progress=not args.quiet,
+    report = ops.fold_check(settings, project_codec(settings), progress=not args.quiet,
                             keep_entries=args.strict)  # fmt: skip
     checker = report.checker
     print(
@@ -170,7 +163,7 @@ def cmd_ledger_fold_check(args: argparse.Namespace, settings: Settings) -> int:
 def cmd_dlq_list(args: argparse.Namespace, settings: Settings) -> int:
     from agents import ops
 
-    letters = ops.dead_letters(settings, _codec(settings), reason=args.reason)
+    letters = ops.dead_letters(settings, project_codec(settings), reason=args.reason)
     shown = letters[-args.limit :] if args.limit else letters
     rows = [
         (letter.offset, f"{r['topic']}[{r['partition']}]@{r['offset']}", r["reason"],
@@ -189,7 +182,7 @@ def cmd_dlq_redrive(args: argparse.Namespace, settings: Settings) -> int:
 
     if not (args.offset or args.reason or args.all):
         raise CreditLedgerError("say which: --offset N (repeatable), --reason R or --all")
-    letters = ops.dead_letters(settings, _codec(settings), reason=args.reason)
+    letters = ops.dead_letters(settings, project_codec(settings), reason=args.reason)
     if args.offset:
         wanted = set(args.offset)
         letters = [letter for letter in letters if letter.offset in wanted]

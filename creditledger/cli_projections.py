@@ -13,10 +13,13 @@ import signal
 import time
 from collections.abc import Callable
 from datetime import UTC
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from creditledger.settings import Settings, project_path
 from creditledger.tables import render_table
+
+if TYPE_CHECKING:
+    from streams.codec import AvroCodec
 
 PER_TABLE = 10  # differences shown per store and table
 
@@ -28,7 +31,8 @@ def credits(micro: int) -> str:
     return f"{sign}{whole}.{fraction:06d}"
 
 
-def _codec(settings: Settings) -> Any:
+def project_codec(settings: Settings) -> AvroCodec:
+    """The codec of the project's contracts (``schemas.avro_dir``); every handler's one."""
     from streams.codec import load_codec
 
     return load_codec(project_path(settings.schemas.avro_dir))
@@ -82,7 +86,7 @@ def cmd_project(args: argparse.Namespace, settings: Settings) -> int:
         sink, group = PostgresSink(settings), settings.projections.postgres_group
     else:
         sink, group = RedisSink(settings), settings.projections.redis_group
-    projector = Projector(settings, sink, _codec(settings), group_id=group, topic=args.topic)
+    projector = Projector(settings, sink, project_codec(settings), group_id=group, topic=args.topic)
     should_stop = stop_on_signals()
     projector.start()
     try:
@@ -97,7 +101,7 @@ def cmd_project(args: argparse.Namespace, settings: Settings) -> int:
 def cmd_replay(args: argparse.Namespace, settings: Settings) -> int:
     from projections.replay import Replay
 
-    replay = Replay(settings, _codec(settings), topic=args.topic, progress=not args.quiet,
+    replay = Replay(settings, project_codec(settings), topic=args.topic, progress=not args.quiet,
                     should_stop=stop_on_signals())  # fmt: skip
     t0 = time.monotonic()
     if args.redis_only:
@@ -124,8 +128,9 @@ def cmd_replay(args: argparse.Namespace, settings: Settings) -> int:
 def cmd_verify(args: argparse.Namespace, settings: Settings) -> int:
     from projections.verify import verify
 
-    report = verify(settings, _codec(settings), topic=args.topic, postgres=not args.redis_only,
-                    redis=not args.postgres_only, progress=not args.quiet)  # fmt: skip
+    report = verify(settings, project_codec(settings), topic=args.topic,
+                    postgres=not args.redis_only, redis=not args.postgres_only,
+                    progress=not args.quiet)  # fmt: skip
     print(f"folded {report.entries_read} entries of {report.users} users; "
           f"postgres progress {sum(report.postgres_progress.values())}, "
           f"redis progress {sum(report.redis_progress.values())} entries")  # fmt: skip
