@@ -1,4 +1,4 @@
-"""Sub-commands of the LLM proxy side (step 4): the fake upstream so far."""
+"""Sub-commands of the LLM proxy side (step 4): proxy, outbox relay, fake upstream."""
 
 from __future__ import annotations
 
@@ -30,6 +30,12 @@ def cmd_outbox_relay(args: argparse.Namespace, settings: Settings) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     migrate(settings)  # safe on every start
     relay = OutboxRelay(settings)
+    port = settings.outbox.metrics_port if args.metrics_port is None else args.metrics_port
+    if port:
+        from prometheus_client import start_http_server
+
+        start_http_server(port, addr="127.0.0.1", registry=relay.metrics.registry)
+        print(f"relay metrics on http://127.0.0.1:{port}/metrics", flush=True)
     should_stop = stop_on_signals()
     relay.start()
     try:
@@ -52,14 +58,59 @@ def cmd_outbox_status(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def cmd_proxy_serve(args: argparse.Namespace, settings: Settings) -> int:
+    import logging
+
+    from llm_proxy.app import serve
+    from projections.migrate import migrate
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    if args.port is not None:
+        settings = settings.model_copy(
+            update={"proxy": settings.proxy.model_copy(update={"port": args.port})}
+        )
+    migrate(settings)  # the outbox and price_rules tables must exist
+    print(f"LLM proxy on http://{settings.proxy.host}:{settings.proxy.port}/v1 "
+          f"({len(settings.proxy.models)} model aliases, {len(settings.proxy.services)} "
+          "services; Ctrl-C stops it)", flush=True)  # fmt: skip
+    serve(settings)
+    return 0
+
+
+def cmd_proxy_new_key(args: argparse.Namespace, settings: Settings) -> int:
+    from llm_proxy.auth import new_key
+
+    key, digest = new_key()
+    print(f"key (give it to the service, shown once): {key}")
+    print(f"key_sha256 (put it in proxy.services):    {digest}")
+    return 0
+
+
 def add_proxy_commands(commands: Any) -> None:
+    proxy = commands.add_parser(
+        "proxy", help="the OpenAI-compatible LLM proxy that charges every call",
+        description="Services call /v1/chat/completions, /v1/embeddings and /v1/models with "
+        "their service key and X-Billing-* headers; each finished call becomes a "
+        "credit.charge.requested event through the outbox. Configure proxy.models and "
+        "proxy.services first (config.example.yaml).",
+    )  # fmt: skip
+    actions = proxy.add_subparsers(dest="action", required=True, metavar="ACTION")
+    p = actions.add_parser("serve", help="run the proxy (needs Postgres, Redis, Kafka)")
+    p.add_argument("--port", type=int, default=None, help="override proxy.port")
+    p.set_defaults(handler=cmd_proxy_serve)
+    p = actions.add_parser("new-key", help="make a service key and the hash for the config")
+    p.set_defaults(handler=cmd_proxy_new_key)
+
     outbox = commands.add_parser(
         "outbox", help="the transactional outbox: relay pending events to Kafka",
         description="Events are written to Postgres first and published by relays; every "
         "event reaches Kafka at least once, and the ledger applies it once per event_id.",
     )  # fmt: skip
     actions = outbox.add_subparsers(dest="action", required=True, metavar="ACTION")
-    p = actions.add_parser("relay", help="publish pending rows (run several; SIGKILL-safe)")
+    p = actions.add_parser("relay", help="publish pending rows (run several; SIGKILL-safe), "
+                           "and drain the proxies' spool files into the outbox")  # fmt: skip
+    p.add_argument("--metrics-port", type=int, default=None,
+                   help="override outbox.metrics_port (0 = no /metrics)")  # fmt: skip
     p.set_defaults(handler=cmd_outbox_relay)
     p = actions.add_parser("status", help="how many events are pending")
     p.set_defaults(handler=cmd_outbox_status)

@@ -72,3 +72,21 @@ class PriceRuleError(ConfigError):
 
 class PricingError(CreditLedgerError):
     """A call's usage cannot be priced (no active rule, impossible token counts)."""
+
+
+class ProxyError(CreditLedgerError):
+    """A proxied call is refused; carries the HTTP status and the OpenAI-shaped error fields."""
+
+    def __init__(self, status: int, code: str, message: str, *, param: str | None = None,
+                 kind: str = "invalid_request_error") -> None:  # fmt: skip
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.param = param
+        self.kind = kind
+
+    def body(self) -> dict[str, object]:
+        """The OpenAI error body: ``{"error": {"message", "type", "param", "code"}}``."""
+        return {"error": {"message": self.message, "type": self.kind, "param": self.param,
+                          "code": self.code}}  # fmt: skip

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
@@ -223,6 +223,98 @@ class OutboxSettings(_Section):
     flush_timeout_s: int = Field(
         10, ge=1, description="Longest wait for Kafka to ack a batch before the relay retries."
     )
+    metrics_port: int = Field(
+        18091, ge=0, le=65535, description="Port of the relay's Prometheus /metrics (0 = off)."
+    )
+
+
+class ModelAlias(_Section):
+    alias: str = Field(description="The model name clients ask for.")
+    upstream_base_url: str = Field(
+        description="OpenAI-compatible base URL, e.g. https://api.openai.com/v1."
+    )
+    upstream_model: str = Field(description="The model name sent upstream.")
+    upstream_api_key_env: str = Field(
+        "", description="Environment variable holding the upstream API key ('' = no key)."
+    )
+    price_rule: str = Field(description="Id of the price rule that prices this alias.")
+
+
+class ServiceKey(_Section):
+    name: str = Field(description="The calling service (appears in logs and metrics).")
+    key_sha256: str = Field(
+        description="SHA-256 (hex) of the service's API key; `creditledger proxy new-key`."
+    )
+    scenes: list[str] = Field(description="Scenes this service may bill ('*' = any).")
+    may_skip_charge: bool = Field(
+        False, description="Whether the service may send X-Billing-Skip-Charge: true."
+    )
+
+    @field_validator("key_sha256")
+    @classmethod
+    def _hex_digest(cls, value: str) -> str:
+        value = value.strip().lower()
+        if len(value) != 64 or any(c not in "0123456789abcdef" for c in value):
+            raise ValueError("must be 64 hex digits (sha256 of the key)")
+        return value
+
+
+class ProxySettings(_Section):
+    host: str = Field("127.0.0.1", description="Address the proxy listens on.")
+    port: int = Field(18000, ge=1, le=65535, description="Port the proxy listens on.")
+    models: list[ModelAlias] = Field(
+        default_factory=list,
+        description="Model aliases: [{alias, upstream_base_url, upstream_model, "
+        "upstream_api_key_env, price_rule}].",
+    )
+    services: list[ServiceKey] = Field(
+        default_factory=list,
+        description="Calling services: [{name, key_sha256, scenes, may_skip_charge}].",
+    )
+    price_rules_file: Path = Field(
+        Path("price_rules.yaml"),
+        description="YAML price rules (relative: from the project); merged with the "
+        "price_rules table.",
+    )
+    price_rules_refresh_s: float = Field(
+        5.0, gt=0, description="How often the proxy re-reads the price_rules table, seconds."
+    )
+    upstream_timeout_s: float = Field(
+        600.0, gt=0, description="Whole upstream call timeout, seconds (long answers stream)."
+    )
+    upstream_connect_timeout_s: float = Field(
+        5.0, gt=0, description="Upstream connect timeout, seconds."
+    )
+    upstream_max_retries: int = Field(
+        2, ge=0, description="Retries of a failed upstream call (connection errors, 429, 5xx)."
+    )
+    guard_failure_policy: Literal["fail_closed", "fail_open"] = Field(
+        "fail_closed",
+        description="When neither Redis nor Postgres can tell a balance: refuse (fail_closed, "
+        "HTTP 503) or let the call through (fail_open).",
+    )
+    hold_output_tokens: int = Field(
+        1024,
+        ge=1,
+        description="Output tokens a hold assumes when the request sets no max_tokens.",
+    )
+    hold_ttl_s: int = Field(
+        900,
+        ge=10,
+        description="A hold (and a settled charge not yet folded) expires after this long, "
+        "seconds: the bound on what a crashed proxy keeps blocked.",
+    )
+    spool_dir: Path = Field(
+        Path("/tmp/creditledger-spool"),
+        description="Where the proxy appends charges when Postgres and Kafka are both down; "
+        "`outbox relay` drains it (run a relay on every proxy host).",
+    )
+    direct_produce_timeout_s: float = Field(
+        5.0, gt=0, description="Longest wait for Kafka's ack when Postgres is down, seconds."
+    )
+    producer_name: str = Field(
+        "llm-proxy", description="The `producer` field of the charge events."
+    )
 
 
 class SchemaSettings(_Section):
@@ -260,6 +352,10 @@ class Settings(BaseSettings):
     outbox: OutboxSettings = Field(
         default_factory=OutboxSettings,
         description="The transactional outbox and its relay (creditledger outbox relay).",
+    )
+    proxy: ProxySettings = Field(
+        default_factory=ProxySettings,
+        description="The LLM proxy (creditledger proxy serve).",
     )
     schemas: SchemaSettings = Field(
         default_factory=SchemaSettings,

@@ -28,6 +28,7 @@ import psycopg
 
 from creditledger.errors import CreditLedgerError, StackError
 from creditledger.settings import Settings
+from llm_proxy.metrics import RelayMetrics
 from projections.db import connect
 from streams.kafka_clients import make_producer
 
@@ -53,10 +54,13 @@ class RelayStats:
 
 
 class OutboxRelay:
-    def __init__(self, settings: Settings, *, dsn: str | None = None) -> None:
+    def __init__(self, settings: Settings, *, dsn: str | None = None,
+                 metrics: RelayMetrics | None = None) -> None:  # fmt: skip
         self.settings = settings
         self.dsn = dsn
         self.stats = RelayStats()
+        self.metrics = metrics or RelayMetrics()
+        self._next_housekeeping = 0.0
         self._conn: psycopg.Connection[Any] | None = None
         self._producer: Any = None
 
@@ -110,8 +114,10 @@ class OutboxRelay:
         conn.commit()
         self.stats.batches += 1
         self.stats.sent += len(acked)
+        self.metrics.sent.inc(len(acked))
         if len(acked) < len(rows):
             self.stats.failures += len(rows) - len(acked)
+            self.metrics.failures.inc(len(rows) - len(acked))
             raise StackError(f"outbox relay: {len(rows) - len(acked)} of {len(rows)} events not "
                              f"acked by Kafka ({errors[:1] or 'flush timed out'}); they stay "
                              "pending and are retried")  # fmt: skip
@@ -121,6 +127,7 @@ class OutboxRelay:
         idle_s = self.settings.outbox.poll_interval_ms / 1000
         while not should_stop():
             try:
+                self.housekeeping()
                 if self.relay_batch() == 0:
                     time.sleep(idle_s)
             except StackError as exc:
@@ -131,6 +138,18 @@ class OutboxRelay:
                 time.sleep(1.0)
                 self._reconnect()
         return self.stats
+
+    def housekeeping(self) -> None:
+        """Once a second: drain the proxies' spool files, and measure the backlog."""
+        if time.monotonic() < self._next_housekeeping:
+            return
+        self._next_housekeeping = time.monotonic() + 1.0
+        from llm_proxy import spool  # spool writes through enqueue() above
+
+        assert self._conn is not None
+        drained = spool.drain(self.settings.proxy.spool_dir, self._conn)
+        self.metrics.spool_drained.inc(drained)
+        self.metrics.backlog.set(self.pending())
 
     def _reconnect(self) -> None:
         try:

@@ -25,7 +25,7 @@ RAW_COLUMNS = (
     "reasoning_tokens", "usage_estimated", "price_rule_id", "price_rule_version",
     "occurred_ms", "recorded_ms", "ledger_partition", "ledger_offset",
 )  # fmt: skip
-USER, SEQ, BALANCE, RECORDED_MS = 0, 1, 6, 21
+USER, SEQ, EVENT, KIND, BALANCE, RECORDED_MS = 0, 1, 2, 4, 6, 21
 
 Row = tuple[Any, ...]
 

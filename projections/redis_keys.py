@@ -20,3 +20,25 @@ def balance_pattern(prefix: str) -> str:
 
 def progress_key(prefix: str, topic: str) -> str:
     return f"{prefix}:progress:{topic}"
+
+
+def holds_key(prefix: str, user_id: str) -> str:
+    """``<prefix>:holds:<user_id>``: the proxy guard's in-flight holds and settled charges
+    not yet folded (field = event_id, value = ``amount|expires_ms``; field ``#total`` = their
+    sum). The Redis projector deletes a charge's field when it applies the charge's entry."""
+    return f"{prefix}:holds:{user_id}"
+
+
+# Lua, shared by the guard's scripts and the Redis projector: drop one hold and take its
+# amount off ``#total``. Amounts stay decimal strings handled by HINCRBY (exact int64):
+# Lua's own numbers are doubles, and no balance is ever computed in one.
+RELEASE_HOLD_LUA = """
+local function release_hold(key, field)
+  local v = redis.call('HGET', key, field)
+  if v then
+    local amount = string.sub(v, 1, string.find(v, '|', 1, true) - 1)
+    if amount ~= '0' then redis.call('HINCRBY', key, '#total', '-' .. amount) end
+    redis.call('HDEL', key, field)
+  end
+end
+"""

@@ -22,37 +22,44 @@ import redis
 
 from creditledger.errors import ProjectionError, StackError
 from creditledger.settings import Settings
-from projections.entries import BALANCE, RECORDED_MS, SEQ, USER, Row
+from projections.entries import BALANCE, EVENT, KIND, RECORDED_MS, SEQ, USER, Row
 from projections.progress import BatchPlan, plan_batch
-from projections.redis_keys import balance_key, progress_key
+from projections.redis_keys import RELEASE_HOLD_LUA, balance_key, holds_key, progress_key
 
 RETRIES = 20
 
-# KEYS[1] = progress hash, KEYS[2..] = balance hashes.
-# ARGV[1] = number of partitions n, then n x (field, expected stored or "", new next offset),
-# then per balance key (seq, balance_micro, updated_at_ms).
-APPLY_LUA = """
+# KEYS[1] = progress hash, KEYS[2..m+1] = balance hashes, KEYS[m+2..2m+1] = the same users'
+# holds hashes. ARGV[1] = number of partitions n, then n x (field, expected stored or "", new
+# next offset), then per user (seq, balance_micro, updated_at_ms, k, k charge event ids): the
+# guard's holds for charges now folded into the snapshot are dropped with it, atomically.
+APPLY_LUA = (
+    RELEASE_HOLD_LUA
+    + """
 local n = tonumber(ARGV[1])
 for k = 0, n - 1 do
   local stored = redis.call('HGET', KEYS[1], ARGV[2 + 3 * k])
   if (stored or '') ~= ARGV[3 + 3 * k] then return -1 end
 end
-local base = 2 + 3 * n
+local users = (#KEYS - 1) / 2
+local j = 2 + 3 * n
 local written = 0
-for i = 2, #KEYS do
-  local j = base + (i - 2) * 3
+for i = 2, users + 1 do
   local current = redis.call('HGET', KEYS[i], 'seq')
   if current == false or tonumber(current) < tonumber(ARGV[j]) then
     redis.call('HSET', KEYS[i], 'seq', ARGV[j], 'balance_micro', ARGV[j + 1],
                'updated_at_ms', ARGV[j + 2])
     written = written + 1
   end
+  local charges = tonumber(ARGV[j + 3])
+  for c = 1, charges do release_hold(KEYS[i + users], ARGV[j + 3 + c]) end
+  j = j + 4 + charges
 end
 for k = 0, n - 1 do
   redis.call('HSET', KEYS[1], ARGV[2 + 3 * k], ARGV[4 + 3 * k])
 end
 return written
 """
+)
 
 # Used by replay's rebuild: like APPLY_LUA but also overwrites a snapshot of the
 # same seq (a corrupted one), and never touches the progress.
@@ -103,6 +110,15 @@ def newest_per_user(rows: list[Row]) -> dict[str, tuple[int, int, int]]:
     return newest
 
 
+def charges_per_user(rows: list[Row]) -> dict[str, list[str]]:
+    """user -> event ids of the charge entries in ``rows`` (their holds end here)."""
+    charges: dict[str, list[str]] = {}
+    for row in rows:
+        if row[KIND] == "charge":
+            charges.setdefault(row[USER], []).append(row[EVENT])
+    return charges
+
+
 class RedisSink:
     name = "redis"
 
@@ -145,13 +161,16 @@ class RedisSink:
                 if not plan.apply:
                     return plan
                 newest = newest_per_user(plan.rows)
+                charges = charges_per_user(plan.rows)
                 keys = [key] + [balance_key(self.prefix, user) for user in newest]
+                keys += [holds_key(self.prefix, user) for user in newest]
                 args: list[Any] = [len(plan.next_offsets)]
                 for p, next_offset in plan.next_offsets.items():
                     value = raw[partitions.index(p)]
                     args += [str(p), _text(value), next_offset]
-                for seq, balance, recorded_ms in newest.values():
-                    args += [seq, balance, recorded_ms]
+                for user, (seq, balance, recorded_ms) in newest.items():
+                    events = charges.get(user, [])
+                    args += [seq, balance, recorded_ms, len(events), *events]
                 if self._apply(keys=keys, args=args) != -1:
                     return plan
             except redis.RedisError as exc:

@@ -1,0 +1,166 @@
+"""From a finished call to a durable ``credit.charge.requested`` event.
+
+:func:`build_charge` is pure: usage + price rule + billing context -> the
+domain ``Charge`` (the fold never looks anything up, so the event carries the
+rule id and version, the usage and the priced amount).
+
+:class:`ChargeWriter` makes it durable before the call's response completes,
+trying in order:
+
+1. the Postgres outbox (``INSERT ... ON CONFLICT (event_id) DO NOTHING``): the
+   normal path; a relay publishes it;
+2. Kafka directly (idempotent producer, acks=all, waits for the ack) when
+   Postgres is unreachable;
+3. the local spool file (fsynced) when Kafka is unreachable too; the relay
+   drains it into the outbox later.
+
+The ledger dedups by ``event_id``, so an event that takes two of these paths
+(a timeout after the write happened) is still charged once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import psycopg
+from psycopg_pool import AsyncConnectionPool
+
+from agents.domain import Charge
+from agents.records import CHARGE_TOPIC, command_to_record
+from creditledger.errors import StackError
+from creditledger.settings import Settings
+from llm_proxy import spool
+from llm_proxy.billing import BillingContext
+from llm_proxy.pricing import PriceRule, TokenUsage
+from streams.codec import AvroCodec
+from streams.kafka_clients import make_producer
+
+log = logging.getLogger(__name__)
+
+Path_ = Literal["outbox", "duplicate", "kafka", "spool"]
+
+
+def build_charge(ctx: BillingContext, *, model_alias: str, upstream_model: str,
+                 usage: TokenUsage, estimated: bool, rule: PriceRule, occurred_at_ms: int,
+                 producer: str) -> Charge:  # fmt: skip
+    return Charge(
+        event_id=ctx.event_id, user_id=ctx.user_id, scene=ctx.scene,
+        request_id=ctx.request_id, conversation_id=ctx.conversation_id,
+        model_alias=model_alias, upstream_model=upstream_model,
+        input_tokens=usage.input_tokens, output_tokens=usage.output_tokens,
+        cached_tokens=usage.cached_tokens, reasoning_tokens=usage.reasoning_tokens,
+        usage_estimated=estimated, price_rule_id=rule.rule_id,
+        price_rule_version=rule.version, amount_micro=rule.price(usage),
+        occurred_at_ms=occurred_at_ms, producer=producer,
+    )  # fmt: skip
+
+
+@dataclass
+class WriterStats:
+    outbox: int = 0
+    duplicate: int = 0
+    kafka: int = 0
+    spool: int = 0
+
+
+class ChargeWriter:
+    def __init__(
+        self, settings: Settings, codec: AvroCodec, pool: AsyncConnectionPool[Any]
+    ) -> None:
+        self.settings = settings
+        self.codec = codec
+        self.pool = pool
+        self.stats = WriterStats()
+        self._producer: Any = None
+        self._poller: threading.Thread | None = None
+        self._stop = threading.Event()
+
+    def start(self) -> None:
+        # librdkafka connects in the background; a down broker does not block the start.
+        self._producer = make_producer(self.settings, **{"linger.ms": 0})
+        self._poller = threading.Thread(target=self._poll, name="charge-producer", daemon=True)
+        self._poller.start()
+
+    def _poll(self) -> None:
+        while not self._stop.is_set():
+            self._producer.poll(0.05)
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._poller is not None:
+            self._poller.join()
+        if self._producer is not None:
+            self._producer.flush(self.settings.proxy.direct_produce_timeout_s)
+
+    async def write(self, charge: Charge) -> Path_:
+        """Make ``charge`` durable; which path took it. Raises OSError if even the spool fails."""
+        key = charge.user_id.encode()
+        value = self.codec.encode(CHARGE_TOPIC, command_to_record(charge))
+        try:
+            inserted = await self._outbox(charge.event_id, key, value)
+            if inserted:
+                self.stats.outbox += 1
+                return "outbox"
+            self.stats.duplicate += 1
+            return "duplicate"
+        except (psycopg.Error, TimeoutError, OSError) as exc:
+            log.warning("charge %s: outbox unavailable (%s); producing directly",
+                        charge.event_id, exc)  # fmt: skip
+        try:
+            await self._produce(key, value)
+            self.stats.kafka += 1
+            return "kafka"
+        except (KafkaUnavailable, BufferError) as exc:
+            log.error("charge %s: Kafka unavailable too (%s); spooling to %s",
+                      charge.event_id, exc, self.settings.proxy.spool_dir)  # fmt: skip
+        event = spool.SpooledEvent(charge.event_id, CHARGE_TOPIC, key, value)
+        await asyncio.to_thread(spool.append, self.settings.proxy.spool_dir, event)
+        self.stats.spool += 1
+        return "spool"
+
+    async def _outbox(self, event_id: str, key: bytes, value: bytes) -> bool:
+        async with self.pool.connection(timeout=2.0) as conn:
+            cursor = await conn.execute(
+                "INSERT INTO outbox (event_id, topic, message_key, message_value) VALUES "
+                "(%s, %s, %s, %s) ON CONFLICT (event_id) DO NOTHING",
+                (event_id, CHARGE_TOPIC, key, value),
+            )
+            return bool(cursor.rowcount == 1)
+
+    async def _produce(self, key: bytes, value: bytes) -> None:
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[None] = loop.create_future()
+
+        def delivered(err: Any, _message: Any) -> None:
+            def settle() -> None:
+                if done.done():
+                    return
+                if err is None:
+                    done.set_result(None)
+                else:
+                    done.set_exception(KafkaUnavailable(str(err)))
+
+            loop.call_soon_threadsafe(settle)
+
+        # A short delivery timeout of its own: this path runs while a caller waits.
+        self._producer.produce(CHARGE_TOPIC, key=key, value=value, on_delivery=delivered)
+        timeout = self.settings.proxy.direct_produce_timeout_s
+        try:
+            await asyncio.wait_for(done, timeout)
+        except TimeoutError as exc:
+            # The message may still be delivered later; if it is, and the spool copy is
+            # drained too, the ledger folds the second one as a duplicate.
+            raise KafkaUnavailable(f"no ack within {timeout} s") from exc
+
+
+class KafkaUnavailable(StackError):
+    """Kafka did not ack a directly produced charge."""
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)

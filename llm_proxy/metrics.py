@@ -1,0 +1,53 @@
+"""Prometheus metrics of the proxy and the relay (one registry per process object).
+
+Label values are bounded sets (routes, status codes, model aliases, paths):
+never a user id or an event id, which would grow the series without end.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+                   2.5, 5.0, 10.0, 30.0, 60.0, 120.0)  # fmt: skip
+GUARD_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.05, 0.25, 1.0)
+
+
+class ProxyMetrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("llm_proxy_requests", "Requests answered, by route and status.",
+                                ["route", "status"], registry=r)  # fmt: skip
+        self.charges = Counter("llm_proxy_charges", "Charges made durable, by the path that "
+                               "took them (outbox, duplicate, kafka, spool).", ["path"],
+                               registry=r)  # fmt: skip
+        self.charged_micro = Counter("llm_proxy_charged_micro", "Micro-credits charged.",
+                                     ["model"], registry=r)  # fmt: skip
+        self.estimated = Counter("llm_proxy_usage_estimated", "Charges whose usage was "
+                                 "estimated (no usage from upstream, or client gone).",
+                                 ["reason"], registry=r)  # fmt: skip
+        self.guard_refusals = Counter("llm_proxy_guard_refusals", "Calls refused by the guard.",
+                                      ["reason"], registry=r)  # fmt: skip
+        self.guard_decisions = Counter("llm_proxy_guard_decisions", "Guard decisions, by the "
+                                       "source of the balance (redis, postgres, policy).",
+                                       ["source"], registry=r)  # fmt: skip
+        self.guard_seconds = Histogram("llm_proxy_guard_seconds", "Guard decision latency.",
+                                       buckets=GUARD_BUCKETS, registry=r)  # fmt: skip
+        self.upstream_seconds = Histogram("llm_proxy_upstream_seconds", "Upstream call time "
+                                          "(to the end of the answer).", ["model"],
+                                          buckets=LATENCY_BUCKETS, registry=r)  # fmt: skip
+        self.upstream_errors = Counter("llm_proxy_upstream_errors", "Upstream failures.",
+                                       ["model", "kind"], registry=r)  # fmt: skip
+
+
+class RelayMetrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.sent = Counter("outbox_relay_sent", "Outbox events acked by Kafka.", registry=r)
+        self.failures = Counter("outbox_relay_failures", "Events Kafka did not ack (retried).",
+                                registry=r)  # fmt: skip
+        self.backlog = Gauge("outbox_backlog", "Outbox rows not yet sent.", registry=r)
+        self.spool_drained = Counter("outbox_spool_drained", "Spooled events moved into the "
+                                     "outbox.", registry=r)  # fmt: skip

@@ -1,0 +1,225 @@
+"""A proxy world per test: its own database and Redis prefix, a fake upstream, a real proxy.
+
+The proxy runs as a real process (``creditledger proxy serve``) configured by
+a YAML file written here, so tests talk to it through the official ``openai``
+SDK exactly as a service would, and can SIGKILL it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import openai
+import redis
+import yaml
+
+from agents.domain import Charge
+from agents.records import CHARGE_TOPIC, command_from_record
+from creditledger.settings import Settings
+from llm_proxy.auth import new_key
+from projections.db import connect
+from projections.redis_keys import balance_key, holds_key
+from streams.codec import AvroCodec
+from tests.integration.conftest import ScratchTopics
+from tests.integration.projection_harness import ProjectionEnv
+
+# Prices of the test rule: 10 micro-credits per input token, 20 per output token.
+PRICE_RULES = [{"id": "test-chat", "versions": [{
+    "version": 1, "effective_from": "2026-01-01T00:00:00Z", "input": 10, "cached_input": 5,
+    "output": 20, "reasoning": 30, "minimum": 1,
+}]}, {"id": "test-embed", "versions": [{
+    "version": 1, "effective_from": "2026-01-01T00:00:00Z", "input": 2, "output": 0,
+}]}]  # fmt: skip
+
+
+_handed_out: set[int] = set()
+
+
+def free_port() -> int:
+    """A free port below the kernel's ephemeral range (32768+), so no outgoing connection
+    can take it between now and the server's bind, and never the same one twice."""
+    while True:
+        port = random.randint(20000, 31999)
+        if port in _handed_out:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _handed_out.add(port)
+        return port
+
+
+def wait_http(url: str, process: subprocess.Popen[bytes], log: Path, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            urllib.request.urlopen(url, timeout=1).close()
+            return
+        except OSError as exc:
+            if process.poll() is not None:
+                text = log.read_text(errors="replace")[-3000:]
+                raise AssertionError(f"{url} died:\n{text}") from exc
+            time.sleep(0.1)
+    raise AssertionError(f"{url} not up after {timeout} s:\n{log.read_text()[-3000:]}")
+
+
+class ProxyWorld:
+    def __init__(self, stack_settings: Settings, scratch: ScratchTopics, unique: str,
+                 codec: AvroCodec, *, output_tokens: int = 5,
+                 ledger_topic: str | None = None) -> None:  # fmt: skip
+        self.env_world = ProjectionEnv(stack_settings, scratch, unique, codec)
+        self.codec = codec
+        self.unique = unique
+        self.prefix = self.env_world.prefix
+        self.dsn = self.env_world.dsn
+        self.logdir = self.env_world.logdir
+        self.key, key_hash = new_key()
+        self.ops_key, ops_hash = new_key()
+        self.upstream_port = free_port()
+        self.port = free_port()
+        self.upstream = f"http://127.0.0.1:{self.upstream_port}"
+        self.base_url = f"http://127.0.0.1:{self.port}/v1"
+        self.spool_dir = self.logdir / "spool"
+        rules = self.logdir / "price_rules.yaml"
+        rules.write_text(yaml.safe_dump({"price_rules": PRICE_RULES}))
+        model = {"upstream_base_url": f"{self.upstream}/v1", "price_rule": "test-chat",
+                 "upstream_api_key_env": ""}  # fmt: skip
+        config = {"proxy": {
+            "port": self.port, "price_rules_file": str(rules), "price_rules_refresh_s": 0.5,
+            "spool_dir": str(self.spool_dir), "upstream_max_retries": 0,
+            "direct_produce_timeout_s": 3.0, "hold_output_tokens": 10,
+            "models": [
+                {**model, "alias": "chat", "upstream_model": "fake-small"},
+                {**model, "alias": "embed", "upstream_model": "fake-embed",
+                 "price_rule": "test-embed"},
+            ],
+            "services": [
+                {"name": "billing", "key_sha256": key_hash, "scenes": ["chat", "search"]},
+                {"name": "ops", "key_sha256": ops_hash, "scenes": ["*"], "may_skip_charge": True},
+            ],
+        }}  # fmt: skip
+        self.config = self.logdir / "config.yaml"
+        self.config.write_text(yaml.safe_dump(config))
+        self.extra_env = {"CREDITLEDGER_CONFIG": str(self.config)}
+        if ledger_topic:
+            self.extra_env["CREDITLEDGER_PROJECTIONS__LEDGER_TOPIC"] = ledger_topic
+        self.processes: dict[str, subprocess.Popen[bytes]] = {}
+        self.start_process("upstream", "fake-upstream", "--port", str(self.upstream_port),
+                           "--output-tokens", str(output_tokens))  # fmt: skip
+        wait_http(f"{self.upstream}/_fake/behaviour", self.processes["upstream"],
+                  self.logdir / "upstream.log")  # fmt: skip
+
+    # -- processes -------------------------------------------------------------------------
+
+    def env(self) -> dict[str, str]:
+        env = self.env_world.env()
+        env.update(self.extra_env)
+        return env
+
+    def start_process(self, name: str, *args: str) -> subprocess.Popen[bytes]:
+        log = (self.logdir / f"{name}.log").open("ab")
+        process = subprocess.Popen([sys.executable, "-m", "creditledger.cli", *args],
+                                   env=self.env(), stdout=log, stderr=subprocess.STDOUT,
+                                   start_new_session=True)  # fmt: skip
+        log.close()
+        self.processes[name] = process
+        return process
+
+    def start_proxy(self) -> None:
+        process = self.start_process("proxy", "proxy", "serve")
+        wait_http(f"http://127.0.0.1:{self.port}/healthz", process, self.logdir / "proxy.log")
+
+    def start_relay(self, name: str = "relay") -> None:
+        self.start_process(name, "outbox", "relay", "--metrics-port", "0")
+
+    def kill(self, name: str) -> None:
+        process = self.processes[name]
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait(timeout=30)
+
+    def stop(self, name: str) -> None:
+        process = self.processes[name]
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGTERM)
+            try:
+                process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.kill(name)
+
+    def log_tail(self, name: str, lines: int = 40) -> str:
+        path = self.logdir / f"{name}.log"
+        text = path.read_text(errors="replace") if path.exists() else "(no log)"
+        return "\n".join(text.splitlines()[-lines:])
+
+    def cleanup(self) -> None:
+        for name in list(self.processes):
+            self.stop(name)
+        self.env_world.cleanup()
+
+    # -- clients ---------------------------------------------------------------------------
+
+    def client(self, user: str | None = None, scene: str | None = "chat", *,
+               key: str | None = None, **headers: str) -> openai.OpenAI:  # fmt: skip
+        default = dict(headers)
+        if user is not None:
+            default["X-Billing-User-Id"] = user
+        if scene is not None:
+            default["X-Billing-Scene"] = scene
+        return openai.OpenAI(base_url=self.base_url, api_key=key or self.key, max_retries=0,
+                             default_headers=default, timeout=30)  # fmt: skip
+
+    def behave(self, **fields: object) -> None:
+        request = urllib.request.Request(
+            f"{self.upstream}/_fake/behaviour", data=json.dumps(fields).encode(), method="POST",
+            headers={"Content-Type": "application/json"},
+        )  # fmt: skip
+        urllib.request.urlopen(request, timeout=5).close()
+
+    def metrics(self) -> str:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/metrics", timeout=5) as r:
+            text: str = r.read().decode()
+            return text
+
+    # -- state -----------------------------------------------------------------------------
+
+    def set_balance(self, user: str, balance_micro: int, seq: int = 1) -> None:
+        """Write the user's snapshot as the Redis projector would (tests of the guard alone)."""
+        client = redis.Redis.from_url(self.env_world.settings.redis_url)
+        snapshot = {"balance_micro": balance_micro, "seq": seq, "updated_at_ms": 0}
+        client.hset(balance_key(self.prefix, user), mapping=snapshot)  # type: ignore[arg-type]
+        client.close()
+
+    def holds(self, user: str) -> dict[str, str]:
+        client = redis.Redis.from_url(self.env_world.settings.redis_url, decode_responses=True)
+        try:
+            found: dict[str, str] = client.hgetall(holds_key(self.prefix, user))  # type: ignore[assignment]
+            return found
+        finally:
+            client.close()
+
+    def outbox_charges(self) -> list[Charge]:
+        with connect(self.env_world.settings) as conn:
+            rows = conn.execute("SELECT topic, message_value FROM outbox ORDER BY id").fetchall()
+        charges = []
+        for topic, value in rows:
+            assert topic == CHARGE_TOPIC
+            decoded = self.codec.decode(bytes(value))
+            command = command_from_record(decoded.event_type, decoded.record)
+            assert isinstance(command, Charge)
+            charges.append(command)
+        return charges
+
+    def env_settings(self) -> Any:
+        return self.env_world.settings
