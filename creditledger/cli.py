@@ -46,7 +46,8 @@ def cmd_stack_up(args: argparse.Namespace, settings: Settings) -> int:
 def cmd_stack_down(args: argparse.Namespace, settings: Settings) -> int:
     from stack import launcher
 
-    _print_services(launcher.down(settings, wipe=args.wipe))
+    only = set(args.only.split(",")) if args.only else None
+    _print_services(launcher.down(settings, wipe=args.wipe, only=only))
     if args.wipe:
         print(f"removed {settings.stack.state_dir}")
     return 0
@@ -226,6 +227,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(handler=cmd_stack_up)
     p = stack_commands.add_parser("down", help="stop the processes `stack up` started, only those")
     p.add_argument("--wipe", action="store_true", help="also delete their data and logs")
+    p.add_argument("--only", default=None, metavar="NAMES",
+                   help="stop only these, comma-separated (kafka, postgres, redis); "
+                   "no --wipe then")  # fmt: skip
     p.set_defaults(handler=cmd_stack_down)
     p = stack_commands.add_parser("status", help="show each service; exit 3 unless all answer")
     p.set_defaults(handler=cmd_stack_status)

@@ -46,6 +46,7 @@ class Behaviour:
     reasoning_tokens: int = 0
     usage_chunk: bool = True  # honour stream_options.include_usage
     usage_in_response: bool = True  # non-streamed answers carry usage
+    reply: str | None = None  # answer with this text (one token per word) instead of w0 w1 ...
 
 
 def error(status: int, message: str, kind: str = "invalid_request_error",
@@ -64,8 +65,14 @@ def prompt_tokens(messages: list[Any]) -> int:
     return count
 
 
+def reply_words(behaviour: Behaviour) -> list[str]:
+    if behaviour.reply is not None:
+        return behaviour.reply.split(" ")
+    return [f"w{n}" for n in range(behaviour.output_tokens)]
+
+
 def usage_body(prompt: int, behaviour: Behaviour) -> dict[str, Any]:
-    completion = behaviour.output_tokens + behaviour.reasoning_tokens
+    completion = len(reply_words(behaviour)) + behaviour.reasoning_tokens
     return {
         "prompt_tokens": prompt, "completion_tokens": completion,
         "total_tokens": prompt + completion,
@@ -128,7 +135,7 @@ class FakeUpstream:
         if behaviour.latency_ms:
             await asyncio.sleep(behaviour.latency_ms / 1000)
         ident, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
-        words = [f"w{n}" for n in range(behaviour.output_tokens)]
+        words = reply_words(behaviour)
         if not body.get("stream"):
             answer: dict[str, Any] = {
                 "id": ident, "object": "chat.completion", "created": created, "model": model,

@@ -99,10 +99,14 @@ def up(settings: Settings) -> list[ServiceStatus]:
     return report
 
 
-def down(settings: Settings, wipe: bool = False) -> list[ServiceStatus]:
-    """Stop the processes this launcher started (only those); optionally delete their data."""
+def down(settings: Settings, wipe: bool = False,
+         only: set[str] | None = None) -> list[ServiceStatus]:  # fmt: skip
+    """Stop the processes this launcher started (only those, or only the ``only`` ones, e.g.
+    to see how the rest copes); optionally delete their data."""
     report: list[ServiceStatus] = []
     for service, external in reversed(services(settings)):
+        if only is not None and service.name not in only:
+            continue
         if external:
             report.append(ServiceStatus(service.name, service.address, "external", None, 0, "-"))
             continue
@@ -121,7 +125,7 @@ def down(settings: Settings, wipe: bool = False) -> list[ServiceStatus]:
                 str(service.dir.log_file),
             )
         )
-    if wipe:
+    if wipe and only is None:  # the state dir holds every service's data
         shutil.rmtree(settings.stack.state_dir, ignore_errors=True)
     return report
 
