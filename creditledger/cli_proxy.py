@@ -65,6 +65,9 @@ def cmd_proxy_serve(args: argparse.Namespace, settings: Settings) -> int:
     from projections.migrate import migrate
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    # The HTTP client logs every upstream request at INFO: noise, and CPU on the hot path.
+    for noisy in ("httpx2", "httpcore2", "openai"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     if args.port is not None:
         settings = settings.model_copy(
             update={"proxy": settings.proxy.model_copy(update={"port": args.port})}

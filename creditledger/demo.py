@@ -5,7 +5,8 @@ Kafka and back, then run a real ledger worker over a few commands (with a
 duplicate, a conflict, an invalid one and a debt) and print the ledger and
 the dead letters; then run both projectors and read the balances, the
 consumption and the history back from Redis and Postgres, and verify them
-against the ledger. Step 4 grows this into the full proxy demo.
+against the ledger; then send real traffic through the LLM proxy (see
+:mod:`creditledger.proxy_demo`) and read the charges back from both stores.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from datetime import UTC, datetime
 from agents import ops
 from agents.domain import Charge, Command, Entry, Grant
 from agents.records import LEDGER_TOPIC, command_to_record, command_topic
+from creditledger.proxy_demo import proxy_demo
 from creditledger.settings import Settings, project_path
 from creditledger.tables import render_table
 from stack import launcher
@@ -101,6 +103,8 @@ def run_demo(settings: Settings) -> bool:
     ok = ledger_ok and ok
     print()
     ok = projections_demo(settings, codec, users) and ok
+    print()
+    ok = proxy_demo(settings, codec, stamp.strftime("%H%M%S")) and ok
     print(f"\ndemo {'passed' if ok else 'FAILED'} in {time.monotonic() - t0:.1f} s")
     print("the stack keeps running; stop it with: .venv/bin/creditledger stack down")
     return ok

@@ -1,0 +1,385 @@
+"""What the LLM proxy adds to a call, against the fake upstream called directly, and LiteLLM.
+
+    .venv/bin/python -m bench.proxy [--seconds 10] [--latency-ms 1000] [--litellm PATH]
+
+For each of non-streamed and streamed chat calls, at 50 and 200 concurrent
+clients (closed loop: each client sends its next call when the last one
+ends), the same load goes to the fake upstream directly, through this proxy
+(auth, billing headers, guard hold in Redis, usage, price, outbox INSERT in
+Postgres, settle), and through LiteLLM's proxy (no database) when it is
+installed. "Added" is the proxy's percentile minus the direct one.
+
+The fake upstream waits ``--latency-ms`` before answering (1 s by default: an
+LLM call is slow, and a closed loop of 200 clients against a faster upstream
+would measure this machine's CPU, shared by all three processes and the load
+generator, rather than per-call overhead). Max sustained RPS is measured
+separately with a 0 ms upstream. Guard decision latency is timed in process
+against real Redis.
+
+The load generator is a minimal HTTP/1.1 keep-alive client on asyncio, so the
+client's own cost stays small and identical for every target. Needs the stack
+up (`creditledger stack up`); it uses its own database (bench_proxy) and
+Redis prefix. LiteLLM: install it apart (its pins clash with ours), e.g.
+``python3 -m venv /tmp/litellm-venv && /tmp/litellm-venv/bin/pip install
+'litellm[proxy]'``, and pass ``--litellm /tmp/litellm-venv/bin/litellm``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import itertools
+import os
+import random
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import orjson
+import yaml
+
+from creditledger.settings import Settings, load_settings
+from creditledger.tables import render_table
+from llm_proxy.auth import new_key
+from projections.db import connect
+from projections.migrate import migrate
+
+USERS = 1000
+PREFIX = "bench-proxy"
+DATABASE = "bench_proxy"
+
+
+@dataclass(frozen=True)
+class Target:
+    name: str
+    port: int
+    path: str  # chat completions path
+    headers: bytes  # extra request headers (auth, ...)
+    billing: bool  # send a fresh X-Billing-Event-Id per call
+
+
+class Connection:
+    """One keep-alive HTTP/1.1 connection; enough of the protocol for JSON and SSE replies."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.reader: asyncio.StreamReader | None = None
+        self.writer: asyncio.StreamWriter | None = None
+
+    async def request(self, head: bytes, body: bytes) -> int:
+        if self.writer is None:
+            self.reader, self.writer = await asyncio.open_connection("127.0.0.1", self.port)
+        assert self.reader is not None
+        self.writer.write(head + body)
+        status = int((await self.reader.readline()).split(b" ", 2)[1])
+        length, chunked = -1, False
+        while (line := await self.reader.readline()) not in (b"\r\n", b""):
+            name, _, value = line.partition(b":")
+            name = name.strip().lower()
+            if name == b"content-length":
+                length = int(value)
+            elif name == b"transfer-encoding" and b"chunked" in value.lower():
+                chunked = True
+        if chunked:
+            while True:
+                size = int((await self.reader.readline()).split(b";")[0], 16)
+                await self.reader.readexactly(size + 2)
+                if size == 0:
+                    break
+        elif length >= 0:
+            await self.reader.readexactly(length)
+        else:  # no length: the body ends with the connection
+            await self.reader.read()
+            self.writer.close()
+            self.writer = None
+        return status
+
+
+def request_bytes(target: Target, stream: bool, n: int) -> tuple[bytes, bytes]:
+    body = orjson.dumps({
+        "model": "chat" if target.name != "direct" else "fake-small",
+        "messages": [{"role": "user", "content": f"benchmark question {n} answer briefly"}],
+        "stream": stream,
+    })  # fmt: skip
+    user = f"bench-u{n % USERS}"
+    billing = (f"X-Billing-User-Id: {user}\r\nX-Billing-Scene: chat\r\n"
+               f"X-Billing-Event-Id: bench-{os.getpid()}-{n}-{random.getrandbits(32)}\r\n"
+               if target.billing else "")  # fmt: skip
+    head = (
+        f"POST {target.path} HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n{billing}"
+    )
+    return head.encode() + target.headers + b"\r\n", body
+
+
+async def closed_loop(target: Target, clients: int, seconds: float,
+                      stream: bool) -> tuple[list[float], int]:  # fmt: skip
+    """Latencies (ms) of the calls that ended with 200, and the number of failures."""
+    latencies: list[float] = []
+    failures = 0
+    counter = itertools.count()
+    stop_at = time.monotonic() + seconds
+
+    async def client() -> None:
+        nonlocal failures
+        connection = Connection(target.port)
+        while time.monotonic() < stop_at:
+            head, body = request_bytes(target, stream, next(counter))
+            started = time.perf_counter()
+            try:
+                status = await connection.request(head, body)
+            except (OSError, asyncio.IncompleteReadError, ValueError):
+                connection = Connection(target.port)
+                failures += 1
+                continue
+            if status == 200:
+                latencies.append((time.perf_counter() - started) * 1000)
+            else:
+                failures += 1
+
+    await asyncio.gather(*(client() for _ in range(clients)))
+    return latencies, failures
+
+
+def pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
+
+
+def set_upstream(port: int, **fields: object) -> None:
+    request = urllib.request.Request(f"http://127.0.0.1:{port}/_fake/behaviour",
+                                     data=orjson.dumps(fields), method="POST",
+                                     headers={"Content-Type": "application/json"})  # fmt: skip
+    urllib.request.urlopen(request, timeout=5).close()
+
+
+def wait_up(url: str, process: subprocess.Popen[bytes], timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise SystemExit(f"{url}: the process exited ({process.returncode})")
+        try:
+            urllib.request.urlopen(url, timeout=2).close()
+            return
+        except urllib.error.HTTPError:
+            return  # it answers (e.g. 401 without a key)
+        except OSError:
+            time.sleep(0.3)
+    raise SystemExit(f"{url} did not come up in {timeout} s")
+
+
+def prepare_world(settings: Settings, workdir: Path, upstream_port: int,
+                  proxy_port: int) -> tuple[Settings, str, dict[str, str]]:  # fmt: skip
+    """A database and Redis prefix of its own, users with a large balance, a config file."""
+    import redis
+
+    from projections.redis_keys import balance_key
+
+    with connect(settings, autocommit=True) as conn:
+        conn.execute(f"DROP DATABASE IF EXISTS {DATABASE} WITH (FORCE)".encode())
+        conn.execute(f"CREATE DATABASE {DATABASE}".encode())
+    dsn = settings.postgres_dsn.rsplit("/", 1)[0] + f"/{DATABASE}"
+    world = load_settings(postgres={"url": dsn}, projections={"redis_key_prefix": PREFIX})
+    migrate(world)
+    client = redis.Redis.from_url(settings.redis_url)
+    for key in client.scan_iter(match=f"{PREFIX}:*", count=1000):
+        client.delete(key)
+    pipe = client.pipeline()
+    for n in range(USERS):
+        pipe.hset(balance_key(PREFIX, f"bench-u{n}"),
+                  mapping={"balance_micro": 10**15, "seq": 1, "updated_at_ms": 0})  # fmt: skip
+    pipe.execute()
+    client.close()
+    key, digest = new_key()
+    rules = workdir / "price_rules.yaml"
+    rules.write_text(yaml.safe_dump({"price_rules": [{"id": "bench", "versions": [{
+        "version": 1, "effective_from": "2026-01-01T00:00:00Z", "input": "0.5",
+        "output": "1.5"}]}]}))  # fmt: skip
+    config = workdir / "proxy.yaml"
+    config.write_text(yaml.safe_dump({"proxy": {
+        "port": proxy_port, "price_rules_file": str(rules),
+        "models": [{"alias": "chat", "upstream_base_url": f"http://127.0.0.1:{upstream_port}/v1",
+                    "upstream_model": "fake-small", "price_rule": "bench"}],
+        "services": [{"name": "bench", "key_sha256": digest, "scenes": ["chat"]}],
+    }}))  # fmt: skip
+    env = {**os.environ, "CREDITLEDGER_CONFIG": str(config),
+           "CREDITLEDGER_POSTGRES__URL": dsn,
+           "CREDITLEDGER_PROJECTIONS__REDIS_KEY_PREFIX": PREFIX}  # fmt: skip
+    env.pop("DATABASE_URL", None)
+    return world, key, env
+
+
+def start_litellm(binary: str, workdir: Path, upstream_port: int,
+                  port: int) -> subprocess.Popen[bytes]:  # fmt: skip
+    config = workdir / "litellm.yaml"
+    config.write_text(yaml.safe_dump({
+        "model_list": [{"model_name": "chat", "litellm_params": {
+            "model": "openai/fake-small", "api_base": f"http://127.0.0.1:{upstream_port}/v1",
+            "api_key": "unused"}}],
+        "general_settings": {"master_key": "sk-bench"},
+        "litellm_settings": {"telemetry": False, "drop_params": True},
+    }))  # fmt: skip
+    log = (workdir / "litellm.log").open("ab")
+    env = {k: v for k, v in os.environ.items() if k != "DATABASE_URL"}
+    return subprocess.Popen([binary, "--config", str(config), "--port", str(port),
+                             "--num_workers", "1"], stdout=log, stderr=subprocess.STDOUT,
+                            env=env, start_new_session=True)  # fmt: skip
+
+
+def guard_latency(world: Settings, calls: int = 20000) -> tuple[float, float]:
+    """p50/p99 of one guard decision (hold) against real Redis, milliseconds."""
+    import redis.asyncio as aioredis
+    from psycopg_pool import AsyncConnectionPool
+
+    from llm_proxy.guard import CreditBalanceGuard
+
+    async def run() -> list[float]:
+        client = aioredis.Redis.from_url(world.redis_url)
+        pool: AsyncConnectionPool[Any] = AsyncConnectionPool(world.postgres_dsn, open=False)
+        guard = CreditBalanceGuard(world, client, pool, prefix=PREFIX)
+        timings = []
+        for n in range(calls):
+            user, event = f"bench-u{n % USERS}", f"guard-{n}"
+            started = time.perf_counter()
+            await guard.hold(user, event, 1000)
+            timings.append((time.perf_counter() - started) * 1000)
+            await guard.release(user, event)
+        await client.aclose()
+        return timings
+
+    timings = asyncio.run(run())
+    return statistics.median(timings), pct(timings, 0.99)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--seconds", type=float, default=10.0, help="per measurement")
+    parser.add_argument("--latency-ms", type=int, default=1000, help="fake upstream latency")
+    parser.add_argument("--clients", default="50,200", help="concurrency levels")
+    parser.add_argument(
+        "--litellm",
+        default=shutil.which("litellm") or "",
+        help="path of LiteLLM's `litellm` command ('' = skip LiteLLM)",
+    )
+    args = parser.parse_args()
+    import uvloop
+
+    settings = load_settings()
+    workdir = Path(tempfile.mkdtemp(prefix="bench-proxy-"))
+    upstream_port, proxy_port, litellm_port = 18180, 18181, 18182
+    world, key, env = prepare_world(settings, workdir, upstream_port, proxy_port)
+    processes: list[subprocess.Popen[bytes]] = []
+
+    def spawn(name: str, command: list[str]) -> subprocess.Popen[bytes]:
+        log = (workdir / f"{name}.log").open("ab")
+        process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                   start_new_session=True)  # fmt: skip
+        processes.append(process)
+        return process
+
+    cli = [sys.executable, "-m", "creditledger.cli"]
+    try:
+        upstream = spawn("upstream", [*cli, "fake-upstream", "--port", str(upstream_port)])
+        wait_up(f"http://127.0.0.1:{upstream_port}/v1/models", upstream)
+        proxy = spawn("proxy", [*cli, "proxy", "serve"])
+        wait_up(f"http://127.0.0.1:{proxy_port}/healthz", proxy)
+        targets = [
+            Target("direct", upstream_port, "/v1/chat/completions", b"", False),
+            Target("creditledger", proxy_port, "/v1/chat/completions",
+                   f"Authorization: Bearer {key}\r\n".encode(), True),
+        ]  # fmt: skip
+        if args.litellm:
+            litellm = start_litellm(args.litellm, workdir, upstream_port, litellm_port)
+            processes.append(litellm)
+            wait_up(f"http://127.0.0.1:{litellm_port}/health/liveliness", litellm, 180)
+            targets.append(Target("litellm", litellm_port, "/v1/chat/completions",
+                                  b"Authorization: Bearer sk-bench\r\n", False))  # fmt: skip
+        rows: list[tuple[object, ...]] = []
+        results: dict[tuple[str, int, bool], tuple[float, float]] = {}
+        set_upstream(upstream_port, latency_ms=args.latency_ms, output_tokens=16)
+        for stream in (False, True):
+            for clients in [int(c) for c in args.clients.split(",")]:
+                for target in targets:
+                    # Warm up connections and caches, then measure.
+                    uvloop.run(closed_loop(target, clients, 2.0, stream))
+                    latencies, failures = uvloop.run(
+                        closed_loop(target, clients, args.seconds, stream))  # fmt: skip
+                    p50, p99 = statistics.median(latencies), pct(latencies, 0.99)
+                    results[(target.name, clients, stream)] = (p50, p99)
+                    direct = results[("direct", clients, stream)]
+                    added = ("-" if target.name == "direct"
+                             else f"{p50 - direct[0]:+.2f} / {p99 - direct[1]:+.2f}")  # fmt: skip
+                    rows.append(("streamed" if stream else "non-streamed", clients,
+                                 target.name, len(latencies), failures,
+                                 f"{len(latencies) / args.seconds:.0f}", f"{p50:.2f}",
+                                 f"{p99:.2f}", added))  # fmt: skip
+                    print(rows[-1], flush=True)
+        print()
+        print(f"fake upstream latency {args.latency_ms} ms, 16 output tokens; "
+              f"{args.seconds:.0f} s per row (closed loop)")  # fmt: skip
+        print(render_table(["call", "clients", "target", "calls", "failed", "calls/s",
+                            "p50 ms", "p99 ms", "added p50 / p99 ms"], rows))  # fmt: skip
+        if args.litellm:
+            print()
+            ratio_rows = []
+            for stream in (False, True):
+                for clients in [int(c) for c in args.clients.split(",")]:
+                    d = results[("direct", clients, stream)]
+                    ours = results[("creditledger", clients, stream)]
+                    theirs = results[("litellm", clients, stream)]
+                    ours_added = (ours[0] - d[0], ours[1] - d[1])
+                    theirs_added = (theirs[0] - d[0], theirs[1] - d[1])
+                    ratio_rows.append((
+                        "streamed" if stream else "non-streamed", clients,
+                        f"{ours_added[0]:.2f} / {ours_added[1]:.2f}",
+                        f"{theirs_added[0]:.2f} / {theirs_added[1]:.2f}",
+                        f"{theirs_added[0] / max(ours_added[0], 0.01):.1f}x / "
+                        f"{theirs_added[1] / max(ours_added[1], 0.01):.1f}x",
+                    ))  # fmt: skip
+            print(render_table(["call", "clients", "creditledger added p50/p99 ms",
+                                "litellm added p50/p99 ms", "litellm / creditledger"],
+                               ratio_rows))  # fmt: skip
+        # Max sustained RPS: no upstream latency, enough clients to keep every core busy.
+        set_upstream(upstream_port, latency_ms=0)
+        print()
+        rps_rows = []
+        for target in targets:
+            uvloop.run(closed_loop(target, 64, 2.0, False))
+            latencies, failures = uvloop.run(closed_loop(target, 64, args.seconds, False))
+            rps_rows.append((target.name, f"{len(latencies) / args.seconds:.0f}", failures,
+                             f"{statistics.median(latencies):.1f}"))  # fmt: skip
+        print(
+            "max sustained rate, non-streamed, 0 ms upstream, 64 clients "
+            "(2 cores shared by load generator, proxy, upstream, Redis, Postgres):"
+        )
+        print(render_table(["target", "calls/s", "failed", "p50 ms"], rps_rows))
+        p50, p99 = guard_latency(world)
+        print()
+        print(render_table(["measure", "p50 ms", "p99 ms"],
+                           [("guard decision (hold, Lua in Redis)", f"{p50:.3f}",
+                             f"{p99:.3f}")]))  # fmt: skip
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGTERM)
+        for process in processes:
+            try:
+                process.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+        print(f"logs: {workdir}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
