@@ -120,16 +120,21 @@ def request_bytes(target: Target, stream: bool, n: int) -> tuple[bytes, bytes]:
     return head.encode() + target.headers + b"\r\n", body
 
 
-async def closed_loop(target: Target, clients: int, seconds: float,
-                      stream: bool) -> tuple[list[float], int]:  # fmt: skip
-    """Latencies (ms) of the calls that ended with 200, and the number of failures."""
+async def closed_loop(target: Target, clients: int, seconds: float, stream: bool,
+                      stagger_s: float = 0.0) -> tuple[list[float], int]:  # fmt: skip
+    """Latencies (ms) of the calls that ended with 200, and the number of failures.
+
+    Client i starts ``i / clients * stagger_s`` late: with a constant upstream latency,
+    clients started together would stay in lock-step and hit the proxy in synchronized
+    bursts, which measures a burst's queue rather than what one call costs."""
     latencies: list[float] = []
     failures = 0
     counter = itertools.count()
     stop_at = time.monotonic() + seconds
 
-    async def client() -> None:
+    async def client(i: int) -> None:
         nonlocal failures
+        await asyncio.sleep(i / clients * stagger_s)
         connection = Connection(target.port)
         while time.monotonic() < stop_at:
             head, body = request_bytes(target, stream, next(counter))
@@ -145,7 +150,7 @@ async def closed_loop(target: Target, clients: int, seconds: float,
             else:
                 failures += 1
 
-    await asyncio.gather(*(client() for _ in range(clients)))
+    await asyncio.gather(*(client(i) for i in range(clients)))
     return latencies, failures
 
 
@@ -311,9 +316,10 @@ def main() -> int:
             for clients in [int(c) for c in args.clients.split(",")]:
                 for target in targets:
                     # Warm up connections and caches, then measure.
-                    uvloop.run(closed_loop(target, clients, 2.0, stream))
-                    latencies, failures = uvloop.run(
-                        closed_loop(target, clients, args.seconds, stream))  # fmt: skip
+                    stagger = args.latency_ms / 1000
+                    uvloop.run(closed_loop(target, clients, 2.0, stream, stagger))
+                    measured = closed_loop(target, clients, args.seconds + stagger, stream, stagger)
+                    latencies, failures = uvloop.run(measured)
                     p50, p99 = statistics.median(latencies), pct(latencies, 0.99)
                     results[(target.name, clients, stream)] = (p50, p99)
                     direct = results[("direct", clients, stream)]
