@@ -116,10 +116,14 @@ class ProxyWorld:
         if ledger_topic:
             self.extra_env["CREDITLEDGER_PROJECTIONS__LEDGER_TOPIC"] = ledger_topic
         self.processes: dict[str, subprocess.Popen[bytes]] = {}
-        self.start_process("upstream", "fake-upstream", "--port", str(self.upstream_port),
-                           "--output-tokens", str(output_tokens))  # fmt: skip
-        wait_http(f"{self.upstream}/_fake/behaviour", self.processes["upstream"],
-                  self.logdir / "upstream.log")  # fmt: skip
+        try:
+            self.start_process("upstream", "fake-upstream", "--port", str(self.upstream_port),
+                               "--output-tokens", str(output_tokens))  # fmt: skip
+            wait_http(f"{self.upstream}/_fake/behaviour", self.processes["upstream"],
+                      self.logdir / "upstream.log")  # fmt: skip
+        except BaseException:
+            self.cleanup()  # no process or database outlives a failed set-up
+            raise
 
     # -- processes -------------------------------------------------------------------------
 

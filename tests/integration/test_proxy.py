@@ -34,9 +34,11 @@ def price(input_tokens: int, output_tokens: int) -> int:
 def world(stack_settings: Settings, scratch: ScratchTopics, unique: str) -> Iterator[ProxyWorld]:
     codec = load_codec(project_path(stack_settings.schemas.avro_dir))
     world = ProxyWorld(stack_settings, scratch, unique, codec)
-    world.start_proxy()
-    yield world
-    world.cleanup()
+    try:
+        world.start_proxy()
+        yield world
+    finally:
+        world.cleanup()
 
 
 def user() -> str:

@@ -44,8 +44,10 @@ GRANT = 1_000_000
 def world(stack_settings: Settings, scratch: ScratchTopics, unique: str) -> Iterator[ProxyWorld]:
     codec = load_codec(project_path(stack_settings.schemas.avro_dir))
     world = ProxyWorld(stack_settings, scratch, unique, codec, ledger_topic=LEDGER_TOPIC)
-    yield world
-    world.cleanup()
+    try:
+        yield world
+    finally:
+        world.cleanup()
 
 
 def grant(world: ProxyWorld, users: list[str]) -> None:
