@@ -38,7 +38,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -49,8 +48,10 @@ import yaml
 from creditledger.settings import Settings, load_settings
 from creditledger.tables import render_table
 from llm_proxy.auth import new_key
+from llm_proxy.fake_upstream import set_behaviour
 from projections.db import connect
 from projections.migrate import migrate
+from stack.processes import wait_http
 
 USERS = 1000
 PREFIX = "bench-proxy"
@@ -160,25 +161,12 @@ def pct(values: list[float], q: float) -> float:
 
 
 def set_upstream(port: int, **fields: object) -> None:
-    request = urllib.request.Request(f"http://127.0.0.1:{port}/_fake/behaviour",
-                                     data=orjson.dumps(fields), method="POST",
-                                     headers={"Content-Type": "application/json"})  # fmt: skip
-    urllib.request.urlopen(request, timeout=5).close()
+    set_behaviour(f"http://127.0.0.1:{port}", **fields)
 
 
 def wait_up(url: str, process: subprocess.Popen[bytes], timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise SystemExit(f"{url}: the process exited ({process.returncode})")
-        try:
-            urllib.request.urlopen(url, timeout=2).close()
-            return
-        except urllib.error.HTTPError:
-            return  # it answers (e.g. 401 without a key)
-        except OSError:
-            time.sleep(0.3)
-    raise SystemExit(f"{url} did not come up in {timeout} s")
+    if not wait_http(url, process, timeout):
+        raise SystemExit(f"{url} did not come up in {timeout} s (exit code {process.poll()})")
 
 
 def prepare_world(settings: Settings, workdir: Path, upstream_port: int,

@@ -30,6 +30,7 @@ from creditledger.tables import render_table
 from llm_proxy.auth import new_key
 from llm_proxy.price_source import merge, read_yaml
 from llm_proxy.pricing import TokenUsage
+from stack.processes import wait_http
 from streams.codec import AvroCodec
 from streams.kafka_clients import make_producer
 
@@ -54,17 +55,6 @@ def _spawn(settings: Settings, name: str, args: list[str],
     command = [sys.executable, "-m", "creditledger.cli", *args]
     return subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT,
                             start_new_session=True)  # fmt: skip
-
-
-def _wait_http(url: str, process: subprocess.Popen[bytes], timeout: float = 60) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and process.poll() is None:
-        try:
-            urllib.request.urlopen(url, timeout=1).close()
-            return True
-        except OSError:
-            time.sleep(0.2)
-    return False
 
 
 def _config(settings: Settings, key_hash: str) -> Path:
@@ -177,8 +167,9 @@ def proxy_demo(settings: Settings, codec: AvroCodec, run: str) -> bool:
             processes[sink] = _spawn(settings, f"project-{sink}", ["project", sink], env)
         processes["proxy"] = _spawn(settings, "proxy", ["proxy", "serve"], env)
         base = f"http://{settings.proxy.host}:{settings.proxy.port}"
-        if not (_wait_http(f"http://127.0.0.1:{UPSTREAM_PORT}/v1/models", processes["upstream"])
-                and _wait_http(f"{base}/healthz", processes["proxy"])):  # fmt: skip
+        upstream_url = f"http://127.0.0.1:{UPSTREAM_PORT}/v1/models"
+        if not (wait_http(upstream_url, processes["upstream"], 60)
+                and wait_http(f"{base}/healthz", processes["proxy"], 60)):  # fmt: skip
             print(f"proxy or fake upstream did not start; see {settings.stack.state_dir}")
             return False
         _grant(settings, codec, users, run)

@@ -511,13 +511,8 @@ def _passthrough(exc: openai.APIStatusError) -> ProxyError:
 
 
 def _event_usage(event: bytes) -> TokenUsage | None:
-    for line in event.split(b"\n"):
-        if line.startswith(b"data:"):
-            try:
-                data = orjson.loads(line[5:])
-            except orjson.JSONDecodeError:
-                return None
-            return usage_mod.from_response(data.get("usage") if isinstance(data, dict) else None)
+    for data in _event_data([event]):
+        return usage_mod.from_response(data.get("usage"))
     return None
 
 

@@ -42,7 +42,7 @@ from streams.kafka_clients import make_producer
 
 log = logging.getLogger(__name__)
 
-Path_ = Literal["outbox", "duplicate", "kafka", "spool"]
+ChargePath = Literal["outbox", "duplicate", "kafka", "spool"]
 
 
 def build_charge(ctx: BillingContext, *, model_alias: str, upstream_model: str,
@@ -97,7 +97,7 @@ class ChargeWriter:
         if self._producer is not None:
             self._producer.flush(self.settings.proxy.direct_produce_timeout_s)
 
-    async def write(self, charge: Charge) -> Path_:
+    async def write(self, charge: Charge) -> ChargePath:
         """Make ``charge`` durable; which path took it. Raises OSError if even the spool fails."""
         key = charge.user_id.encode()
         value = self.codec.encode(CHARGE_TOPIC, command_to_record(charge))

@@ -213,6 +213,19 @@ class FakeUpstream:
         return JSONResponse({**dataclasses.asdict(self.behaviour), "calls": self.calls})
 
 
+def set_behaviour(base_url: str, **fields: object) -> dict[str, Any]:
+    """Change a running fake upstream's behaviour (``base_url`` without ``/v1``); its new state."""
+    import urllib.request
+
+    request = urllib.request.Request(
+        f"{base_url}/_fake/behaviour", data=json.dumps(fields).encode(), method="POST",
+        headers={"Content-Type": "application/json"},
+    )  # fmt: skip
+    with urllib.request.urlopen(request, timeout=5) as response:
+        state: dict[str, Any] = json.loads(response.read())
+        return state
+
+
 def serve(host: str, port: int, behaviour: Behaviour, api_key: str | None) -> None:
     import uvicorn
 

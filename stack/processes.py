@@ -16,6 +16,8 @@ import signal
 import socket
 import subprocess
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -137,6 +139,23 @@ def wait_until(probe: Callable[[], bool], timeout_s: float) -> bool:
             return False
         time.sleep(delay)
         delay = min(delay * 1.5, 1.0)
+
+
+def http_answers(url: str) -> bool:
+    """True when ``url`` gives any HTTP answer (an error status counts: the server is up)."""
+    try:
+        urllib.request.urlopen(url, timeout=2).close()
+    except urllib.error.HTTPError:
+        return True
+    except OSError:
+        return False
+    return True
+
+
+def wait_http(url: str, process: subprocess.Popen[bytes], timeout_s: float) -> bool:
+    """Until ``url`` answers; False if ``process`` (the server) exits or time runs out."""
+    answered = wait_until(lambda: process.poll() is not None or http_answers(url), timeout_s)
+    return answered and process.poll() is None
 
 
 def is_alive(pid: int) -> bool:

@@ -7,14 +7,12 @@ SDK exactly as a service would, and can SIGKILL it.
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import signal
 import socket
 import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -27,8 +25,10 @@ from agents.domain import Charge
 from agents.records import CHARGE_TOPIC, command_from_record
 from creditledger.settings import Settings
 from llm_proxy.auth import new_key
+from llm_proxy.fake_upstream import set_behaviour
 from projections.db import connect
 from projections.redis_keys import balance_key, holds_key
+from stack import processes
 from streams.codec import AvroCodec
 from tests.integration.conftest import ScratchTopics
 from tests.integration.projection_harness import ProjectionEnv
@@ -62,17 +62,9 @@ def free_port() -> int:
 
 
 def wait_http(url: str, process: subprocess.Popen[bytes], log: Path, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            urllib.request.urlopen(url, timeout=1).close()
-            return
-        except OSError as exc:
-            if process.poll() is not None:
-                text = log.read_text(errors="replace")[-3000:]
-                raise AssertionError(f"{url} died:\n{text}") from exc
-            time.sleep(0.1)
-    raise AssertionError(f"{url} not up after {timeout} s:\n{log.read_text()[-3000:]}")
+    if not processes.wait_http(url, process, timeout):
+        state = "died" if process.poll() is not None else f"not up after {timeout} s"
+        raise AssertionError(f"{url} {state}:\n{log.read_text(errors='replace')[-3000:]}")
 
 
 class ProxyWorld:
@@ -185,11 +177,7 @@ class ProxyWorld:
                              default_headers=default, timeout=30)  # fmt: skip
 
     def behave(self, **fields: object) -> None:
-        request = urllib.request.Request(
-            f"{self.upstream}/_fake/behaviour", data=json.dumps(fields).encode(), method="POST",
-            headers={"Content-Type": "application/json"},
-        )  # fmt: skip
-        urllib.request.urlopen(request, timeout=5).close()
+        set_behaviour(self.upstream, **fields)
 
     def metrics(self) -> str:
         with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/metrics", timeout=5) as r:

@@ -2,25 +2,18 @@
 
 from __future__ import annotations
 
-import json
-import socket
 import subprocess
 import sys
-import time
-import urllib.request
 from collections.abc import Iterator
 
 import openai
 import pytest
 
+from llm_proxy.fake_upstream import set_behaviour
+from stack.processes import wait_http
+from tests.integration.proxy_harness import free_port
+
 KEY = "sk-fake-upstream-test"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 @pytest.fixture(scope="module")
@@ -32,26 +25,16 @@ def upstream() -> Iterator[str]:
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
     )  # fmt: skip
     base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        try:
-            urllib.request.urlopen(f"{base}/_fake/behaviour", timeout=1).close()
-            break
-        except OSError:
-            assert process.poll() is None, process.stdout.read() if process.stdout else ""
-            time.sleep(0.1)
+    assert wait_http(f"{base}/_fake/behaviour", process, 30), (
+        process.stdout.read() if process.stdout and process.poll() is not None else "not up"
+    )
     yield base
     process.terminate()
     process.wait(10)
 
 
 def behave(base: str, **fields: object) -> None:
-    request = urllib.request.Request(
-        f"{base}/_fake/behaviour", data=json.dumps(fields).encode(), method="POST",
-        headers={"Content-Type": "application/json"},
-    )  # fmt: skip
-    with urllib.request.urlopen(request, timeout=5) as response:
-        assert response.status == 200
+    set_behaviour(base, **fields)
 
 
 @pytest.fixture
