@@ -19,12 +19,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
-import os
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import httpx2
 import openai
@@ -33,16 +33,18 @@ import redis.asyncio as aioredis
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from psycopg_pool import AsyncConnectionPool
 
+from agents.domain import Charge
 from creditledger.errors import CreditLedgerError, PricingError, ProxyError
 from creditledger.settings import ModelAlias, Settings, project_path
 from llm_proxy import usage as usage_mod
 from llm_proxy.auth import ServiceRegistry
 from llm_proxy.billing import BillingContext, from_headers
-from llm_proxy.charges import ChargeWriter, build_charge, now_ms
+from llm_proxy.charges import ChargePath, ChargeWriter, build_charge, now_ms
 from llm_proxy.guard import CreditBalanceGuard
 from llm_proxy.metrics import ProxyMetrics
 from llm_proxy.price_source import TABLE_QUERY, merge, read_yaml, table_rows_to_rules
 from llm_proxy.pricing import PriceBook, PriceRule, TokenUsage
+from llm_proxy.upstream import UpstreamClient, upstream_client
 from streams.codec import AvroCodec, load_codec
 
 log = logging.getLogger(__name__)
@@ -92,8 +94,9 @@ class ProxyApp:
         self.aliases = {m.alias: m for m in settings.proxy.models}
         self.prices = PriceBook({})
         self._file_rules: list[dict[str, Any]] = []
-        self._clients: dict[str, openai.AsyncOpenAI] = {}
-        self._tasks: set[asyncio.Task[Any]] = set()
+        self._clients: dict[str, UpstreamClient] = {}
+        self._tasks: set[asyncio.Task[Any]] = set()  # settlements in flight
+        self._refresher: asyncio.Task[None] | None = None
         self.codec: AvroCodec | None = None
         self.pool: AsyncConnectionPool[Any] | None = None
         self.redis: aioredis.Redis | None = None
@@ -129,27 +132,18 @@ class ProxyApp:
         await self.refresh_prices()
         for alias in self.aliases.values():
             self._check_rule(alias)
-            self._clients[alias.alias] = self._upstream_client(alias)
-        self._spawn(self._refresh_loop())
+            self._clients[alias.alias] = upstream_client(alias, proxy)
+        self._refresher = asyncio.ensure_future(self._refresh_loop())
+        # Everything loaded so far (the SDK, pydantic models, tiktoken's ranks) lives as long
+        # as the process: keep it out of the collector's full passes, which otherwise stop
+        # every call in flight for several milliseconds.
+        gc.freeze()
 
     def _check_rule(self, alias: ModelAlias) -> None:
         try:
             self.prices.active(alias.price_rule, now_ms())
         except PricingError as exc:
             raise CreditLedgerError(f"model alias {alias.alias!r}: {exc}") from exc
-
-    def _upstream_client(self, alias: ModelAlias) -> openai.AsyncOpenAI:
-        proxy = self.settings.proxy
-        key = os.environ.get(alias.upstream_api_key_env, "") if alias.upstream_api_key_env else ""
-        http_client = openai.DefaultAsyncHttpxClient(
-            limits=httpx2.Limits(max_connections=2000, max_keepalive_connections=500),
-        )
-        return openai.AsyncOpenAI(
-            base_url=alias.upstream_base_url, api_key=key or "no-key",
-            timeout=httpx2.Timeout(proxy.upstream_timeout_s,
-                                   connect=proxy.upstream_connect_timeout_s),
-            max_retries=proxy.upstream_max_retries, http_client=http_client,
-        )  # fmt: skip
 
     def _spawn(self, coro: Awaitable[Any]) -> None:
         task = asyncio.ensure_future(coro)
@@ -174,6 +168,10 @@ class ProxyApp:
             await self.refresh_prices()
 
     async def stop(self) -> None:
+        if self._refresher is not None:
+            self._refresher.cancel()
+        if self._tasks:  # let in-flight settlements finish; an unsettled hold is only safe
+            await asyncio.wait(list(self._tasks), timeout=2.0)
         for task in list(self._tasks):
             task.cancel()
         for client in self._clients.values():
@@ -475,24 +473,30 @@ class ProxyApp:
                               upstream_model=upstream_model, usage=usage, estimated=estimated,
                               rule=call.rule, occurred_at_ms=now_ms(),
                               producer=self.settings.proxy.producer_name)  # fmt: skip
-        # Settle before writing: the projector may fold the charge (and drop its hold)
-        # any time after the write, and must find the settled amount, not the estimate.
-        await self.guard.settle(charge.user_id, charge.event_id, charge.amount_micro)
         try:
             path = await self.writer.write(charge)
         except OSError as exc:
             log.critical("charge %s could not be recorded anywhere (outbox, Kafka and spool "
                          "failed: %s)", charge.event_id, exc)  # fmt: skip
+            self._spawn(self._settle(charge, "failed"))
             raise ProxyError(500, "charge_not_recorded", "the call finished but its charge "
                              "could not be recorded", kind="server_error") from exc  # fmt: skip
         self.metrics.charges.labels(path).inc()
+        if path != "duplicate":
+            self.metrics.charged_micro.labels(call.alias.alias).inc(charge.amount_micro)
+        # The hold is settled after the response: the estimate it still holds until then
+        # only errs on the safe side, and settling only rewrites a hold that still exists,
+        # so a projector that folded the charge meanwhile cannot get it held again.
+        self._spawn(self._settle(charge, path))
+
+    async def _settle(self, charge: Charge, path: ChargePath | Literal["failed"]) -> None:
+        assert self.guard is not None
+        await self.guard.settle(charge.user_id, charge.event_id, charge.amount_micro)
         if path == "duplicate":
             # Already charged under this event_id: this retry adds nothing. Its hold replaced
             # the first call's; keep it until the projector folds the first charge, unless
             # that has happened already.
             await self.guard.release_if_folded(charge.user_id, charge.event_id)
-        else:
-            self.metrics.charged_micro.labels(call.alias.alias).inc(charge.amount_micro)
 
 
 async def _disconnected(receive: Receive) -> None:

@@ -9,9 +9,12 @@ most one call's cost (the last one let through).
 A hold lives in ``<prefix>:holds:<user>`` under the call's ``event_id``. At
 settlement it becomes the call's actual charge and stays held until the Redis
 projector applies that charge's ledger entry, which deletes the field in the
-same script that raises the snapshot's seq. So a charge is never counted
-twice and never missing between "settled" and "folded". Every hold expires
-after ``proxy.hold_ttl_s``, which bounds what a crashed proxy leaves blocked.
+same script that raises the snapshot's seq. Settling only ever rewrites a
+hold that still exists, so it may run concurrently with the charge's write:
+if the projector folded the charge first, the hold is gone and stays gone.
+So a charge is never counted twice and never missing between "settled" and
+"folded". Every hold expires after ``proxy.hold_ttl_s``, which bounds what a
+crashed proxy leaves blocked.
 
 If Redis is down, the balance comes from Postgres (``accounts``), minus the
 holds of this process only. If both are down, ``proxy.guard_failure_policy``
@@ -53,6 +56,8 @@ end
 # KEYS[1] = balance snapshot, KEYS[2] = holds. ARGV: event_id, amount, now_ms, expires_ms,
 # balance ('' = read the snapshot). Returns {status, balance, held}: status 1 = held,
 # 0 = refused (nothing held), -1 = no snapshot (ask Postgres, then call again with it).
+# O(1) when the call is let through: expired holds can only make ``held`` larger, so they
+# are swept (one pass over the user's holds) only when they would refuse the call.
 HOLD_LUA = (
     RELEASE_HOLD_LUA
     + COMPARE_LUA
@@ -62,18 +67,23 @@ if balance == '' then
   balance = redis.call('HGET', KEYS[1], 'balance_micro')
   if not balance then return {-1, '', ''} end
 end
-local all = redis.call('HGETALL', KEYS[2])
-local now = tonumber(ARGV[3])
-for i = 1, #all, 2 do
-  local field = all[i]
-  if field ~= '#total' then
-    local v = all[i + 1]
-    local expires = tonumber(string.sub(v, string.find(v, '|', 1, true) + 1))
-    if expires <= now or field == ARGV[1] then release_hold(KEYS[2], field) end
-  end
-end
+release_hold(KEYS[2], ARGV[1])  -- a retried event_id replaces its earlier hold
 local held = redis.call('HGET', KEYS[2], '#total') or '0'
-if not greater(balance, held) then return {0, balance, held} end
+if not greater(balance, held) then
+  local all = redis.call('HGETALL', KEYS[2])
+  local now = tonumber(ARGV[3])
+  for i = 1, #all, 2 do
+    local field = all[i]
+    if field ~= '#total' then
+      local v = all[i + 1]
+      if tonumber(string.sub(v, string.find(v, '|', 1, true) + 1)) <= now then
+        release_hold(KEYS[2], field)
+      end
+    end
+  end
+  held = redis.call('HGET', KEYS[2], '#total') or '0'
+  if not greater(balance, held) then return {0, balance, held} end
+end
 if ARGV[2] ~= '0' then redis.call('HINCRBY', KEYS[2], '#total', ARGV[2]) end
 redis.call('HSET', KEYS[2], ARGV[1], ARGV[2] .. '|' .. ARGV[4])
 redis.call('PEXPIREAT', KEYS[2], ARGV[4], 'GT')
@@ -82,10 +92,13 @@ return {1, balance, held}
 """
 )
 
-# KEYS[1] = holds. ARGV: event_id, amount, expires_ms. The hold becomes the actual charge.
+# KEYS[1] = holds. ARGV: event_id, amount, expires_ms. The hold becomes the actual charge,
+# but only while it exists: a missing hold was folded already (the projector deleted it),
+# expired, or never taken in Redis, and re-creating it would count the charge twice.
 SETTLE_LUA = (
     RELEASE_HOLD_LUA
     + """
+if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 0 then return 0 end
 release_hold(KEYS[1], ARGV[1])
 if ARGV[2] ~= '0' then redis.call('HINCRBY', KEYS[1], '#total', ARGV[2]) end
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[2] .. '|' .. ARGV[3])
@@ -197,7 +210,10 @@ class CreditBalanceGuard:
         return int(row[0]) if row else 0
 
     async def settle(self, user_id: str, event_id: str, amount_micro: int) -> None:
-        """Turn the call's hold into its actual charge, held until the projector folds it."""
+        """Turn the call's hold into its actual charge, held until the projector folds it.
+
+        A no-op when the hold is gone (folded already, expired, or taken in Postgres while
+        Redis was down): re-creating it would count a folded charge twice."""
         self._local.pop(event_id, None)
         expires = int(time.time() * 1000) + self.ttl_ms
         try:

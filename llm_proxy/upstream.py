@@ -1,0 +1,95 @@
+"""The upstream client: the ``openai`` SDK's async client, with its request template cached.
+
+The proxy forwards bytes it already has (``content=``), to the same URL with the
+same headers, call after call. The SDK rebuilds that request from scratch each
+time (merge headers, parse and join the URL, normalise timeouts): about 0.1 ms
+of CPU, a tenth of the proxy's whole per-call cost. :class:`UpstreamClient`
+builds it once per (method, path, retry number) through the SDK itself and then
+only swaps the body; everything else (retries with backoff, timeouts, error
+mapping, auth) stays the SDK's. Requests with anything the template cannot
+know (JSON to serialise, files, query parameters, per-call timeouts or
+headers other than the ones cached) go through the SDK's own builder.
+``tests/unit/test_upstream_client.py`` checks that both builders give the same
+request.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import httpx2
+import openai
+from openai._models import FinalRequestOptions
+
+from creditledger.settings import ModelAlias, ProxySettings
+from llm_proxy.upstream_http import lean_http_client
+
+TemplateKey = tuple[str, str, int, tuple[tuple[str, str], ...]]
+
+
+class UpstreamClient(openai.AsyncOpenAI):
+    """``openai.AsyncOpenAI`` whose requests with ready-made bytes reuse a cached template."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._templates: dict[TemplateKey, tuple[str, httpx2.URL, httpx2.Headers,
+                                                 dict[str, Any]]] = {}  # fmt: skip
+
+    @property
+    def user_agent(self) -> str:
+        return f"AsyncOpenAI/Python {self._version}"  # the SDK's own, not this class's name
+
+    def _build_request(self, options: FinalRequestOptions, *,
+                       retries_taken: int = 0) -> httpx2.Request:  # fmt: skip
+        content = options.content
+        key = _template_key(options, retries_taken)
+        if key is None or not isinstance(content, bytes) or self._idempotency_header:
+            return super()._build_request(options, retries_taken=retries_taken)
+        template = self._templates.get(key)
+        if template is None:
+            built = super()._build_request(options, retries_taken=retries_taken)
+            headers = httpx2.Headers([(name, value) for name, value in built.headers.raw
+                                      if name.lower() != b"content-length"])  # fmt: skip
+            template = (built.method, built.url, headers, built.extensions)
+            self._templates[key] = template
+        method, url, headers, extensions = template
+        return httpx2.Request(method, url, headers=headers, content=content,
+                              extensions=dict(extensions))  # fmt: skip
+
+
+def _template_key(options: FinalRequestOptions, retries_taken: int) -> TemplateKey | None:
+    """The cache key, or None when the request carries something a template cannot hold."""
+    if not isinstance(options.content, bytes):
+        return None
+    if options.json_data is not None or options.extra_json is not None:
+        return None
+    if options.files is not None or options.params:
+        return None
+    if not isinstance(options.timeout, openai.NotGiven):
+        return None
+    if options.follow_redirects is not None:
+        return None
+    headers = options.headers
+    if isinstance(headers, openai.NotGiven) or headers is None:
+        items: tuple[tuple[str, str], ...] = ()
+    else:
+        if not all(isinstance(v, str) for v in headers.values()):
+            return None  # Omit() and friends: let the SDK decide
+        items = tuple(sorted((str(k), str(v)) for k, v in headers.items()))
+    return options.method, options.url, retries_taken, items
+
+
+def upstream_client(alias: ModelAlias, proxy: ProxySettings) -> UpstreamClient:
+    """The client for one model alias: its base URL, its key (from the environment)."""
+    key = os.environ.get(alias.upstream_api_key_env, "") if alias.upstream_api_key_env else ""
+    http_client = (
+        lean_http_client(max_connections=2000) if proxy.upstream_transport == "lean"
+        else openai.DefaultAsyncHttpxClient(
+            limits=httpx2.Limits(max_connections=2000, max_keepalive_connections=500))
+    )  # fmt: skip
+    return UpstreamClient(
+        base_url=alias.upstream_base_url, api_key=key or "no-key",
+        timeout=httpx2.Timeout(proxy.upstream_timeout_s, connect=proxy.upstream_connect_timeout_s),
+        max_retries=proxy.upstream_max_retries, http_client=http_client,
+    )  # fmt: skip
