@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 
 from creditledger.cli_projections import add_projection_commands, credits, project_codec
 from creditledger.cli_proxy import add_proxy_commands
+from creditledger.cli_store import add_store_commands
 from creditledger.errors import CreditLedgerError
 from creditledger.settings import PROJECT_ROOT, Settings, load_settings, project_path
 from creditledger.tables import render_table
@@ -343,6 +344,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_projection_commands(commands)
     add_proxy_commands(commands)
+    add_store_commands(commands)
     return parser
 
 

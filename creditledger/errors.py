@@ -90,3 +90,16 @@ class ProxyError(CreditLedgerError):
         """The OpenAI error body: ``{"error": {"message", "type", "param", "code"}}``."""
         return {"error": {"message": self.message, "type": self.kind, "param": self.param,
                           "code": self.code}}  # fmt: skip
+
+
+class StoreError(CreditLedgerError):
+    """A credit-store request is refused; carries the HTTP status and a stable error code."""
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+
+    def body(self) -> dict[str, object]:
+        return {"error": {"code": self.code, "message": self.message}}

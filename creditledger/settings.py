@@ -323,6 +323,45 @@ class ProxySettings(_Section):
     )
 
 
+class StoreSettings(_Section):
+    host: str = Field("127.0.0.1", description="Address the credit-store API listens on.")
+    port: int = Field(18100, ge=1, le=65535, description="Port of the credit-store API and page.")
+    token_secret: SecretStr = Field(
+        SecretStr("dev-only-token-secret-change-me"),
+        description="HMAC key of the API's bearer tokens (set your own outside development).",
+    )
+    token_ttl_s: int = Field(
+        86400, ge=60, description="Lifetime of a token made by `creditledger store token`, s."
+    )
+    payment_secret: SecretStr = Field(
+        SecretStr("dev-only-payment-secret-change-me"),
+        description="HMAC key the payment provider signs its callbacks with.",
+    )
+    simulated_provider: bool = Field(
+        True,
+        description="Serve the simulated payment provider (the page's buy button uses it); "
+        "turn off where a real provider calls `POST /credit-store/orders/{id}/pay`.",
+    )
+    order_ttl_s: int = Field(
+        1800, ge=10, description="An unpaid order expires after this long, seconds."
+    )
+    fulfil_interval_s: float = Field(
+        2.0,
+        gt=0,
+        description="How often paid orders without a grant are swept and fulfilled, seconds "
+        "(a crash between payment and fulfilment is repaired here).",
+    )
+    fulfil_delay_ms: int = Field(
+        0,
+        ge=0,
+        description="Fault injection for tests: pause between recording a payment and "
+        "fulfilling it. Leave 0.",
+    )
+    producer_name: str = Field(
+        "credit-store", description="The `producer` field of the grant events."
+    )
+
+
 class SchemaSettings(_Section):
     avro_dir: Path = Field(
         Path("schemas/avro"),
@@ -362,6 +401,10 @@ class Settings(BaseSettings):
     proxy: ProxySettings = Field(
         default_factory=ProxySettings,
         description="The LLM proxy (creditledger proxy serve).",
+    )
+    store: StoreSettings = Field(
+        default_factory=StoreSettings,
+        description="The credit store: API, page, orders, rewards (creditledger store serve).",
     )
     schemas: SchemaSettings = Field(
         default_factory=SchemaSettings,

@@ -145,8 +145,8 @@ def test_keep_alive_reuses_one_connection_for_every_framing() -> None:
         third = await client.get(url + "/c")
         assert third.status_code == 404
 
-    server = asyncio.run(with_server(
-        [fixed(b'{"ok":1}'), chunked([b"hello ", b"world"]), fixed(b"{}", status=404)], body))  # fmt: skip
+    handlers = [fixed(b'{"ok":1}'), chunked([b"hello ", b"world"]), fixed(b"{}", status=404)]
+    server = asyncio.run(with_server(handlers, body))
     assert server.connections == 1
     assert len(server.requests) == 3
     assert server.requests[1].endswith(b"x" * 100_000)

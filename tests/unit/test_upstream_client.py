@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import httpx2
 import openai
@@ -18,7 +19,7 @@ def clients() -> tuple[openai.AsyncOpenAI, UpstreamClient]:
     return openai.AsyncOpenAI(**kwargs), UpstreamClient(**kwargs)  # type: ignore[arg-type]
 
 
-def options(body: bytes, url: str = "/chat/completions", **extra: object) -> FinalRequestOptions:
+def options(body: bytes, url: str = "/chat/completions", **extra: Any) -> FinalRequestOptions:
     return FinalRequestOptions.construct(
         method="post", url=url, content=body,
         headers={"Content-Type": "application/json"}, **extra,
@@ -49,8 +50,9 @@ def test_template_matches_the_sdk_for_every_body_and_retry(retries_taken: int) -
 def test_requests_a_template_cannot_hold_go_through_the_sdk() -> None:
     sdk, ours = clients()
     cases = [
-        FinalRequestOptions.construct(method="post", url="/chat/completions",
-                                      json_data={"model": "m"}),  # fmt: skip
+        FinalRequestOptions.construct(
+            method="post", url="/chat/completions", json_data={"model": "m"}
+        ),
         options(b"{}", timeout=5.0),
         options(b"{}", params={"a": "b"}),
     ]

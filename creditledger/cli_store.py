@@ -1,0 +1,74 @@
+"""Sub-commands of the credit store (step 5): serve the API and page, make tokens, seed."""
+
+from __future__ import annotations
+
+import argparse
+import time
+from typing import Any
+
+from creditledger.settings import Settings
+
+
+def cmd_store_serve(args: argparse.Namespace, settings: Settings) -> int:
+    import logging
+
+    from projections.migrate import migrate
+    from store.api import serve
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    if args.port is not None:
+        settings = settings.model_copy(
+            update={"store": settings.store.model_copy(update={"port": args.port})}
+        )
+    migrate(settings)
+    if settings.store.token_secret.get_secret_value().startswith("dev-only"):
+        logging.getLogger("store").warning(
+            "store.token_secret is the development default: set your own outside development"
+        )
+    print(f"credit store on http://{settings.store.host}:{settings.store.port}/credit-store "
+          "(API docs: /credit-store/docs; Ctrl-C stops it)", flush=True)  # fmt: skip
+    serve(settings)
+    return 0
+
+
+def cmd_store_token(args: argparse.Namespace, settings: Settings) -> int:
+    from store.domain import sign_token
+
+    ttl = args.ttl_s or settings.store.token_ttl_s
+    secret = settings.store.token_secret.get_secret_value().encode()
+    print(sign_token(secret, args.user, args.role, int(time.time()) + ttl))
+    return 0
+
+
+def cmd_store_seed(args: argparse.Namespace, settings: Settings) -> int:
+    from projections.migrate import migrate
+    from store.seed import seed
+
+    migrate(settings)
+    products, rules = seed(settings)
+    print(f"added {products} product(s) and {rules} reward rule(s) (existing ones unchanged)")
+    return 0
+
+
+def add_store_commands(commands: Any) -> None:
+    store = commands.add_parser(
+        "store", help="the credit store: /credit-store API and page, tokens, catalogue",
+        description="Users see their balance, consumption and history and buy credit packs; "
+        "admins manage products, price rules and reward rules. Every grant goes through the "
+        "outbox, so run an `outbox relay` and a ledger `worker` next to it.",
+    )  # fmt: skip
+    actions = store.add_subparsers(dest="action", required=True, metavar="ACTION")
+    p = actions.add_parser("serve", help="run the API and the page (store.port)")
+    p.add_argument("--port", type=int, default=None, help="override store.port")
+    p.set_defaults(handler=cmd_store_serve)
+    p = actions.add_parser("token", help="print a signed bearer token for a user",
+                           description="Open the page with "
+                           "http://HOST:PORT/credit-store/#token=<token>.")  # fmt: skip
+    p.add_argument("user", help="the user id the token speaks for")
+    p.add_argument("--role", choices=["user", "admin", "service"], default="user",
+                   help="user (default), admin, or service (claims event rewards)")  # fmt: skip
+    p.add_argument("--ttl-s", type=int, default=None,
+                   help="lifetime in seconds (default store.token_ttl_s)")  # fmt: skip
+    p.set_defaults(handler=cmd_store_token)
+    p = actions.add_parser("seed", help="add the starting packs and reward rules if missing")
+    p.set_defaults(handler=cmd_store_seed)

@@ -1,0 +1,409 @@
+"""The ``/credit-store`` HTTP API and the store page (FastAPI on uvicorn).
+
+Handlers are thin: check who asks, call :class:`StoreRepository` or
+:class:`ReadModels`, shape the reply. Errors are ``{"error": {"code",
+"message"}}`` with a 4xx for anything a client can send; a 503 says Postgres or
+Redis cannot be reached, never a bare 500.
+
+Who may do what:
+
+- a **user** token sees and changes only its own balance, consumption, ledger,
+  orders and check-in/sign-up claims;
+- a **service** token (another service of the company) may also claim event
+  rewards on behalf of a user (``reference`` = the triggering event's id);
+- an **admin** token may do all that for any user, and manage products, price
+  rules and reward rules.
+
+The payment callback is not called with a token: the payment provider signs it
+(``X-Payment-Signature``, HMAC-SHA256 of ``order|reference|amount|currency``).
+With ``store.simulated_provider`` on, the page pays through a simulated
+provider that signs and delivers that callback, so the whole flow runs here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import asdict, is_dataclass
+from datetime import UTC, date, datetime
+from decimal import Decimal
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import psycopg
+from fastapi import Depends, FastAPI, Header, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
+from psycopg_pool import PoolTimeout
+from redis.exceptions import RedisError
+
+from creditledger.errors import QueryError, StackError, StoreError
+from creditledger.settings import Settings, project_path
+from llm_proxy.price_source import read_yaml
+from projections.queries import MAX_LIMIT, ReadModels
+from store.domain import Principal, check_user_id, sign_payment, verify_payment, verify_token
+from store.repository import StoreRepository, decimal_text, utc_now
+from store.schemas import (
+    OrderCreate,
+    OrderId,
+    PaymentCallback,
+    PriceVersionCreate,
+    ProductId,
+    ProductPut,
+    RewardClaim,
+    RewardRulePut,
+    RuleId,
+    UserId,
+)
+from streams.codec import load_codec
+
+log = logging.getLogger(__name__)
+
+PAGE_DIR = Path(__file__).parent / "page"
+PREFIX = "/credit-store"
+
+
+def jsonable(value: Any) -> Any:
+    """Rows and dataclasses as JSON: times in ISO 8601 UTC, exact decimals as strings."""
+    if is_dataclass(value) and not isinstance(value, type):
+        return jsonable(asdict(value))
+    if isinstance(value, dict):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v) for v in value]
+    if isinstance(value, datetime):
+        return value.astimezone(UTC).isoformat().replace("+00:00", "Z")
+    if isinstance(value, date):
+        return value.isoformat()
+    if isinstance(value, Decimal):
+        return decimal_text(value)
+    return value
+
+
+def error(status: int, code: str, message: str) -> JSONResponse:
+    return JSONResponse({"error": {"code": code, "message": message}}, status_code=status)
+
+
+class StoreService:
+    """What the routes share: settings, the repository, the read models, the fulfiller."""
+
+    def __init__(self, settings: Settings, *, dsn: str | None = None,
+                 redis_prefix: str | None = None) -> None:  # fmt: skip
+        self.settings = settings
+        self.secret = settings.store.token_secret.get_secret_value().encode()
+        self.payment_secret = settings.store.payment_secret.get_secret_value().encode()
+        self.codec = load_codec(project_path(settings.schemas.avro_dir))
+        self.repo = StoreRepository(settings, self.codec, dsn=dsn, pool_size=20)
+        self.reads = ReadModels(settings, dsn=dsn, redis_prefix=redis_prefix, pool_size=20)
+        self.file_rules: list[dict[str, Any]] = []
+        self._sweeper: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        self.file_rules = read_yaml(project_path(self.settings.proxy.price_rules_file))
+        await self.repo.start()
+        await self.reads.start()
+        self._sweeper = asyncio.ensure_future(self._sweep_forever())
+
+    async def stop(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sweeper
+        await self.reads.close()
+        await self.repo.close()
+
+    async def _sweep_forever(self) -> None:
+        """Expire stale orders; fulfil paid orders a crash left without their grant."""
+        while True:
+            try:
+                await self.repo.expire_orders(utc_now())
+                done = await self.repo.fulfil_pending()
+                if done:
+                    log.info("fulfilled %d paid order(s) left behind", done)
+            except (psycopg.Error, PoolTimeout, OSError) as exc:
+                log.warning("order sweep failed (%s); trying again", exc)
+            await asyncio.sleep(self.settings.store.fulfil_interval_s)
+
+    async def pay(self, order_id: str, callback: PaymentCallback) -> dict[str, Any]:
+        outcome = await self.repo.record_payment(order_id, callback.payment_reference,
+                                                 callback.amount_minor, callback.currency,
+                                                 utc_now())  # fmt: skip
+        if outcome.newly_paid or outcome.order["status"] == "paid":
+            delay = self.settings.store.fulfil_delay_ms
+            if delay:  # fault injection (tests): a crash here must not lose the grant
+                await asyncio.sleep(delay / 1000)
+            await self.repo.fulfil(order_id)
+        order = await self.repo.order(order_id)
+        assert order is not None
+        return order
+
+
+def create_app(settings: Settings, *, dsn: str | None = None,
+               redis_prefix: str | None = None) -> FastAPI:  # fmt: skip
+    service = StoreService(settings, dsn=dsn, redis_prefix=redis_prefix)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        await service.start()
+        try:
+            yield
+        finally:
+            await service.stop()
+
+    app = FastAPI(title="creditledger credit store", version="1.0.0", lifespan=lifespan,
+                  openapi_url=f"{PREFIX}/openapi.json", docs_url=f"{PREFIX}/docs",
+                  redoc_url=None,
+                  description="Balance, consumption, ledger history, credit packs, orders and "
+                  "rewards. Authenticate with `Authorization: Bearer <token>` "
+                  "(`creditledger store token USER`).")  # fmt: skip
+    app.state.service = service
+    _errors(app)
+    _routes(app, service)
+    return app
+
+
+def _errors(app: FastAPI) -> None:
+    @app.exception_handler(StoreError)
+    async def store_error(_: Request, exc: StoreError) -> JSONResponse:
+        return error(exc.status, exc.code, exc.message)
+
+    @app.exception_handler(QueryError)
+    async def query_error(_: Request, exc: QueryError) -> JSONResponse:
+        return error(400, "invalid_query", str(exc))
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e.get('loc', ()))}: {e.get('msg', 'invalid')}"
+            for e in exc.errors()
+        )
+        return error(422, "invalid_request", problems or "invalid request")
+
+    async def unavailable(_: Request, exc: Exception) -> JSONResponse:
+        log.warning("storage unavailable: %s", exc)
+        return error(503, "unavailable", "the credit store's storage cannot be reached; "
+                     "try again shortly")  # fmt: skip
+
+    for kind in (psycopg.OperationalError, PoolTimeout, RedisError, StackError):
+        app.add_exception_handler(kind, unavailable)
+
+
+def principal(request: Request,
+              authorization: Annotated[str | None, Header()] = None) -> Principal:  # fmt: skip
+    if not authorization:
+        raise StoreError(401, "missing_token", "send 'Authorization: Bearer <token>'")
+    scheme, _, token = authorization.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise StoreError(401, "invalid_token", "the Authorization header must be "
+                         "'Bearer <token>'")  # fmt: skip
+    service: StoreService = request.app.state.service
+    return verify_token(service.secret, token.strip(), int(time.time()))
+
+
+def admin(who: Annotated[Principal, Depends(principal)]) -> Principal:
+    if who.role != "admin":
+        raise StoreError(403, "forbidden", "this needs an admin token")
+    return who
+
+
+Who = Annotated[Principal, Depends(principal)]
+Admin = Annotated[Principal, Depends(admin)]
+Limit = Annotated[int, Query(ge=1, le=MAX_LIMIT)]
+Cursor = Annotated[str | None, Query(max_length=32)]
+PeriodQ = Annotated[Literal["24h", "7d", "30d", "all"], Query()]
+
+
+def _routes(app: FastAPI, service: StoreService) -> None:
+    # -- the page --------------------------------------------------------------------------
+
+    @app.get(PREFIX, include_in_schema=False)
+    @app.get(f"{PREFIX}/", include_in_schema=False)
+    async def page() -> HTMLResponse:
+        return HTMLResponse((PAGE_DIR / "index.html").read_text())
+
+    @app.get(f"{PREFIX}/static/{{name}}", include_in_schema=False)
+    async def static(name: str) -> FileResponse:
+        files = {"app.js": "text/javascript", "style.css": "text/css"}
+        if name not in files:
+            raise StoreError(404, "not_found", f"no file {name!r}")
+        return FileResponse(PAGE_DIR / name, media_type=files[name])
+
+    # -- what a user sees ------------------------------------------------------------------
+
+    @app.get(f"{PREFIX}/balance", summary="The caller's balance snapshot")
+    async def balance(who: Who) -> Any:
+        return jsonable(await service.reads.balance(who.user_id))
+
+    @app.get(f"{PREFIX}/consumption", summary="Credits and tokens used over a period")
+    async def consumption(who: Who, period: PeriodQ = "24h") -> Any:
+        return jsonable(await service.reads.consumption(who.user_id, period))
+
+    @app.get(f"{PREFIX}/ledger", summary="The caller's ledger history, newest first")
+    async def ledger(who: Who, cursor: Cursor = None, limit: Limit = 20) -> Any:
+        return jsonable(await service.reads.history(who.user_id, cursor=cursor, limit=limit))
+
+    @app.get(f"{PREFIX}/products", summary="Credit packs on sale now")
+    async def products(who: Who) -> Any:
+        return jsonable(await service.repo.products(utc_now()))
+
+    @app.post(f"{PREFIX}/orders", status_code=201, summary="Order a pack (price frozen now)")
+    async def create_order(who: Who, body: OrderCreate) -> Any:
+        return jsonable(await service.repo.create_order(who.user_id, body.product_id,
+                                                        utc_now()))  # fmt: skip
+
+    @app.get(f"{PREFIX}/orders", summary="The caller's orders, newest first")
+    async def orders(who: Who, limit: Limit = 20) -> Any:
+        return jsonable(await service.repo.orders(who.user_id, limit))
+
+    async def own_order(who: Principal, order_id: str) -> dict[str, Any]:
+        order = await service.repo.order(order_id)
+        if order is None or (order["user_id"] != who.user_id and who.role != "admin"):
+            raise StoreError(404, "order_not_found", f"no order {order_id!r}")
+        return order
+
+    @app.get(f"{PREFIX}/orders/{{order_id}}", summary="One of the caller's orders")
+    async def order(who: Who, order_id: OrderId) -> Any:
+        return jsonable(await own_order(who, order_id))
+
+    @app.post(f"{PREFIX}/orders/{{order_id}}/cancel", summary="Cancel an unpaid order")
+    async def cancel(who: Who, order_id: OrderId) -> Any:
+        return jsonable(await service.repo.cancel_order(who.user_id, order_id, utc_now()))
+
+    @app.post(f"{PREFIX}/orders/{{order_id}}/pay",
+              summary="Payment provider callback (signed), idempotent by payment")  # fmt: skip
+    async def pay(order_id: OrderId, body: PaymentCallback,
+                  x_payment_signature: Annotated[str, Header(max_length=200)]) -> Any:  # fmt: skip
+        verify_payment(service.payment_secret, x_payment_signature, order_id,
+                       body.payment_reference, body.amount_minor, body.currency)  # fmt: skip
+        return jsonable(await service.pay(order_id, body))
+
+    @app.post(f"{PREFIX}/simulated-provider/orders/{{order_id}}/checkout",
+              summary="The simulated payment provider: pays and signs")  # fmt: skip
+    async def simulated_checkout(who: Who, order_id: OrderId) -> Any:
+        if not service.settings.store.simulated_provider:
+            raise StoreError(404, "not_found", "the simulated payment provider is off")
+        order = await own_order(who, order_id)
+        callback = PaymentCallback(
+            payment_reference=f"sim_{order_id}",
+            amount_minor=order["price_minor"],
+            currency=order["currency"],
+        )
+        signature = sign_payment(service.payment_secret, order_id, callback.payment_reference,
+                                 callback.amount_minor, callback.currency)  # fmt: skip
+        verify_payment(service.payment_secret, signature, order_id, callback.payment_reference,
+                       callback.amount_minor, callback.currency)  # fmt: skip
+        return jsonable(await service.pay(order_id, callback))
+
+    @app.get(f"{PREFIX}/rewards", summary="Reward rules active now")
+    async def rewards(who: Who) -> Any:
+        now = utc_now()
+        return jsonable([r for r in await service.repo.reward_rules()
+                         if r["active_from"] <= now
+                         and (r["active_until"] is None or r["active_until"] > now)])  # fmt: skip
+
+    @app.post(f"{PREFIX}/rewards/{{rule_id}}/claim",
+              summary="Claim a reward, once per rule, user and period")  # fmt: skip
+    async def claim(who: Who, rule_id: RuleId, body: RewardClaim | None = None) -> Any:
+        body = body or RewardClaim()
+        user_id = body.user_id or who.user_id
+        if user_id != who.user_id and who.role == "user":
+            raise StoreError(403, "forbidden", "a user claims rewards only for itself")
+        rule = await service.repo.reward_rule(rule_id)
+        if rule is None:
+            raise StoreError(404, "reward_rule_not_found", f"no reward rule {rule_id!r}")
+        if rule["kind"] == "event" and who.role == "user":
+            raise StoreError(403, "forbidden", "event rewards are claimed by the service that "
+                             "saw the event")  # fmt: skip
+        outcome = await service.repo.claim(rule_id, user_id, body.reference, utc_now())
+        return JSONResponse(jsonable({**outcome.claim, "granted": outcome.granted}),
+                            status_code=201 if outcome.granted else 200)  # fmt: skip
+
+    # -- admin -----------------------------------------------------------------------------
+
+    @app.get(f"{PREFIX}/admin/users/{{user_id}}/ledger", summary="Any user's ledger (admin)")
+    async def user_ledger(_: Admin, user_id: UserId, cursor: Cursor = None,
+                          limit: Limit = 20) -> Any:  # fmt: skip
+        check_user_id(user_id)
+        return jsonable(await service.reads.history(user_id, cursor=cursor, limit=limit))
+
+    @app.get(f"{PREFIX}/admin/users/{{user_id}}/balance", summary="Any user's balance (admin)")
+    async def user_balance(_: Admin, user_id: UserId) -> Any:
+        return jsonable(await service.reads.balance(user_id))
+
+    @app.get(f"{PREFIX}/admin/products", summary="Every product, on sale or not (admin)")
+    async def all_products(_: Admin) -> Any:
+        return jsonable(await service.repo.products(None, include_inactive=True))
+
+    @app.put(f"{PREFIX}/admin/products/{{product_id}}", summary="Create or change a product")
+    async def put_product(_: Admin, product_id: ProductId, body: ProductPut) -> Any:
+        if body.price_minor > body.original_price_minor:
+            raise StoreError(400, "invalid_product", "price_minor may not exceed "
+                             "original_price_minor (a discount shows as both)")  # fmt: skip
+        fields = body.model_dump()
+        fields["active_from"] = body.active_from or datetime(1970, 1, 1, tzinfo=UTC)
+        _check_window(fields["active_from"], body.active_until)
+        return jsonable(await service.repo.put_product({**fields, "product_id": product_id}))
+
+    @app.get(f"{PREFIX}/admin/price-rules", summary="Every price rule version in the database")
+    async def price_rules(_: Admin) -> Any:
+        return jsonable(await service.repo.price_rule_versions())
+
+    @app.post(f"{PREFIX}/admin/price-rules/{{rule_id}}/versions", status_code=201,
+              summary="Add the next version of a price rule, active from a time")  # fmt: skip
+    async def add_price_version(_: Admin, rule_id: RuleId, body: PriceVersionCreate) -> Any:
+        now = utc_now()
+        row = await service.repo.add_price_rule_version(rule_id, body.as_fields(now),
+                                                        service.file_rules, now)  # fmt: skip
+        return jsonable(row)
+
+    @app.get(f"{PREFIX}/admin/reward-rules", summary="Every reward rule (admin)")
+    async def reward_rules(_: Admin) -> Any:
+        return jsonable(await service.repo.reward_rules())
+
+    @app.put(f"{PREFIX}/admin/reward-rules/{{rule_id}}", summary="Create or change a reward rule")
+    async def put_reward_rule(_: Admin, rule_id: RuleId, body: RewardRulePut) -> Any:
+        if (body.kind == "event") != (body.trigger_event is not None):
+            raise StoreError(400, "invalid_reward_rule", "trigger_event is required for "
+                             "kind 'event' and only allowed there")  # fmt: skip
+        if body.kind == "signup" and (body.period != "lifetime" or body.cap_per_period != 1):
+            raise StoreError(400, "invalid_reward_rule", "a signup reward is once per "
+                             "lifetime: period 'lifetime', cap_per_period 1")  # fmt: skip
+        fields = body.model_dump()
+        fields["active_from"] = body.active_from or datetime(1970, 1, 1, tzinfo=UTC)
+        _check_window(fields["active_from"], body.active_until)
+        return jsonable(await service.repo.put_reward_rule({**fields, "rule_id": rule_id}))
+
+    @app.delete(f"{PREFIX}/admin/reward-rules/{{rule_id}}",
+                summary="End a reward rule now (claims made stay)")  # fmt: skip
+    async def end_reward_rule(_: Admin, rule_id: RuleId) -> Any:
+        return jsonable(await service.repo.end_reward_rule(rule_id, utc_now()))
+
+    # -- the old world ---------------------------------------------------------------------
+
+    @app.api_route("/token-store", methods=["GET", "POST", "PUT", "DELETE", "PATCH"],
+                   include_in_schema=False)  # fmt: skip
+    @app.api_route("/token-store/{rest:path}", methods=["GET", "POST", "PUT", "DELETE", "PATCH"],
+                   include_in_schema=False)  # fmt: skip
+    async def token_store_gone(rest: str = "") -> JSONResponse:
+        return JSONResponse(
+            {"error": {"code": "gone", "message": "the token store is retired: balances, "
+                       "history and purchases are in credits now, at /credit-store",
+                       "location": PREFIX}}, status_code=410,
+            headers={"Link": f'<{PREFIX}>; rel="successor-version"'},
+        )  # fmt: skip
+
+
+def _check_window(active_from: datetime, active_until: datetime | None) -> None:
+    if active_until is not None and active_until <= active_from:
+        raise StoreError(400, "invalid_window", "active_until must be after active_from")
+
+
+def serve(settings: Settings, *, log_level: str = "warning") -> None:
+    import uvicorn
+
+    uvicorn.run(create_app(settings), host=settings.store.host, port=settings.store.port,
+                loop="uvloop", http="httptools", access_log=False,
+                log_level=log_level)  # fmt: skip

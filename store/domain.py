@@ -1,0 +1,160 @@
+"""The credit store's rules, pure: no SQL, no HTTP, no clock of its own.
+
+- reward periods (UTC day, ISO week, month, lifetime) and what a claim is keyed by;
+- the event ids of the grants an order or a reward claim earns, derived from
+  them, so a retried fulfilment or claim can never grant twice;
+- the signed bearer tokens of the API and the signatures of the (simulated)
+  payment provider's callbacks, both HMAC-SHA256 with a secret from settings.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import re
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Literal
+
+import orjson
+
+from creditledger.errors import StoreError
+
+Period = Literal["day", "week", "month", "lifetime"]
+Role = Literal["user", "admin", "service"]
+RewardKind = Literal["signup", "checkin", "event"]
+
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+USER_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:@-]{0,127}$")
+REFERENCE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:@/-]{0,199}$")
+
+
+def check_user_id(user_id: str) -> str:
+    if not USER_ID.match(user_id):
+        raise StoreError(400, "invalid_user_id", "a user id is 1-128 characters of letters, "
+                         "digits and _ . : @ -, starting with a letter or digit")  # fmt: skip
+    return user_id
+
+
+def period_start(period: Period, at: datetime) -> datetime:
+    """The start of the UTC period that contains ``at`` (weeks start on Monday)."""
+    at = at.astimezone(UTC)
+    day = datetime(at.year, at.month, at.day, tzinfo=UTC)
+    if period == "day":
+        return day
+    if period == "week":
+        return day - timedelta(days=day.weekday())
+    if period == "month":
+        return datetime(at.year, at.month, 1, tzinfo=UTC)
+    return EPOCH
+
+
+def claim_reference(kind: RewardKind, period: Period, at: datetime,
+                    event_reference: str | None) -> str:  # fmt: skip
+    """What makes a claim unique for (rule, user): its period, or the triggering event.
+
+    Sign-up and check-in claims are once per period, so the period is the reference and a
+    second claim in it is the same claim. Event rewards are once per triggering event; the
+    cap per period limits how many events count."""
+    if kind == "event":
+        if not event_reference:
+            raise StoreError(400, "reference_required", "an event reward needs the triggering "
+                             "event's id as 'reference'")  # fmt: skip
+        if not REFERENCE.match(event_reference):
+            raise StoreError(400, "invalid_reference", "a reference is 1-200 characters of "
+                             "letters, digits and _ . : @ / -")  # fmt: skip
+        return event_reference
+    if event_reference:
+        raise StoreError(400, "unexpected_reference", f"a {kind} reward is once per period "
+                         "and takes no reference")  # fmt: skip
+    start = period_start(period, at)
+    return "lifetime" if period == "lifetime" else f"{period}:{start.date().isoformat()}"
+
+
+def order_grant_event_id(order_id: str) -> str:
+    return f"order:{order_id}"
+
+
+def reward_grant_event_id(rule_id: str, user_id: str, reference: str) -> str:
+    return f"reward:{rule_id}:{user_id}:{reference}"
+
+
+def is_active(at: datetime, active_from: datetime, active_until: datetime | None) -> bool:
+    return active_from <= at and (active_until is None or at < active_until)
+
+
+# -- bearer tokens ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Principal:
+    user_id: str
+    role: Role
+    expires_at: int  # unix seconds
+
+
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+
+
+def _unb64(text: str) -> bytes:
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+def _mac(secret: bytes, message: bytes) -> bytes:
+    return hmac.new(secret, message, hashlib.sha256).digest()
+
+
+def sign_token(secret: bytes, user_id: str, role: Role, expires_at: int) -> str:
+    """``<payload>.<mac>``, both base64url: payload = {"sub", "role", "exp"}."""
+    check_user_id(user_id)
+    payload = _b64(orjson.dumps({"sub": user_id, "role": role, "exp": expires_at}))
+    return f"{payload}.{_b64(_mac(secret, payload.encode()))}"
+
+
+def verify_token(secret: bytes, token: str, now: int) -> Principal:
+    """The token's principal; StoreError 401 when malformed, tampered with or expired."""
+    payload, dot, mac = token.partition(".")
+    if not dot or not payload or not mac:
+        raise StoreError(401, "invalid_token", "the bearer token is malformed")
+    try:
+        given = _unb64(mac)
+    except ValueError as exc:
+        raise StoreError(401, "invalid_token", "the bearer token is malformed") from exc
+    if not hmac.compare_digest(given, _mac(secret, payload.encode())):
+        raise StoreError(401, "invalid_token", "the bearer token's signature does not match")
+    try:
+        claims = orjson.loads(_unb64(payload))
+        user_id, role, expires_at = claims["sub"], claims["role"], claims["exp"]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise StoreError(401, "invalid_token", "the bearer token's payload is malformed") from exc
+    if role not in ("user", "admin", "service") or not isinstance(expires_at, int) \
+            or not isinstance(user_id, str):  # fmt: skip
+        raise StoreError(401, "invalid_token", "the bearer token's payload is malformed")
+    if expires_at <= now:
+        raise StoreError(401, "token_expired", "the bearer token has expired")
+    return Principal(user_id, role, expires_at)
+
+
+# -- payment callbacks -----------------------------------------------------------------------
+
+
+def payment_message(order_id: str, payment_reference: str, amount_minor: int,
+                    currency: str) -> bytes:  # fmt: skip
+    return f"{order_id}|{payment_reference}|{amount_minor}|{currency}".encode()
+
+
+def sign_payment(secret: bytes, order_id: str, payment_reference: str, amount_minor: int,
+                 currency: str) -> str:  # fmt: skip
+    """The provider's signature of a payment callback (hex HMAC-SHA256)."""
+    return _mac(secret, payment_message(order_id, payment_reference, amount_minor,
+                                        currency)).hex()  # fmt: skip
+
+
+def verify_payment(secret: bytes, signature: str, order_id: str, payment_reference: str,
+                   amount_minor: int, currency: str) -> None:  # fmt: skip
+    expected = sign_payment(secret, order_id, payment_reference, amount_minor, currency)
+    if not hmac.compare_digest(expected, signature.strip().lower()):
+        raise StoreError(401, "invalid_signature", "the payment callback's signature does "
+                         "not match")  # fmt: skip
