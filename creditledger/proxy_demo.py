@@ -26,6 +26,7 @@ import yaml
 from agents.domain import Grant
 from agents.records import GRANT_TOPIC, command_to_record
 from creditledger.settings import Settings, project_path
+from creditledger.store_demo import start_store, store_demo
 from creditledger.tables import render_table
 from llm_proxy.auth import new_key
 from llm_proxy.price_source import merge, read_yaml
@@ -196,6 +197,15 @@ def proxy_demo(settings: Settings, codec: AvroCodec, run: str) -> bool:
             f"proxy demo: {'every charge arrived once' if ok else 'MISMATCH'} "
             "(balances = grants - prices computed from the answers' usage)"
         )
+        keep = os.environ.get("CREDITLEDGER_DEMO_KEEP_STORE", "1") != "0"
+        store = start_store(settings, env, keep)
+        if not keep:
+            processes["store"] = store
+        ok = store_demo(settings, store, users["ada"]) and ok
+        if keep and store.poll() is None:
+            print(f"the store keeps running (pid {store.pid}; stop it with: kill {store.pid}); "
+                  "to buy from the page, also run `creditledger worker`, `creditledger outbox "
+                  "relay` and `creditledger project redis`")  # fmt: skip
         return ok
     finally:
         for process in processes.values():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -15,8 +16,11 @@ def test_the_demo_passes(stack_settings: Settings) -> None:
     result = subprocess.run(
         [sys.executable, "-m", "creditledger.cli", "demo"],
         capture_output=True, text=True, timeout=540, check=False,
+        env={**os.environ, "CREDITLEDGER_DEMO_KEEP_STORE": "0"},  # leave no process behind
     )  # fmt: skip
     assert result.returncode == 0, f"{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
     assert "decoded == sent" in result.stdout
     assert "(as expected)" in result.stdout
+    assert "the purchase arrived once" in result.stdout
+    assert "store page: http://" in result.stdout
     assert "demo passed" in result.stdout

@@ -1,0 +1,150 @@
+"""The credit-store API under load: GET balance, consumption (30d) and ledger.
+
+    .venv/bin/python -m bench.store [--seconds 10] [--clients 100] [--quick]
+
+Data: 10M ledger entries over 100k users in the database ``bench_queries``
+(made by ``bench.projections`` and kept between runs; the first run generates
+it, a few minutes), plus a Redis balance snapshot per user under a prefix of
+its own. A real ``creditledger store serve`` process answers; 100 clients
+(closed loop, keep-alive, each request for a random user with that user's
+signed token) hit one endpoint at a time, then all three mixed. ``--quick``
+uses 200k entries over 2k users (and regenerates ``bench_queries`` at that
+size). Needs the stack up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import random
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from bench.projections import ensure_query_data
+from bench.proxy import Connection, pct
+from creditledger.settings import load_settings
+from creditledger.tables import render_table
+from projections.db import connect
+from projections.redis_keys import balance_key
+from stack.processes import wait_http
+from store.domain import sign_token
+
+PREFIX = "bench-store"
+SECRET = "bench-store-secret"
+PORT = 18192
+
+ENDPOINTS = {
+    "balance": "/credit-store/balance",
+    "consumption 30d": "/credit-store/consumption?period=30d",
+    "ledger (first page)": "/credit-store/ledger?limit=20",
+}
+
+
+def seed_redis(settings_url: str, rows: list[tuple[str, int, int]]) -> None:
+    import redis
+
+    client = redis.Redis.from_url(settings_url)
+    for key in client.scan_iter(match=f"{PREFIX}:*", count=5000):
+        client.delete(key)
+    pipe = client.pipeline(transaction=False)
+    for n, (user, balance, seq) in enumerate(rows, 1):
+        pipe.hset(balance_key(PREFIX, user),
+                  mapping={"balance_micro": balance, "seq": seq, "updated_at_ms": 0})  # fmt: skip
+        if n % 5000 == 0:
+            pipe.execute()
+    pipe.execute()
+    client.close()
+
+
+async def load(paths: list[str], tokens: list[bytes], clients: int,
+               seconds: float) -> tuple[list[float], int]:  # fmt: skip
+    latencies: list[float] = []
+    failures = 0
+    stop_at = time.monotonic() + seconds
+
+    async def client() -> None:
+        nonlocal failures
+        connection = Connection(PORT)
+        while time.monotonic() < stop_at:
+            path = random.choice(paths)
+            head = (f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n".encode()
+                    + b"Authorization: Bearer " + random.choice(tokens) + b"\r\n\r\n")  # fmt: skip
+            started = time.perf_counter()
+            try:
+                status = await connection.request(head, b"")
+            except (OSError, asyncio.IncompleteReadError, ValueError):
+                connection = Connection(PORT)
+                failures += 1
+                continue
+            if status == 200:
+                latencies.append((time.perf_counter() - started) * 1000)
+            else:
+                failures += 1
+
+    await asyncio.gather(*(client() for _ in range(clients)))
+    return latencies, failures
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--seconds", type=float, default=10.0, help="per measurement")
+    parser.add_argument("--clients", type=int, default=100, help="concurrent clients")
+    parser.add_argument("--quick", action="store_true", help="200k entries over 2k users")
+    args = parser.parse_args()
+    import uvloop
+
+    entries, users = (200_000, 2_000) if args.quick else (10_000_000, 100_000)
+    base = load_settings()
+    settings = ensure_query_data(base, entries, users, rebuild=False)
+    with connect(settings) as conn:
+        rows = conn.execute("SELECT user_id, balance_micro, seq FROM accounts").fetchall()
+    seed_redis(base.redis_url, [(u, int(b), int(s)) for u, b, s in rows])
+    user_ids = [str(r[0]) for r in rows]
+    expires = int(time.time()) + 3600
+    tokens = [sign_token(SECRET.encode(), u, "user", expires).encode()
+              for u in random.sample(user_ids, min(len(user_ids), 5000))]  # fmt: skip
+    workdir = Path(tempfile.mkdtemp(prefix="bench-store-"))
+    env = {**os.environ, "CREDITLEDGER_POSTGRES__URL": settings.postgres_dsn,
+           "CREDITLEDGER_PROJECTIONS__REDIS_KEY_PREFIX": PREFIX,
+           "CREDITLEDGER_STORE__TOKEN_SECRET": SECRET}  # fmt: skip
+    env.pop("DATABASE_URL", None)
+    log = (workdir / "store.log").open("ab")
+    process = subprocess.Popen([sys.executable, "-m", "creditledger.cli", "store", "serve",
+                                "--port", str(PORT)], env=env, stdout=log,
+                               stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+    try:
+        if not wait_http(f"http://127.0.0.1:{PORT}/credit-store/openapi.json", process, 60):
+            raise SystemExit(f"the store did not come up; see {workdir / 'store.log'}")
+        table = []
+        runs = [(name, [path]) for name, path in ENDPOINTS.items()]
+        runs.append(("all three, mixed", list(ENDPOINTS.values())))
+        for name, paths in runs:
+            uvloop.run(load(paths, tokens, args.clients, 2.0))  # warm up
+            latencies, failures = uvloop.run(load(paths, tokens, args.clients, args.seconds))
+            table.append((name, len(latencies), failures,
+                          f"{len(latencies) / args.seconds:.0f}",
+                          f"{statistics.median(latencies):.1f}", f"{pct(latencies, 0.99):.1f}",
+                          f"{max(latencies):.1f}"))  # fmt: skip
+            print(table[-1], flush=True)
+        print()
+        print(f"{entries:,} entries over {len(user_ids):,} users; {args.clients} clients, "
+              f"{args.seconds:.0f} s per row, one store process (2 cores shared with the "
+              "load generator, Postgres and Redis)")  # fmt: skip
+        print(render_table(["endpoint", "requests", "failed", "req/s", "p50 ms", "p99 ms",
+                            "max ms"], table))  # fmt: skip
+    finally:
+        os.killpg(process.pid, signal.SIGTERM)
+        process.wait(30)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
