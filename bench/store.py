@@ -7,7 +7,8 @@ Data: 10M ledger entries over 100k users in the database ``bench_queries``
 it, a few minutes), plus a Redis balance snapshot per user under a prefix of
 its own. A real ``creditledger store serve`` process answers; 100 clients
 (closed loop, keep-alive, each request for a random user with that user's
-signed token) hit one endpoint at a time, then all three mixed. ``--quick``
+signed token) hit one endpoint at a time, then all three mixed. ``--workers N``
+runs the store with N server processes. ``--quick``
 uses 200k entries over 2k users (and regenerates ``bench_queries`` at that
 size). Needs the stack up.
 """
@@ -98,6 +99,7 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=10.0, help="per measurement")
     parser.add_argument("--clients", type=int, default=100, help="concurrent clients")
     parser.add_argument("--quick", action="store_true", help="200k entries over 2k users")
+    parser.add_argument("--workers", type=int, default=1, help="store server processes")
     args = parser.parse_args()
     import uvloop
 
@@ -117,9 +119,10 @@ def main() -> int:
            "CREDITLEDGER_STORE__TOKEN_SECRET": SECRET}  # fmt: skip
     env.pop("DATABASE_URL", None)
     log = (workdir / "store.log").open("ab")
-    process = subprocess.Popen([sys.executable, "-m", "creditledger.cli", "store", "serve",
-                                "--port", str(PORT)], env=env, stdout=log,
-                               stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+    command = [sys.executable, "-m", "creditledger.cli", "store", "serve", "--port", str(PORT),
+               "--workers", str(args.workers)]  # fmt: skip
+    process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT,
+                               start_new_session=True)  # fmt: skip
     try:
         if not wait_http(f"http://127.0.0.1:{PORT}/credit-store/openapi.json", process, 60):
             raise SystemExit(f"the store did not come up; see {workdir / 'store.log'}")
@@ -136,8 +139,8 @@ def main() -> int:
             print(table[-1], flush=True)
         print()
         print(f"{entries:,} entries over {len(user_ids):,} users; {args.clients} clients, "
-              f"{args.seconds:.0f} s per row, one store process (2 cores shared with the "
-              "load generator, Postgres and Redis)")  # fmt: skip
+              f"{args.seconds:.0f} s per row, {args.workers} store process(es) (2 cores shared "
+              "with the load generator, Postgres and Redis)")  # fmt: skip
         print(render_table(["endpoint", "requests", "failed", "req/s", "p50 ms", "p99 ms",
                             "max ms"], table))  # fmt: skip
     finally:

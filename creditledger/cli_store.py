@@ -20,6 +20,14 @@ def cmd_store_serve(args: argparse.Namespace, settings: Settings) -> int:
         settings = settings.model_copy(
             update={"store": settings.store.model_copy(update={"port": args.port})}
         )
+    if args.workers is not None:
+        # Worker processes read their settings again: hand the count over the environment.
+        import os
+
+        os.environ["CREDITLEDGER_STORE__WORKERS"] = str(args.workers)
+        settings = settings.model_copy(
+            update={"store": settings.store.model_copy(update={"workers": args.workers})}
+        )
     migrate(settings)
     if settings.store.token_secret.get_secret_value().startswith("dev-only"):
         logging.getLogger("store").warning(
@@ -60,6 +68,7 @@ def add_store_commands(commands: Any) -> None:
     actions = store.add_subparsers(dest="action", required=True, metavar="ACTION")
     p = actions.add_parser("serve", help="run the API and the page (store.port)")
     p.add_argument("--port", type=int, default=None, help="override store.port")
+    p.add_argument("--workers", type=int, default=None, help="override store.workers")
     p.set_defaults(handler=cmd_store_serve)
     p = actions.add_parser("token", help="print a signed bearer token for a user",
                            description="Open the page with "

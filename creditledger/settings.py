@@ -326,6 +326,9 @@ class ProxySettings(_Section):
 class StoreSettings(_Section):
     host: str = Field("127.0.0.1", description="Address the credit-store API listens on.")
     port: int = Field(18100, ge=1, le=65535, description="Port of the credit-store API and page.")
+    workers: int = Field(
+        1, ge=1, le=64, description="Server processes (each with its own connection pools)."
+    )
     token_secret: SecretStr = Field(
         SecretStr("dev-only-token-secret-change-me"),
         description="HMAC key of the API's bearer tokens (set your own outside development).",

@@ -33,10 +33,11 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
+import orjson
 import psycopg
 from fastapi import Depends, FastAPI, Header, Query, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
 from psycopg_pool import PoolTimeout
 from redis.exceptions import RedisError
 
@@ -81,6 +82,12 @@ def jsonable(value: Any) -> Any:
     if isinstance(value, Decimal):
         return decimal_text(value)
     return value
+
+
+def fast_json(value: Any) -> Response:
+    """The hot read routes: orjson serialises the dataclasses and UTC times natively, about
+    ten times faster than walking them in Python (a 30-day series is ~60 nested objects)."""
+    return Response(orjson.dumps(value, option=orjson.OPT_UTC_Z), media_type="application/json")
 
 
 def error(status: int, code: str, message: str) -> JSONResponse:
@@ -235,15 +242,15 @@ def _routes(app: FastAPI, service: StoreService) -> None:
 
     @app.get(f"{PREFIX}/balance", summary="The caller's balance snapshot")
     async def balance(who: Who) -> Any:
-        return jsonable(await service.reads.balance(who.user_id))
+        return fast_json(await service.reads.balance(who.user_id))
 
     @app.get(f"{PREFIX}/consumption", summary="Credits and tokens used over a period")
     async def consumption(who: Who, period: PeriodQ = "24h") -> Any:
-        return jsonable(await service.reads.consumption(who.user_id, period))
+        return fast_json(await service.reads.consumption(who.user_id, period))
 
     @app.get(f"{PREFIX}/ledger", summary="The caller's ledger history, newest first")
     async def ledger(who: Who, cursor: Cursor = None, limit: Limit = 20) -> Any:
-        return jsonable(await service.reads.history(who.user_id, cursor=cursor, limit=limit))
+        return fast_json(await service.reads.history(who.user_id, cursor=cursor, limit=limit))
 
     @app.get(f"{PREFIX}/products", summary="Credit packs on sale now")
     async def products(who: Who) -> Any:
@@ -401,9 +408,22 @@ def _check_window(active_from: datetime, active_until: datetime | None) -> None:
         raise StoreError(400, "invalid_window", "active_until must be after active_from")
 
 
+def app_from_env() -> FastAPI:
+    """The app of one worker process when ``store.workers`` > 1 (settings read again)."""
+    from creditledger.settings import load_settings
+
+    return create_app(load_settings())
+
+
 def serve(settings: Settings, *, log_level: str = "warning") -> None:
     import uvicorn
 
-    uvicorn.run(create_app(settings), host=settings.store.host, port=settings.store.port,
-                loop="uvloop", http="httptools", access_log=False,
-                log_level=log_level)  # fmt: skip
+    store = settings.store
+    if store.workers > 1:
+        # Each worker is a process of its own: it builds its app (and connections) itself.
+        uvicorn.run("store.api:app_from_env", factory=True, workers=store.workers,
+                    host=store.host, port=store.port, loop="uvloop", http="httptools",
+                    access_log=False, log_level=log_level)  # fmt: skip
+        return
+    uvicorn.run(create_app(settings), host=store.host, port=store.port, loop="uvloop",
+                http="httptools", access_log=False, log_level=log_level)  # fmt: skip
