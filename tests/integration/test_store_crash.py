@@ -16,7 +16,7 @@ from projections.db import connect
 from streams.codec import load_codec
 from tests.integration.conftest import ScratchTopics
 from tests.integration.ledger_harness import WorkerGroup
-from tests.integration.store_harness import StoreWorld
+from tests.integration.store_harness import StoreWorld, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -31,15 +31,6 @@ def world(stack_settings: Settings, scratch: ScratchTopics, unique: str) -> Iter
         yield world
     finally:
         world.cleanup()
-
-
-def wait_for(what: str, check: object, timeout: float, world: StoreWorld) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():  # type: ignore[operator]
-        if time.monotonic() > deadline:
-            logs = "\n".join(f"--- {n}\n{world.log_tail(n)}" for n in world.processes)
-            raise AssertionError(f"{what} not reached in {timeout} s\n{logs}")
-        time.sleep(0.1)
 
 
 def test_store_killed_between_payment_and_grant_grants_once(world: StoreWorld,

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,7 +18,7 @@ from projections.db import connect
 from streams.codec import load_codec
 from tests.integration.conftest import ScratchTopics
 from tests.integration.ledger_harness import WorkerGroup
-from tests.integration.store_harness import StoreWorld
+from tests.integration.store_harness import StoreWorld, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -37,15 +36,6 @@ def world(stack_settings: Settings, scratch: ScratchTopics, unique: str) -> Iter
         yield world
     finally:
         world.cleanup()
-
-
-def wait_for(what: str, check: object, timeout: float, world: StoreWorld) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():  # type: ignore[operator]
-        if time.monotonic() > deadline:
-            logs = "\n".join(f"--- {n}\n{world.log_tail(n)}" for n in world.processes)
-            raise AssertionError(f"{what} not reached in {timeout} s\n{logs}")
-        time.sleep(0.2)
 
 
 def entries(world: StoreWorld, user: str) -> int:
