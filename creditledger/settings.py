@@ -329,6 +329,11 @@ class StoreSettings(_Section):
     workers: int = Field(
         1, ge=1, le=64, description="Server processes (each with its own connection pools)."
     )
+    fast_reads: bool = Field(
+        True,
+        description="Answer GET balance, consumption and ledger ahead of the framework "
+        "(same replies, a fraction of the CPU); off: every request goes through FastAPI.",
+    )
     token_secret: SecretStr = Field(
         SecretStr("dev-only-token-secret-change-me"),
         description="HMAC key of the API's bearer tokens (set your own outside development).",

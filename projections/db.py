@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 import psycopg
+from psycopg_pool import AsyncConnectionPool
 
 from creditledger.errors import StackError
 from creditledger.settings import Settings
@@ -30,3 +31,22 @@ def connect(settings: Settings, *, dsn: str | None = None, autocommit: bool = Fa
             f"cannot reach Postgres: {exc}".strip()
             + "; start it with `creditledger stack up` or set DATABASE_URL"
         ) from exc
+
+
+async def open_pool(settings: Settings, *, dsn: str | None = None,
+                    size: int = 10) -> AsyncConnectionPool[Any]:  # fmt: skip
+    """An open autocommit pool of UTC sessions, or a :class:`StackError` saying how to start
+    Postgres. The pool starts with one connection and grows to ``size`` under load."""
+    timeout = settings.postgres.connect_timeout_s
+    pool: AsyncConnectionPool[Any] = AsyncConnectionPool(
+        dsn or settings.postgres_dsn, min_size=1, max_size=size, open=False,
+        kwargs={"options": SESSION_OPTIONS, "autocommit": True, "connect_timeout": timeout,
+                "application_name": "creditledger"},
+    )  # fmt: skip
+    try:
+        await pool.open(wait=True, timeout=timeout)
+    except Exception as exc:
+        await pool.close()
+        raise StackError(f"cannot reach Postgres: {exc}; start it with `creditledger "
+                         "stack up` or set DATABASE_URL") from exc  # fmt: skip
+    return pool

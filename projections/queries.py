@@ -24,9 +24,9 @@ import redis.asyncio as aioredis
 from psycopg.rows import dict_row
 from psycopg_pool import AsyncConnectionPool
 
-from creditledger.errors import QueryError, StackError
+from creditledger.errors import QueryError
 from creditledger.settings import Settings
-from projections.db import SESSION_OPTIONS
+from projections.db import open_pool
 from projections.periods import Window, window
 from projections.redis_keys import balance_key
 
@@ -169,16 +169,7 @@ class ReadModels:
         self._redis: aioredis.Redis | None = None
 
     async def start(self) -> None:
-        self._pool = AsyncConnectionPool(
-            self.dsn, min_size=1, max_size=self.pool_size, open=False,
-            kwargs={"options": SESSION_OPTIONS, "autocommit": True,
-                    "connect_timeout": self.settings.postgres.connect_timeout_s},
-        )  # fmt: skip
-        try:
-            await self._pool.open(wait=True, timeout=self.settings.postgres.connect_timeout_s)
-        except Exception as exc:
-            raise StackError(f"cannot reach Postgres: {exc}; start it with `creditledger "
-                             "stack up` or set DATABASE_URL") from exc  # fmt: skip
+        self._pool = await open_pool(self.settings, dsn=self.dsn, size=self.pool_size)
         self._redis = aioredis.Redis.from_url(
             self.settings.redis_url, socket_timeout=self.settings.redis.socket_timeout_ms / 1000,
             socket_connect_timeout=self.settings.redis.socket_timeout_ms / 1000,

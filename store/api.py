@@ -40,12 +40,14 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
 from psycopg_pool import PoolTimeout
 from redis.exceptions import RedisError
+from starlette.types import ASGIApp
 
 from creditledger.errors import QueryError, StackError, StoreError
 from creditledger.settings import Settings, project_path
 from llm_proxy.price_source import read_yaml
 from projections.queries import MAX_LIMIT, ReadModels
 from store.domain import Principal, check_user_id, sign_payment, verify_payment, verify_token
+from store.hot_reads import HotReads
 from store.repository import StoreRepository, decimal_text, utc_now
 from store.schemas import (
     OrderCreate,
@@ -149,7 +151,18 @@ class StoreService:
 
 
 def create_app(settings: Settings, *, dsn: str | None = None,
-               redis_prefix: str | None = None) -> FastAPI:  # fmt: skip
+               redis_prefix: str | None = None) -> ASGIApp:  # fmt: skip
+    """The store's ASGI app: FastAPI, behind :class:`HotReads` unless ``store.fast_reads``
+    is off."""
+    app = create_fastapi(settings, dsn=dsn, redis_prefix=redis_prefix)
+    if not settings.store.fast_reads:
+        return app
+    service: StoreService = app.state.service
+    return HotReads(app, service.reads, service.secret, PREFIX)
+
+
+def create_fastapi(settings: Settings, *, dsn: str | None = None,
+                   redis_prefix: str | None = None) -> FastAPI:  # fmt: skip
     service = StoreService(settings, dsn=dsn, redis_prefix=redis_prefix)
 
     @contextlib.asynccontextmanager
@@ -198,8 +211,10 @@ def _errors(app: FastAPI) -> None:
         app.add_exception_handler(kind, unavailable)
 
 
-def principal(request: Request,
-              authorization: Annotated[str | None, Header()] = None) -> Principal:  # fmt: skip
+async def principal(
+    request: Request, authorization: Annotated[str | None, Header()] = None
+) -> Principal:
+    # async: FastAPI runs a plain ``def`` dependency in a worker thread, a hop per request.
     if not authorization:
         raise StoreError(401, "missing_token", "send 'Authorization: Bearer <token>'")
     scheme, _, token = authorization.partition(" ")
@@ -210,7 +225,7 @@ def principal(request: Request,
     return verify_token(service.secret, token.strip(), int(time.time()))
 
 
-def admin(who: Annotated[Principal, Depends(principal)]) -> Principal:
+async def admin(who: Annotated[Principal, Depends(principal)]) -> Principal:
     if who.role != "admin":
         raise StoreError(403, "forbidden", "this needs an admin token")
     return who
@@ -408,7 +423,7 @@ def _check_window(active_from: datetime, active_until: datetime | None) -> None:
         raise StoreError(400, "invalid_window", "active_until must be after active_from")
 
 
-def app_from_env() -> FastAPI:
+def app_from_env() -> ASGIApp:
     """The app of one worker process when ``store.workers`` > 1 (settings read again)."""
     from creditledger.settings import load_settings
 

@@ -30,10 +30,10 @@ from psycopg_pool import AsyncConnectionPool
 
 from agents.domain import Grant
 from agents.records import GRANT_TOPIC, command_to_record, to_ms
-from creditledger.errors import CreditLedgerError, StackError, StoreError
+from creditledger.errors import CreditLedgerError, StoreError
 from creditledger.settings import Settings
 from llm_proxy.price_source import TABLE_QUERY, merge, table_rows_to_rules
-from projections.db import SESSION_OPTIONS
+from projections.db import open_pool
 from store.domain import (
     Period,
     RewardKind,
@@ -88,16 +88,7 @@ class StoreRepository:
         self._pool: AsyncConnectionPool[Any] | None = None
 
     async def start(self) -> None:
-        self._pool = AsyncConnectionPool(
-            self.dsn, min_size=1, max_size=self.pool_size, open=False,
-            kwargs={"options": SESSION_OPTIONS, "autocommit": True,
-                    "connect_timeout": self.settings.postgres.connect_timeout_s},
-        )  # fmt: skip
-        try:
-            await self._pool.open(wait=True, timeout=self.settings.postgres.connect_timeout_s)
-        except Exception as exc:
-            raise StackError(f"cannot reach Postgres: {exc}; start it with `creditledger "
-                             "stack up` or set DATABASE_URL") from exc  # fmt: skip
+        self._pool = await open_pool(self.settings, dsn=self.dsn, size=self.pool_size)
 
     async def close(self) -> None:
         if self._pool is not None:
