@@ -132,13 +132,24 @@ def make_cursor(seq: int) -> str:
     return f"s{seq}"
 
 
+# Postgres adds up the series, the per-model and the overall totals (grouping sets) so the
+# API does no arithmetic per row: ``grouping`` says which sum a row is (0: one model in one
+# bucket, 1: a bucket's total, 2: a model's total, 3: the whole window).
 CONSUMPTION_SQL = """
-SELECT date_trunc(%(bucket)s, hour AT TIME ZONE 'UTC') AT TIME ZONE 'UTC' AS start, model_alias,
-       sum(credits_micro)::bigint, sum(input_tokens)::bigint, sum(output_tokens)::bigint,
-       sum(cached_tokens)::bigint, sum(reasoning_tokens)::bigint, sum(calls)::bigint
-FROM consumption_hourly
-WHERE user_id = %(user)s AND hour >= %(start)s AND hour < %(end)s
-GROUP BY 1, 2 ORDER BY 1, 2
+WITH hours AS (
+    SELECT date_trunc(%(bucket)s, hour AT TIME ZONE 'UTC') AT TIME ZONE 'UTC' AS start,
+           model_alias, credits_micro, input_tokens, output_tokens, cached_tokens,
+           reasoning_tokens, calls
+    FROM consumption_hourly
+    WHERE user_id = %(user)s AND hour >= %(start)s AND hour < %(end)s
+)
+SELECT grouping(start, model_alias), start, model_alias,
+       coalesce(sum(credits_micro), 0)::bigint, coalesce(sum(input_tokens), 0)::bigint,
+       coalesce(sum(output_tokens), 0)::bigint, coalesce(sum(cached_tokens), 0)::bigint,
+       coalesce(sum(reasoning_tokens), 0)::bigint, coalesce(sum(calls), 0)::bigint
+FROM hours
+GROUP BY GROUPING SETS ((start, model_alias), (start), (model_alias), ())
+ORDER BY 1, 2, 3
 """
 
 HISTORY_SQL = """
@@ -231,18 +242,22 @@ class ReadModels:
                   "end": win.end}  # fmt: skip
         async with self.pool.connection() as conn:
             rows = await (await conn.execute(CONSUMPTION_SQL, params)).fetchall()
-        points: dict[datetime, dict[str, Usage]] = {start: {} for start in win.buckets()}
-        for start, model, *figures in rows:
-            points.setdefault(start, {})[model] = Usage(*(int(f) for f in figures))
-        series = [
-            SeriesPoint(start, sum(models.values(), Usage()), models)
-            for start, models in sorted(points.items())
-        ]
+        zero = Usage()
+        by_bucket: dict[datetime, dict[str, Usage]] = {start: {} for start in win.buckets()}
+        bucket_totals: dict[datetime, Usage] = {}
         by_model: dict[str, Usage] = {}
-        for point in series:
-            for model, usage in point.by_model.items():
-                by_model[model] = by_model.get(model, Usage()) + usage
-        total = sum(by_model.values(), Usage())
+        total = zero
+        for grouping, start, model, *figures in rows:
+            if grouping == 0:
+                by_bucket.setdefault(start, {})[model] = Usage(*figures)
+            elif grouping == 1:
+                bucket_totals[start] = Usage(*figures)
+            elif grouping == 2:
+                by_model[model] = Usage(*figures)
+            else:
+                total = Usage(*figures)
+        series = [SeriesPoint(start, bucket_totals.get(start, zero), models)
+                  for start, models in sorted(by_bucket.items())]  # fmt: skip
         return Consumption(user_id, win, total, dict(sorted(by_model.items())), series)
 
     # -- history ---------------------------------------------------------------------------

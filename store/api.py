@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -168,6 +169,9 @@ def create_fastapi(settings: Settings, *, dsn: str | None = None,
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         await service.start()
+        # What start-up loaded lives as long as the process: keep it out of the collector's
+        # full passes, which otherwise pause every request in flight (as in the proxy).
+        gc.freeze()
         try:
             yield
         finally:
