@@ -13,7 +13,7 @@ def cmd_store_serve(args: argparse.Namespace, settings: Settings) -> int:
     import logging
 
     from projections.migrate import migrate
-    from store.api import serve
+    from store.server import serve
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     if args.port is not None:
@@ -21,10 +21,6 @@ def cmd_store_serve(args: argparse.Namespace, settings: Settings) -> int:
             update={"store": settings.store.model_copy(update={"port": args.port})}
         )
     if args.workers is not None:
-        # Worker processes read their settings again: hand the count over the environment.
-        import os
-
-        os.environ["CREDITLEDGER_STORE__WORKERS"] = str(args.workers)
         settings = settings.model_copy(
             update={"store": settings.store.model_copy(update={"workers": args.workers})}
         )

@@ -101,8 +101,9 @@ class StoreService:
     """What the routes share: settings, the repository, the read models, the fulfiller."""
 
     def __init__(self, settings: Settings, *, dsn: str | None = None,
-                 redis_prefix: str | None = None) -> None:  # fmt: skip
+                 redis_prefix: str | None = None, sweeper: bool = True) -> None:  # fmt: skip
         self.settings = settings
+        self.sweeper = sweeper
         self.secret = settings.store.token_secret.get_secret_value().encode()
         self.payment_secret = settings.store.payment_secret.get_secret_value().encode()
         self.codec = load_codec(project_path(settings.schemas.avro_dir))
@@ -115,7 +116,8 @@ class StoreService:
         self.file_rules = read_yaml(project_path(self.settings.proxy.price_rules_file))
         await self.repo.start()
         await self.reads.start()
-        self._sweeper = asyncio.ensure_future(self._sweep_forever())
+        if self.sweeper:
+            self._sweeper = asyncio.ensure_future(self._sweep_forever())
 
     async def stop(self) -> None:
         if self._sweeper is not None:
@@ -151,11 +153,11 @@ class StoreService:
         return order
 
 
-def create_app(settings: Settings, *, dsn: str | None = None,
-               redis_prefix: str | None = None) -> ASGIApp:  # fmt: skip
+def create_app(settings: Settings, *, dsn: str | None = None, redis_prefix: str | None = None,
+               sweeper: bool = True) -> ASGIApp:  # fmt: skip
     """The store's ASGI app: FastAPI, behind :class:`HotReads` unless ``store.fast_reads``
-    is off."""
-    app = create_fastapi(settings, dsn=dsn, redis_prefix=redis_prefix)
+    is off. ``sweeper``: run the order sweep in this process (one worker of several does)."""
+    app = create_fastapi(settings, dsn=dsn, redis_prefix=redis_prefix, sweeper=sweeper)
     if not settings.store.fast_reads:
         return app
     service: StoreService = app.state.service
@@ -163,8 +165,8 @@ def create_app(settings: Settings, *, dsn: str | None = None,
 
 
 def create_fastapi(settings: Settings, *, dsn: str | None = None,
-                   redis_prefix: str | None = None) -> FastAPI:  # fmt: skip
-    service = StoreService(settings, dsn=dsn, redis_prefix=redis_prefix)
+                   redis_prefix: str | None = None, sweeper: bool = True) -> FastAPI:  # fmt: skip
+    service = StoreService(settings, dsn=dsn, redis_prefix=redis_prefix, sweeper=sweeper)
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -425,24 +427,3 @@ def _routes(app: FastAPI, service: StoreService) -> None:
 def _check_window(active_from: datetime, active_until: datetime | None) -> None:
     if active_until is not None and active_until <= active_from:
         raise StoreError(400, "invalid_window", "active_until must be after active_from")
-
-
-def app_from_env() -> ASGIApp:
-    """The app of one worker process when ``store.workers`` > 1 (settings read again)."""
-    from creditledger.settings import load_settings
-
-    return create_app(load_settings())
-
-
-def serve(settings: Settings, *, log_level: str = "warning") -> None:
-    import uvicorn
-
-    store = settings.store
-    if store.workers > 1:
-        # Each worker is a process of its own: it builds its app (and connections) itself.
-        uvicorn.run("store.api:app_from_env", factory=True, workers=store.workers,
-                    host=store.host, port=store.port, loop="uvloop", http="httptools",
-                    access_log=False, log_level=log_level)  # fmt: skip
-        return
-    uvicorn.run(create_app(settings), host=store.host, port=store.port, loop="uvloop",
-                http="httptools", access_log=False, log_level=log_level)  # fmt: skip
