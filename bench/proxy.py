@@ -26,13 +26,11 @@ Redis prefix. LiteLLM: install it apart (its pins clash with ours), e.g.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import itertools
 import os
 import random
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -45,6 +43,7 @@ from typing import Any
 import orjson
 import yaml
 
+from bench.common import Processes, bench_parser
 from creditledger.settings import Settings, load_settings
 from creditledger.tables import render_table
 from llm_proxy.auth import new_key
@@ -298,10 +297,7 @@ def io_floor(world: Settings, rate_per_s: float, seconds: float) -> list[tuple[s
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--seconds", type=float, default=10.0, help="per measurement")
+    parser = bench_parser(__doc__)
     parser.add_argument("--latency-ms", type=int, default=1000, help="fake upstream latency")
     parser.add_argument("--clients", default="50,200", help="concurrency levels")
     parser.add_argument(
@@ -316,15 +312,8 @@ def main() -> int:
     workdir = Path(tempfile.mkdtemp(prefix="bench-proxy-"))
     upstream_port, proxy_port, litellm_port = 18180, 18181, 18182
     world, key, env = prepare_world(settings, workdir, upstream_port, proxy_port)
-    processes: list[subprocess.Popen[bytes]] = []
-
-    def spawn(name: str, command: list[str]) -> subprocess.Popen[bytes]:
-        log = (workdir / f"{name}.log").open("ab")
-        process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                   start_new_session=True)  # fmt: skip
-        processes.append(process)
-        return process
-
+    processes = Processes(workdir, env)
+    spawn = processes.spawn
     cli = [sys.executable, "-m", "creditledger.cli"]
     try:
         upstream = spawn("upstream", [*cli, "fake-upstream", "--port", str(upstream_port)])
@@ -338,7 +327,7 @@ def main() -> int:
         ]  # fmt: skip
         if args.litellm:
             litellm = start_litellm(args.litellm, workdir, upstream_port, litellm_port)
-            processes.append(litellm)
+            processes.adopt(litellm)
             wait_up(f"http://127.0.0.1:{litellm_port}/health/liveliness", litellm, 180)
             targets.append(Target("litellm", litellm_port, "/v1/chat/completions",
                                   b"Authorization: Bearer sk-bench\r\n", False))  # fmt: skip
@@ -414,14 +403,7 @@ def main() -> int:
             )
         )
     finally:
-        for process in processes:
-            if process.poll() is None:
-                os.killpg(process.pid, signal.SIGTERM)
-        for process in processes:
-            try:
-                process.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
+        processes.stop_all()
         print(f"logs: {workdir}")
     return 0
 

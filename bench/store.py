@@ -1,32 +1,31 @@
 """The credit-store API under load: GET balance, consumption (30d) and ledger.
 
-    .venv/bin/python -m bench.store [--seconds 10] [--clients 100] [--quick]
+    .venv/bin/python -m bench.store [--seconds 10] [--clients 100] [--workers 1,2] [--quick]
 
 Data: 10M ledger entries over 100k users in the database ``bench_queries``
 (made by ``bench.projections`` and kept between runs; the first run generates
 it, a few minutes), plus a Redis balance snapshot per user under a prefix of
 its own. A real ``creditledger store serve`` process answers; 100 clients
 (closed loop, keep-alive, each request for a random user with that user's
-signed token) hit one endpoint at a time, then all three mixed. ``--workers N``
-runs the store with N server processes. ``--quick``
+signed token) hit one endpoint at a time, then all three mixed. ``--workers 1,2``
+measures the store with 1, then 2 server processes. The CPU columns say who used the
+two cores (% of one core). ``--quick``
 uses 200k entries over 2k users (and regenerates ``bench_queries`` at that
 size). Needs the stack up.
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import os
 import random
-import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+from bench.common import CpuMeter, Processes, bench_parser
 from bench.projections import ensure_query_data
 from bench.proxy import Connection, pct
 from creditledger.settings import load_settings
@@ -93,16 +92,12 @@ async def load(paths: list[str], tokens: list[bytes], clients: int,
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--seconds", type=float, default=10.0, help="per measurement")
+    parser = bench_parser(__doc__)
     parser.add_argument("--clients", type=int, default=100, help="concurrent clients")
     parser.add_argument("--quick", action="store_true", help="200k entries over 2k users")
-    parser.add_argument("--workers", type=int, default=1, help="store server processes")
+    parser.add_argument("--workers", default="1",
+                        help="store server processes; a list (1,2) measures each")  # fmt: skip
     args = parser.parse_args()
-    import uvloop
-
     entries, users = (200_000, 2_000) if args.quick else (10_000_000, 100_000)
     base = load_settings()
     settings = ensure_query_data(base, entries, users, rebuild=False)
@@ -113,40 +108,51 @@ def main() -> int:
     expires = int(time.time()) + 3600
     tokens = [sign_token(SECRET.encode(), u, "user", expires).encode()
               for u in random.sample(user_ids, min(len(user_ids), 5000))]  # fmt: skip
-    workdir = Path(tempfile.mkdtemp(prefix="bench-store-"))
     env = {**os.environ, "CREDITLEDGER_POSTGRES__URL": settings.postgres_dsn,
            "CREDITLEDGER_PROJECTIONS__REDIS_KEY_PREFIX": PREFIX,
            "CREDITLEDGER_STORE__TOKEN_SECRET": SECRET}  # fmt: skip
     env.pop("DATABASE_URL", None)
-    log = (workdir / "store.log").open("ab")
+    table = []
+    for workers in [int(w) for w in args.workers.split(",")]:
+        table += measure(env, workers, tokens, args.clients, args.seconds)
+    print()
+    print(f"{entries:,} entries over {len(user_ids):,} users; {args.clients} clients (closed "
+          f"loop, keep-alive), {args.seconds:.0f} s per row; 2 cores shared by the store, "
+          "Postgres, Redis and the load generator; CPU in % of one core")  # fmt: skip
+    print(render_table(["endpoint", "workers", "requests", "failed", "req/s", "p50 ms",
+                        "p99 ms", "max ms", "CPU store", "CPU pg", "CPU load"], table))  # fmt: skip
+    return 0
+
+
+def measure(env: dict[str, str], workers: int, tokens: list[bytes], clients: int,
+            seconds: float) -> list[tuple[object, ...]]:  # fmt: skip
+    import uvloop
+
+    processes = Processes(Path(tempfile.mkdtemp(prefix="bench-store-")), env)
     command = [sys.executable, "-m", "creditledger.cli", "store", "serve", "--port", str(PORT),
-               "--workers", str(args.workers)]  # fmt: skip
-    process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT,
-                               start_new_session=True)  # fmt: skip
+               "--workers", str(workers)]  # fmt: skip
+    process = processes.spawn("store", command)
+    rows: list[tuple[object, ...]] = []
     try:
         if not wait_http(f"http://127.0.0.1:{PORT}/credit-store/openapi.json", process, 60):
-            raise SystemExit(f"the store did not come up; see {workdir / 'store.log'}")
-        table = []
+            raise SystemExit(f"the store did not come up; see {processes.workdir / 'store.log'}")
         runs = [(name, [path]) for name, path in ENDPOINTS.items()]
         runs.append(("all three, mixed", list(ENDPOINTS.values())))
+        meter = CpuMeter(process.pid)
         for name, paths in runs:
-            uvloop.run(load(paths, tokens, args.clients, 2.0))  # warm up
-            latencies, failures = uvloop.run(load(paths, tokens, args.clients, args.seconds))
-            table.append((name, len(latencies), failures,
-                          f"{len(latencies) / args.seconds:.0f}",
-                          f"{statistics.median(latencies):.1f}", f"{pct(latencies, 0.99):.1f}",
-                          f"{max(latencies):.1f}"))  # fmt: skip
-            print(table[-1], flush=True)
-        print()
-        print(f"{entries:,} entries over {len(user_ids):,} users; {args.clients} clients, "
-              f"{args.seconds:.0f} s per row, {args.workers} store process(es) (2 cores shared "
-              "with the load generator, Postgres and Redis)")  # fmt: skip
-        print(render_table(["endpoint", "requests", "failed", "req/s", "p50 ms", "p99 ms",
-                            "max ms"], table))  # fmt: skip
+            uvloop.run(load(paths, tokens, clients, 2.0))  # warm up
+            meter.start()
+            latencies, failures = uvloop.run(load(paths, tokens, clients, seconds))
+            cpu = meter.stop(seconds)
+            rows.append((name, workers, len(latencies), failures,
+                         f"{len(latencies) / seconds:.0f}",
+                         f"{statistics.median(latencies):.1f}", f"{pct(latencies, 0.99):.1f}",
+                         f"{max(latencies):.1f}", f"{cpu['server']:.0f}",
+                         f"{cpu['postgres']:.0f}", f"{cpu['load generator']:.0f}"))  # fmt: skip
+            print(rows[-1], flush=True)
     finally:
-        os.killpg(process.pid, signal.SIGTERM)
-        process.wait(30)
-    return 0
+        processes.stop_all()
+    return rows
 
 
 if __name__ == "__main__":

@@ -1,0 +1,97 @@
+"""What the benchmarks share: the command line, their server processes, CPU accounting."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import signal
+import subprocess
+from pathlib import Path
+
+TICKS_PER_S = os.sysconf("SC_CLK_TCK")
+
+
+def bench_parser(doc: str | None, seconds: float = 10.0) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description=doc, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--seconds", type=float, default=seconds, help="per measurement")
+    return parser
+
+
+class Processes:
+    """Server processes of one run, each in a session of its own with its log in ``workdir``;
+    :meth:`stop_all` ends each whole session (workers included)."""
+
+    def __init__(self, workdir: Path, env: dict[str, str]) -> None:
+        self.workdir = workdir
+        self.env = env
+        self.started: list[subprocess.Popen[bytes]] = []
+
+    def spawn(self, name: str, command: list[str]) -> subprocess.Popen[bytes]:
+        log = (self.workdir / f"{name}.log").open("ab")
+        process = subprocess.Popen(command, env=self.env, stdout=log, stderr=subprocess.STDOUT,
+                                   start_new_session=True)  # fmt: skip
+        self.started.append(process)
+        return process
+
+    def adopt(self, process: subprocess.Popen[bytes]) -> None:
+        self.started.append(process)
+
+    def stop_all(self, timeout: float = 30) -> None:
+        for process in self.started:
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGTERM)
+        for process in self.started:
+            try:
+                process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+
+
+def _proc_cpu() -> list[tuple[str, int, float]]:
+    """(command, process group, CPU seconds) of every process we can read."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            raw = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue  # gone meanwhile
+        name = raw[raw.index("(") + 1 : raw.rindex(")")]
+        fields = raw[raw.rindex(")") + 2 :].split()
+        # after the name: state ppid pgrp session ... utime (11) stime (12), in ticks
+        found.append((name, int(fields[2]), (int(fields[11]) + int(fields[12])) / TICKS_PER_S))
+    return found
+
+
+class CpuMeter:
+    """CPU used between :meth:`start` and :meth:`stop` by the server's process group, by
+    Postgres, by Redis and by this (load-generating) process, as % of one core."""
+
+    def __init__(self, server_pgid: int) -> None:
+        self.server_pgid = server_pgid
+        self._start: dict[str, float] = {}
+
+    def _sample(self) -> dict[str, float]:
+        totals = {"server": 0.0, "postgres": 0.0, "redis": 0.0}
+        for name, pgid, seconds in _proc_cpu():
+            if pgid == self.server_pgid:
+                totals["server"] += seconds
+            elif name == "postgres":
+                totals["postgres"] += seconds
+            elif name.startswith("redis-server"):
+                totals["redis"] += seconds
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        totals["load generator"] = usage.ru_utime + usage.ru_stime
+        return totals
+
+    def start(self) -> None:
+        self._start = self._sample()
+
+    def stop(self, seconds: float) -> dict[str, float]:
+        end = self._sample()
+        return {k: 100 * (end[k] - self._start.get(k, 0.0)) / seconds for k in end}
