@@ -65,8 +65,10 @@ def _family(host: str) -> socket.AddressFamily:
 
 def check_port_free(host: str, port: int) -> None:
     """Bind without ``SO_REUSEPORT``: refused while anything listens there, even a store
-    whose own sockets share it."""
+    whose own sockets share it. (``SO_REUSEADDR`` only lets it past the TIME_WAIT
+    connections a store killed a moment ago leaves behind.)"""
     probe = socket.socket(_family(host), socket.SOCK_STREAM)
+    probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         probe.bind((host, port))
     except OSError as exc:

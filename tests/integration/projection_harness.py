@@ -21,10 +21,11 @@ from agents.domain import Entry
 from agents.records import LEDGER_TOPIC, entry_to_record
 from creditledger.settings import Settings, load_settings
 from projections.db import connect
+from projections.entries import LogPosition, Row, decode_row
 from projections.migrate import migrate
-from projections.postgres_sink import PROJECTION
+from projections.postgres_sink import PROJECTION, PostgresSink
 from projections.redis_keys import balance_pattern, progress_key
-from projections.redis_sink import connect_redis
+from projections.redis_sink import RedisSink, connect_redis
 from streams.codec import AvroCodec
 from streams.kafka_clients import make_consumer, make_producer
 from tests.integration.conftest import ScratchTopics
@@ -240,3 +241,50 @@ class ProjectionEnv:
                 client.delete(*keys[start : start + 1000])
         finally:
             client.close()
+
+
+class Writer:
+    """Applies ledger entries through the real sinks, as the projectors do, without Kafka (for
+    tests of what reads the read models)."""
+
+    def __init__(self, settings: Settings, topic: str, codec: AvroCodec) -> None:
+        self.settings = settings
+        self.topic = topic
+        self.codec = codec
+        self.offset = 0
+        self.seq: dict[str, int] = {}
+        self.balance: dict[str, int] = {}
+
+    def rows(self, entries: list[Entry]) -> list[Row]:
+        out = []
+        for entry in entries:
+            value = self.codec.encode(LEDGER_TOPIC, entry_to_record(entry))
+            out.append(decode_row(self.codec, value,
+                                  LogPosition(self.topic, 0, self.offset)))  # fmt: skip
+            self.offset += 1
+        return out
+
+    def entry(self, user: str, amount: int, occurred_ms: int, model: str = "m1",
+              kind: str = "charge") -> Entry:  # fmt: skip
+        self.seq[user] = self.seq.get(user, 0) + 1
+        signed = -amount if kind == "charge" else amount
+        self.balance[user] = self.balance.get(user, 0) + signed
+        charge = kind == "charge"
+        return Entry(
+            user_id=user, seq=self.seq[user], event_id=f"{user}-{self.seq[user]}",
+            command_digest="d", kind=kind, amount_micro=signed,
+            balance_after_micro=self.balance[user], occurred_at_ms=occurred_ms,
+            recorded_at_ms=occurred_ms + 5, scene="chat" if charge else None,
+            model_alias=model if charge else None, upstream_model="u" if charge else None,
+            input_tokens=2 * amount if charge else 0, output_tokens=amount if charge else 0,
+            price_rule_id="r" if charge else None, price_rule_version=1 if charge else None,
+        )  # fmt: skip
+
+    def apply(self, entries: list[Entry]) -> None:
+        rows = {0: self.rows(entries)}
+        for sink in (PostgresSink(self.settings), RedisSink(self.settings)):
+            sink.start()
+            try:
+                sink.apply(self.topic, rows, {0: 0}, {})
+            finally:
+                sink.close()

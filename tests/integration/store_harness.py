@@ -7,18 +7,20 @@ or another service would, and the store process can be SIGKILLed.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from typing import Any
 
 from agents.domain import Grant
 from agents.records import GRANT_TOPIC, command_from_record
-from creditledger.settings import Settings
+from creditledger.settings import Settings, project_path
 from projections.db import connect
 from store.domain import Role, sign_payment, sign_token
-from streams.codec import AvroCodec
+from streams.codec import AvroCodec, load_codec
 from tests.integration.conftest import ScratchTopics
 from tests.integration.proxy_harness import ProxyWorld, free_port, wait_http
 
@@ -48,12 +50,17 @@ class StoreWorld(ProxyWorld):
             "CREDITLEDGER_STORE__FULFIL_INTERVAL_S": "0.2",
         })  # fmt: skip
 
-    def start_store(self, **settings: str) -> None:
-        for name, value in settings.items():
-            self.extra_env[f"CREDITLEDGER_STORE__{name.upper()}"] = value
-        process = self.start_process("store", "store", "serve", "--port", str(self.store_port))
-        wait_http(f"{self.store_url}/openapi.json", process, self.logdir / "store.log")
+    def start_store(self, name: str = "store", port: int | None = None,
+                    **settings: str) -> str:  # fmt: skip
+        """Start a store process (settings as ``store.<name>=value``); its base URL."""
+        for key, value in settings.items():
+            self.extra_env[f"CREDITLEDGER_STORE__{key.upper()}"] = value
+        port = port or self.store_port
+        url = f"http://127.0.0.1:{port}/credit-store"
+        process = self.start_process(name, "store", "serve", "--port", str(port))
+        wait_http(f"{url}/openapi.json", process, self.logdir / f"{name}.log")
         self.seed()
+        return url
 
     def seed(self) -> None:
         from store.seed import seed
@@ -63,11 +70,14 @@ class StoreWorld(ProxyWorld):
     def token(self, user: str, role: Role = "user", ttl_s: int = 600) -> str:
         return sign_token(TOKEN_SECRET.encode(), user, role, int(time.time()) + ttl_s)
 
-    def call(self, method: str, path: str, *, token: str | None = None, body: Any = None,
-             headers: dict[str, str] | None = None,
-             timeout: float = 30) -> tuple[int, Any]:  # fmt: skip
+    def raw(self, method: str, path: str, *, token: str | None = None, body: Any = None,
+            headers: dict[str, str] | None = None, base: str | None = None,
+            timeout: float = 30) -> tuple[int, str, bytes]:  # fmt: skip
+        """Status, content type and body bytes of one request (to ``base``, default the
+        store started first)."""
         data = None if body is None else json.dumps(body).encode()
-        request = urllib.request.Request(self.store_url + path, data=data, method=method)
+        request = urllib.request.Request((base or self.store_url) + path, data=data,
+                                         method=method)  # fmt: skip
         request.add_header("Content-Type", "application/json")
         if token is not None:
             request.add_header("Authorization", f"Bearer {token}")
@@ -75,13 +85,19 @@ class StoreWorld(ProxyWorld):
             request.add_header(name, value)
         try:
             with urllib.request.urlopen(request, timeout=timeout) as response:
-                return response.status, json.loads(response.read() or b"null")
+                return response.status, response.headers.get("content-type", ""), response.read()
         except urllib.error.HTTPError as exc:
-            raw = exc.read()
-            try:
-                return exc.code, json.loads(raw or b"null")
-            except ValueError:
-                return exc.code, raw.decode(errors="replace")
+            return exc.code, exc.headers.get("content-type", ""), exc.read()
+
+    def call(self, method: str, path: str, *, token: str | None = None, body: Any = None,
+             headers: dict[str, str] | None = None,
+             timeout: float = 30) -> tuple[int, Any]:  # fmt: skip
+        status, _, raw = self.raw(method, path, token=token, body=body, headers=headers,
+                                  timeout=timeout)  # fmt: skip
+        try:
+            return status, json.loads(raw or b"null")
+        except ValueError:
+            return status, raw.decode(errors="replace")
 
     def pay(self, order: dict[str, Any], reference: str, *, amount_minor: int | None = None,
             signature: str | None = None) -> tuple[int, Any]:  # fmt: skip
@@ -110,3 +126,18 @@ class StoreWorld(ProxyWorld):
             row = conn.execute("SELECT status FROM orders WHERE order_id = %s",
                                (order_id,)).fetchone()  # fmt: skip
         return None if row is None else str(row[0])
+
+
+@contextlib.contextmanager
+def store_world(stack_settings: Settings, scratch: ScratchTopics, unique: str, *,
+                start: bool = True, **kwargs: Any) -> Iterator[StoreWorld]:  # fmt: skip
+    """A test's store world (the store process started unless ``start`` is false), cleaned
+    up afterwards whatever happens."""
+    codec = load_codec(project_path(stack_settings.schemas.avro_dir))
+    world = StoreWorld(stack_settings, scratch, unique, codec, **kwargs)
+    try:
+        if start:
+            world.start_store()
+        yield world
+    finally:
+        world.cleanup()

@@ -8,17 +8,13 @@ from datetime import UTC, datetime
 
 import pytest
 
-from agents.domain import Entry
-from agents.records import LEDGER_TOPIC, entry_to_record, to_ms
+from agents.records import to_ms
 from creditledger.errors import QueryError
 from creditledger.settings import Settings, load_settings, project_path
-from projections.entries import LogPosition, Row, decode_row
-from projections.postgres_sink import PostgresSink
 from projections.queries import ReadModels
-from projections.redis_sink import RedisSink
 from streams.codec import load_codec
 from tests.integration.conftest import ScratchTopics
-from tests.integration.projection_harness import ProjectionEnv
+from tests.integration.projection_harness import ProjectionEnv, Writer
 
 pytestmark = pytest.mark.integration
 
@@ -37,52 +33,8 @@ def world(stack_settings: Settings, scratch: ScratchTopics, unique: str) -> Iter
     env.cleanup()
 
 
-class Writer:
-    """Applies entries through the real sinks (no Kafka needed for query tests)."""
-
-    def __init__(self, world: ProjectionEnv) -> None:
-        self.world = world
-        self.offset = 0
-        self.seq: dict[str, int] = {}
-        self.balance: dict[str, int] = {}
-
-    def rows(self, entries: list[Entry]) -> list[Row]:
-        out = []
-        for entry in entries:
-            value = self.world.codec.encode(LEDGER_TOPIC, entry_to_record(entry))
-            out.append(decode_row(self.world.codec, value,
-                                  LogPosition(self.world.topic, 0, self.offset)))  # fmt: skip
-            self.offset += 1
-        return out
-
-    def entry(self, user: str, amount: int, occurred_ms: int, model: str = "m1",
-              kind: str = "charge") -> Entry:  # fmt: skip
-        self.seq[user] = self.seq.get(user, 0) + 1
-        signed = -amount if kind == "charge" else amount
-        self.balance[user] = self.balance.get(user, 0) + signed
-        charge = kind == "charge"
-        return Entry(
-            user_id=user, seq=self.seq[user], event_id=f"{user}-{self.seq[user]}",
-            command_digest="d", kind=kind, amount_micro=signed,
-            balance_after_micro=self.balance[user], occurred_at_ms=occurred_ms,
-            recorded_at_ms=occurred_ms + 5, scene="chat" if charge else None,
-            model_alias=model if charge else None, upstream_model="u" if charge else None,
-            input_tokens=2 * amount if charge else 0, output_tokens=amount if charge else 0,
-            price_rule_id="r" if charge else None, price_rule_version=1 if charge else None,
-        )  # fmt: skip
-
-    def apply(self, entries: list[Entry]) -> None:
-        rows = {0: self.rows(entries)}
-        for sink in (PostgresSink(self.world.settings), RedisSink(self.world.settings)):
-            sink.start()
-            try:
-                sink.apply(self.world.topic, rows, {0: 0}, {})
-            finally:
-                sink.close()
-
-
 def test_consumption_periods_at_their_boundaries(world: ProjectionEnv) -> None:
-    w = Writer(world)
+    w = Writer(world.settings, world.topic, world.codec)
     user = "period-user"
     w.apply([
         w.entry(user, 50_000_000, at("2026-01-01T00:00:00"), kind="purchase"),  # not consumption
@@ -139,7 +91,7 @@ def test_consumption_periods_at_their_boundaries(world: ProjectionEnv) -> None:
 
 
 def test_history_pages_return_every_entry_exactly_once(world: ProjectionEnv) -> None:
-    w = Writer(world)
+    w = Writer(world.settings, world.topic, world.codec)
     user = "pager"
     w.apply([w.entry(user, 1_000 + n, at("2026-03-01T00:00:00") + n) for n in range(57)])
     w.apply([w.entry("someone-else", 5, at("2026-03-01T00:00:00"))])
@@ -180,7 +132,7 @@ def test_history_pages_return_every_entry_exactly_once(world: ProjectionEnv) -> 
 
 
 def test_balance_from_redis_and_from_postgres_when_redis_is_down(world: ProjectionEnv) -> None:
-    w = Writer(world)
+    w = Writer(world.settings, world.topic, world.codec)
     w.apply([w.entry("payer", 5_000_000, at("2026-03-01T00:00:00"), kind="purchase"),
              w.entry("payer", 1_234, at("2026-03-01T01:00:00"))])  # fmt: skip
 

@@ -15,13 +15,12 @@ import pytest
 from openai.types.chat import ChatCompletionMessageParam
 
 from creditledger.errors import StoreError
-from creditledger.settings import Settings, project_path
+from creditledger.settings import Settings
 from projections.db import connect
 from store.domain import Role
 from store.repository import StoreRepository
-from streams.codec import load_codec
 from tests.integration.conftest import ScratchTopics
-from tests.integration.store_harness import StoreWorld
+from tests.integration.store_harness import StoreWorld, store_world
 
 pytestmark = pytest.mark.integration
 
@@ -30,13 +29,8 @@ PROMPT: list[ChatCompletionMessageParam] = [{"role": "user", "content": "count t
 
 @pytest.fixture
 def world(stack_settings: Settings, scratch: ScratchTopics, unique: str) -> Iterator[StoreWorld]:
-    codec = load_codec(project_path(stack_settings.schemas.avro_dir))
-    world = StoreWorld(stack_settings, scratch, unique, codec)
-    try:
-        world.start_store()
+    with store_world(stack_settings, scratch, unique) as world:
         yield world
-    finally:
-        world.cleanup()
 
 
 USER_ROUTES = [

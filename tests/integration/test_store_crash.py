@@ -11,12 +11,11 @@ from collections.abc import Iterator
 import pytest
 
 from agents.records import LEDGER_TOPIC
-from creditledger.settings import Settings, project_path
+from creditledger.settings import Settings
 from projections.db import connect
-from streams.codec import load_codec
 from tests.integration.conftest import ScratchTopics
 from tests.integration.ledger_harness import WorkerGroup
-from tests.integration.store_harness import StoreWorld, wait_for
+from tests.integration.store_harness import StoreWorld, store_world, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -25,22 +24,22 @@ PACKS = {"starter": 10_000_000, "standard": 50_000_000, "pro": 200_000_000}
 
 @pytest.fixture
 def world(stack_settings: Settings, scratch: ScratchTopics, unique: str) -> Iterator[StoreWorld]:
-    codec = load_codec(project_path(stack_settings.schemas.avro_dir))
-    world = StoreWorld(stack_settings, scratch, unique, codec, ledger_topic=LEDGER_TOPIC)
-    try:
+    with store_world(
+        stack_settings, scratch, unique, start=False, ledger_topic=LEDGER_TOPIC
+    ) as world:
         yield world
-    finally:
-        world.cleanup()
 
 
-def test_store_killed_between_payment_and_grant_grants_once(world: StoreWorld,
-                                                            unique: str) -> None:  # fmt: skip
+# With two workers the killed request may be in either one, and only worker 0 sweeps.
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_store_killed_between_payment_and_grant_grants_once(world: StoreWorld, unique: str,
+                                                            workers: str) -> None:  # fmt: skip
     users = [f"{unique}-buyer{n}" for n in range(3)]
     model: dict[str, int] = {user: 0 for user in users}  # what each user bought
     orders: list[str] = []
     # The pause between "paid" and the fulfilment is where the store is killed. The sweep
     # runs once at each start, then not for a minute: only a restart can repair the order.
-    world.start_store(fulfil_delay_ms="3000", fulfil_interval_s="60")
+    world.start_store(fulfil_delay_ms="3000", fulfil_interval_s="60", workers=workers)
     for round_number, user in enumerate(users):
         token = world.token(user)
         product = list(PACKS)[round_number]

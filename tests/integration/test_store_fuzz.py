@@ -10,24 +10,18 @@ from pathlib import Path
 
 import pytest
 
-from creditledger.settings import Settings, project_path
+from creditledger.settings import Settings
 from store.domain import Role
-from streams.codec import load_codec
 from tests.integration.conftest import ScratchTopics
-from tests.integration.store_harness import StoreWorld
+from tests.integration.store_harness import StoreWorld, store_world
 
 pytestmark = pytest.mark.integration
 
 
 @pytest.fixture
 def world(stack_settings: Settings, scratch: ScratchTopics, unique: str) -> Iterator[StoreWorld]:
-    codec = load_codec(project_path(stack_settings.schemas.avro_dir))
-    world = StoreWorld(stack_settings, scratch, unique, codec)
-    try:
-        world.start_store()
+    with store_world(stack_settings, scratch, unique) as world:
         yield world
-    finally:
-        world.cleanup()
 
 
 @pytest.mark.parametrize("role", ["admin", "user"])

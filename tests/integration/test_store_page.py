@@ -13,12 +13,11 @@ import pytest
 from openai.types.chat import ChatCompletionMessageParam
 
 from agents.records import LEDGER_TOPIC
-from creditledger.settings import PROJECT_ROOT, Settings, project_path
+from creditledger.settings import PROJECT_ROOT, Settings
 from projections.db import connect
-from streams.codec import load_codec
 from tests.integration.conftest import ScratchTopics
 from tests.integration.ledger_harness import WorkerGroup
-from tests.integration.store_harness import StoreWorld, wait_for
+from tests.integration.store_harness import StoreWorld, store_world, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -30,12 +29,10 @@ CALLS = 12
 
 @pytest.fixture
 def world(stack_settings: Settings, scratch: ScratchTopics, unique: str) -> Iterator[StoreWorld]:
-    codec = load_codec(project_path(stack_settings.schemas.avro_dir))
-    world = StoreWorld(stack_settings, scratch, unique, codec, ledger_topic=LEDGER_TOPIC)
-    try:
+    with store_world(
+        stack_settings, scratch, unique, start=False, ledger_topic=LEDGER_TOPIC
+    ) as world:
         yield world
-    finally:
-        world.cleanup()
 
 
 def entries(world: StoreWorld, user: str) -> int:
