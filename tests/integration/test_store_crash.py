@@ -31,15 +31,15 @@ def world(stack_settings: Settings, scratch: ScratchTopics, unique: str) -> Iter
 
 
 # With two workers the killed request may be in either one, and only worker 0 sweeps.
-@pytest.mark.parametrize("workers", ["1", "2"])
+@pytest.mark.parametrize("store_workers", ["1", "2"])
 def test_store_killed_between_payment_and_grant_grants_once(world: StoreWorld, unique: str,
-                                                            workers: str) -> None:  # fmt: skip
+                                                            store_workers: str) -> None:  # fmt: skip
     users = [f"{unique}-buyer{n}" for n in range(3)]
     model: dict[str, int] = {user: 0 for user in users}  # what each user bought
     orders: list[str] = []
     # The pause between "paid" and the fulfilment is where the store is killed. The sweep
     # runs once at each start, then not for a minute: only a restart can repair the order.
-    world.start_store(fulfil_delay_ms="3000", fulfil_interval_s="60", workers=workers)
+    world.start_store(fulfil_delay_ms="3000", fulfil_interval_s="60", workers=store_workers)
     for round_number, user in enumerate(users):
         token = world.token(user)
         product = list(PACKS)[round_number]
