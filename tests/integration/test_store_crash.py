@@ -32,8 +32,9 @@ def world(stack_settings: Settings, scratch: ScratchTopics, unique: str) -> Iter
 
 # With two workers the killed request may be in either one, and only worker 0 sweeps.
 @pytest.mark.parametrize("store_workers", ["1", "2"])
-def test_store_killed_between_payment_and_grant_grants_once(world: StoreWorld, unique: str,
-                                                            store_workers: str) -> None:  # fmt: skip
+def test_store_killed_between_payment_and_grant_grants_once(
+    world: StoreWorld, unique: str, store_workers: str
+) -> None:
     users = [f"{unique}-buyer{n}" for n in range(3)]
     model: dict[str, int] = {user: 0 for user in users}  # what each user bought
     orders: list[str] = []
