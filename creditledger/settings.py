@@ -327,7 +327,12 @@ class StoreSettings(_Section):
     host: str = Field("127.0.0.1", description="Address the credit-store API listens on.")
     port: int = Field(18100, ge=1, le=65535, description="Port of the credit-store API and page.")
     workers: int = Field(
-        1, ge=1, le=64, description="Server processes (each with its own connection pools)."
+        1,
+        ge=1,
+        le=64,
+        description="Server processes, each with its own pools, sharing the port through "
+        "SO_REUSEPORT. More than one pays where cores are spare: on 2 cores shared with "
+        "Postgres, 1 gave the lower p99 (bench.store --workers 1,2).",
     )
     fast_reads: bool = Field(
         True,
