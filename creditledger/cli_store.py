@@ -6,7 +6,10 @@ import argparse
 import time
 from typing import Any
 
-from creditledger.settings import Settings
+from pydantic import ValidationError
+
+from creditledger.errors import ConfigError
+from creditledger.settings import Settings, StoreSettings
 
 
 def cmd_store_serve(args: argparse.Namespace, settings: Settings) -> int:
@@ -16,14 +19,16 @@ def cmd_store_serve(args: argparse.Namespace, settings: Settings) -> int:
     from store.server import serve
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    if args.port is not None:
-        settings = settings.model_copy(
-            update={"store": settings.store.model_copy(update={"port": args.port})}
-        )
-    if args.workers is not None:
-        settings = settings.model_copy(
-            update={"store": settings.store.model_copy(update={"workers": args.workers})}
-        )
+    overrides = {name: value for name, value in (("port", args.port), ("workers", args.workers))
+                 if value is not None}  # fmt: skip
+    if overrides:
+        # Validated like the settings file (model_copy alone would take --workers 0).
+        try:
+            store = StoreSettings.model_validate({**settings.store.model_dump(), **overrides})
+        except ValidationError as exc:
+            problems = "; ".join(f"--{e['loc'][0]}: {e['msg']}" for e in exc.errors())
+            raise ConfigError(f"store serve: {problems}") from exc
+        settings = settings.model_copy(update={"store": store})
     migrate(settings)
     if settings.store.token_secret.get_secret_value().startswith("dev-only"):
         logging.getLogger("store").warning(
@@ -62,9 +67,15 @@ def add_store_commands(commands: Any) -> None:
         "outbox, so run an `outbox relay` and a ledger `worker` next to it.",
     )  # fmt: skip
     actions = store.add_subparsers(dest="action", required=True, metavar="ACTION")
-    p = actions.add_parser("serve", help="run the API and the page (store.port)")
+    p = actions.add_parser(
+        "serve", help="run the API and the page (store.port)",
+        description="Serves /credit-store until SIGTERM or Ctrl-C. With --workers N > 1 a "
+        "supervisor runs N server processes on the one port (SO_REUSEPORT) and restarts any "
+        "that dies; it refuses a port something already listens on.",
+    )  # fmt: skip
     p.add_argument("--port", type=int, default=None, help="override store.port")
-    p.add_argument("--workers", type=int, default=None, help="override store.workers")
+    p.add_argument("--workers", type=int, default=None,
+                   help="override store.workers (server processes; 1 on 2 cores)")  # fmt: skip
     p.set_defaults(handler=cmd_store_serve)
     p = actions.add_parser("token", help="print a signed bearer token for a user",
                            description="Open the page with "
