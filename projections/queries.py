@@ -245,7 +245,8 @@ class ReadModels:
         params = {"bucket": win.bucket, "user": user_id, "start": win.start or EPOCH_START,
                   "end": win.end}  # fmt: skip
         async with self.pool.connection() as conn:
-            rows = await (await conn.execute(CONSUMPTION_SQL, params)).fetchall()
+            # Binary results: integers and times are copied, not parsed from text.
+            rows = await (await conn.execute(CONSUMPTION_SQL, params, binary=True)).fetchall()
         return Consumption(user_id, win, *_fold_sums(rows, win.buckets()))
 
     # -- history ---------------------------------------------------------------------------
@@ -258,7 +259,7 @@ class ReadModels:
         params = {"user": user_id, "before": NO_CURSOR if before is None else before,
                   "limit": limit + 1}  # fmt: skip
         async with self.pool.connection() as conn:
-            cur = conn.cursor(row_factory=dict_row)
+            cur = conn.cursor(row_factory=dict_row, binary=True)
             rows = await (await cur.execute(HISTORY_SQL, params)).fetchall()
         entries = [HistoryEntry(**row) for row in rows[:limit]]
         more = len(rows) > limit
