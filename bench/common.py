@@ -1,12 +1,17 @@
-"""What the benchmarks share: the command line, their server processes, CPU accounting."""
+"""What the benchmarks share: the command line, their server processes, a closed-loop HTTP
+load generator, percentiles and CPU accounting."""
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import itertools
 import os
 import resource
 import signal
 import subprocess
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 TICKS_PER_S = os.sysconf("SC_CLK_TCK")
@@ -95,3 +100,79 @@ class CpuMeter:
     def stop(self, seconds: float) -> dict[str, float]:
         end = self._sample()
         return {k: 100 * (end[k] - self._start.get(k, 0.0)) / seconds for k in end}
+
+
+class Connection:
+    """One keep-alive HTTP/1.1 connection; enough of the protocol for JSON and SSE replies."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.reader: asyncio.StreamReader | None = None
+        self.writer: asyncio.StreamWriter | None = None
+
+    async def request(self, head: bytes, body: bytes) -> int:
+        if self.writer is None:
+            self.reader, self.writer = await asyncio.open_connection("127.0.0.1", self.port)
+        assert self.reader is not None
+        self.writer.write(head + body)
+        status = int((await self.reader.readline()).split(b" ", 2)[1])
+        length, chunked = -1, False
+        while (line := await self.reader.readline()) not in (b"\r\n", b""):
+            name, _, value = line.partition(b":")
+            name = name.strip().lower()
+            if name == b"content-length":
+                length = int(value)
+            elif name == b"transfer-encoding" and b"chunked" in value.lower():
+                chunked = True
+        if chunked:
+            while True:
+                size = int((await self.reader.readline()).split(b";")[0], 16)
+                await self.reader.readexactly(size + 2)
+                if size == 0:
+                    break
+        elif length >= 0:
+            await self.reader.readexactly(length)
+        else:  # no length: the body ends with the connection
+            await self.reader.read()
+            self.writer.close()
+            self.writer = None
+        return status
+
+
+async def run_clients(port: int, make_request: Callable[[int], tuple[bytes, bytes]],
+                      clients: int, seconds: float,
+                      stagger_s: float = 0.0) -> tuple[list[float], int]:  # fmt: skip
+    """``clients`` keep-alive connections in a closed loop for ``seconds``: each sends its
+    next request (head and body from ``make_request(n)``) when the last one is answered.
+    Latencies (ms) of the 200s, and the number of failures. Client i starts
+    ``i / clients * stagger_s`` late."""
+    latencies: list[float] = []
+    failures = 0
+    counter = itertools.count()
+    stop_at = time.monotonic() + seconds
+
+    async def client(i: int) -> None:
+        nonlocal failures
+        await asyncio.sleep(i / clients * stagger_s)
+        connection = Connection(port)
+        while time.monotonic() < stop_at:
+            head, body = make_request(next(counter))
+            started = time.perf_counter()
+            try:
+                status = await connection.request(head, body)
+            except (OSError, asyncio.IncompleteReadError, ValueError):
+                connection = Connection(port)
+                failures += 1
+                continue
+            if status == 200:
+                latencies.append((time.perf_counter() - started) * 1000)
+            else:
+                failures += 1
+
+    await asyncio.gather(*(client(i) for i in range(clients)))
+    return latencies, failures
+
+
+def pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")

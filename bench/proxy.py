@@ -27,7 +27,6 @@ Redis prefix. LiteLLM: install it apart (its pins clash with ours), e.g.
 from __future__ import annotations
 
 import asyncio
-import itertools
 import os
 import random
 import shutil
@@ -43,7 +42,7 @@ from typing import Any
 import orjson
 import yaml
 
-from bench.common import Processes, bench_parser
+from bench.common import Processes, bench_parser, pct, run_clients
 from creditledger.settings import Settings, load_settings
 from creditledger.tables import render_table
 from llm_proxy.auth import new_key
@@ -64,43 +63,6 @@ class Target:
     path: str  # chat completions path
     headers: bytes  # extra request headers (auth, ...)
     billing: bool  # send a fresh X-Billing-Event-Id per call
-
-
-class Connection:
-    """One keep-alive HTTP/1.1 connection; enough of the protocol for JSON and SSE replies."""
-
-    def __init__(self, port: int) -> None:
-        self.port = port
-        self.reader: asyncio.StreamReader | None = None
-        self.writer: asyncio.StreamWriter | None = None
-
-    async def request(self, head: bytes, body: bytes) -> int:
-        if self.writer is None:
-            self.reader, self.writer = await asyncio.open_connection("127.0.0.1", self.port)
-        assert self.reader is not None
-        self.writer.write(head + body)
-        status = int((await self.reader.readline()).split(b" ", 2)[1])
-        length, chunked = -1, False
-        while (line := await self.reader.readline()) not in (b"\r\n", b""):
-            name, _, value = line.partition(b":")
-            name = name.strip().lower()
-            if name == b"content-length":
-                length = int(value)
-            elif name == b"transfer-encoding" and b"chunked" in value.lower():
-                chunked = True
-        if chunked:
-            while True:
-                size = int((await self.reader.readline()).split(b";")[0], 16)
-                await self.reader.readexactly(size + 2)
-                if size == 0:
-                    break
-        elif length >= 0:
-            await self.reader.readexactly(length)
-        else:  # no length: the body ends with the connection
-            await self.reader.read()
-            self.writer.close()
-            self.writer = None
-        return status
 
 
 def request_bytes(target: Target, stream: bool, n: int) -> tuple[bytes, bytes]:
@@ -127,36 +89,8 @@ async def closed_loop(target: Target, clients: int, seconds: float, stream: bool
     Client i starts ``i / clients * stagger_s`` late: with a constant upstream latency,
     clients started together would stay in lock-step and hit the proxy in synchronized
     bursts, which measures a burst's queue rather than what one call costs."""
-    latencies: list[float] = []
-    failures = 0
-    counter = itertools.count()
-    stop_at = time.monotonic() + seconds
-
-    async def client(i: int) -> None:
-        nonlocal failures
-        await asyncio.sleep(i / clients * stagger_s)
-        connection = Connection(target.port)
-        while time.monotonic() < stop_at:
-            head, body = request_bytes(target, stream, next(counter))
-            started = time.perf_counter()
-            try:
-                status = await connection.request(head, body)
-            except (OSError, asyncio.IncompleteReadError, ValueError):
-                connection = Connection(target.port)
-                failures += 1
-                continue
-            if status == 200:
-                latencies.append((time.perf_counter() - started) * 1000)
-            else:
-                failures += 1
-
-    await asyncio.gather(*(client(i) for i in range(clients)))
-    return latencies, failures
-
-
-def pct(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
+    return await run_clients(target.port, lambda n: request_bytes(target, stream, n), clients,
+                             seconds, stagger_s)  # fmt: skip
 
 
 def set_upstream(port: int, **fields: object) -> None:

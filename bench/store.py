@@ -16,7 +16,6 @@ size). Needs the stack up.
 
 from __future__ import annotations
 
-import asyncio
 import os
 import random
 import statistics
@@ -25,9 +24,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.common import CpuMeter, Processes, bench_parser
+from bench.common import CpuMeter, Processes, bench_parser, pct, run_clients
 from bench.projections import ensure_query_data
-from bench.proxy import Connection, pct
 from creditledger.settings import load_settings
 from creditledger.tables import render_table
 from projections.db import connect
@@ -64,31 +62,12 @@ def seed_redis(settings_url: str, rows: list[tuple[str, int, int]]) -> None:
 
 async def load(paths: list[str], tokens: list[bytes], clients: int,
                seconds: float) -> tuple[list[float], int]:  # fmt: skip
-    latencies: list[float] = []
-    failures = 0
-    stop_at = time.monotonic() + seconds
+    def request(_: int) -> tuple[bytes, bytes]:
+        head = (f"GET {random.choice(paths)} HTTP/1.1\r\nHost: 127.0.0.1\r\n".encode()
+                + b"Authorization: Bearer " + random.choice(tokens) + b"\r\n\r\n")  # fmt: skip
+        return head, b""
 
-    async def client() -> None:
-        nonlocal failures
-        connection = Connection(PORT)
-        while time.monotonic() < stop_at:
-            path = random.choice(paths)
-            head = (f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n".encode()
-                    + b"Authorization: Bearer " + random.choice(tokens) + b"\r\n\r\n")  # fmt: skip
-            started = time.perf_counter()
-            try:
-                status = await connection.request(head, b"")
-            except (OSError, asyncio.IncompleteReadError, ValueError):
-                connection = Connection(PORT)
-                failures += 1
-                continue
-            if status == 200:
-                latencies.append((time.perf_counter() - started) * 1000)
-            else:
-                failures += 1
-
-    await asyncio.gather(*(client() for _ in range(clients)))
-    return latencies, failures
+    return await run_clients(PORT, request, clients, seconds)
 
 
 def main() -> int:
