@@ -370,9 +370,7 @@ def _routes(app: FastAPI, service: StoreService) -> None:
         if body.price_minor > body.original_price_minor:
             raise StoreError(400, "invalid_product", "price_minor may not exceed "
                              "original_price_minor (a discount shows as both)")  # fmt: skip
-        fields = body.model_dump()
-        fields["active_from"] = body.active_from or datetime(1970, 1, 1, tzinfo=UTC)
-        _check_window(fields["active_from"], body.active_until)
+        fields = _windowed(body)
         return jsonable(await service.repo.put_product({**fields, "product_id": product_id}))
 
     @app.get(f"{PREFIX}/admin/price-rules", summary="Every price rule version in the database")
@@ -399,9 +397,7 @@ def _routes(app: FastAPI, service: StoreService) -> None:
         if body.kind == "signup" and (body.period != "lifetime" or body.cap_per_period != 1):
             raise StoreError(400, "invalid_reward_rule", "a signup reward is once per "
                              "lifetime: period 'lifetime', cap_per_period 1")  # fmt: skip
-        fields = body.model_dump()
-        fields["active_from"] = body.active_from or datetime(1970, 1, 1, tzinfo=UTC)
-        _check_window(fields["active_from"], body.active_until)
+        fields = _windowed(body)
         return jsonable(await service.repo.put_reward_rule({**fields, "rule_id": rule_id}))
 
     @app.delete(f"{PREFIX}/admin/reward-rules/{{rule_id}}",
@@ -424,6 +420,10 @@ def _routes(app: FastAPI, service: StoreService) -> None:
         )  # fmt: skip
 
 
-def _check_window(active_from: datetime, active_until: datetime | None) -> None:
-    if active_until is not None and active_until <= active_from:
+def _windowed(body: ProductPut | RewardRulePut) -> dict[str, Any]:
+    """The body's fields with its active window checked; no ``active_from``: always was."""
+    fields = body.model_dump()
+    fields["active_from"] = body.active_from or datetime(1970, 1, 1, tzinfo=UTC)
+    if body.active_until is not None and body.active_until <= fields["active_from"]:
         raise StoreError(400, "invalid_window", "active_until must be after active_from")
+    return fields

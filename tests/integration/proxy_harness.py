@@ -13,6 +13,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -65,6 +66,16 @@ def wait_http(url: str, process: subprocess.Popen[bytes], log: Path, timeout: fl
     if not processes.wait_http(url, process, timeout):
         state = "died" if process.poll() is not None else f"not up after {timeout} s"
         raise AssertionError(f"{url} {state}:\n{log.read_text(errors='replace')[-3000:]}")
+
+
+def wait_for(what: str, check: object, timeout: float, world: ProxyWorld) -> None:
+    """Poll ``check`` until true; on timeout fail with the world's process logs."""
+    deadline = time.monotonic() + timeout
+    while not check():  # type: ignore[operator]
+        if time.monotonic() > deadline:
+            logs = "\n".join(f"--- {n}\n{world.log_tail(n)}" for n in world.processes)
+            raise AssertionError(f"{what} not reached in {timeout} s\n{logs}")
+        time.sleep(0.1)
 
 
 class ProxyWorld:

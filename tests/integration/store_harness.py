@@ -28,16 +28,6 @@ TOKEN_SECRET = "test-token-secret"
 PAYMENT_SECRET = "test-payment-secret"
 
 
-def wait_for(what: str, check: object, timeout: float, world: ProxyWorld) -> None:
-    """Poll ``check`` until true; on timeout fail with the world's process logs."""
-    deadline = time.monotonic() + timeout
-    while not check():  # type: ignore[operator]
-        if time.monotonic() > deadline:
-            logs = "\n".join(f"--- {n}\n{world.log_tail(n)}" for n in world.processes)
-            raise AssertionError(f"{what} not reached in {timeout} s\n{logs}")
-        time.sleep(0.1)
-
-
 class StoreWorld(ProxyWorld):
     def __init__(self, stack_settings: Settings, scratch: ScratchTopics, unique: str,
                  codec: AvroCodec, **kwargs: Any) -> None:  # fmt: skip

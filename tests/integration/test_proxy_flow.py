@@ -31,7 +31,7 @@ from streams.codec import load_codec
 from streams.kafka_clients import make_producer
 from tests.integration.conftest import ScratchTopics
 from tests.integration.ledger_harness import WorkerGroup
-from tests.integration.proxy_harness import ProxyWorld
+from tests.integration.proxy_harness import ProxyWorld, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -61,15 +61,6 @@ def grant(world: ProxyWorld, users: list[str]) -> None:
     assert producer.flush(30) == 0
 
 
-def wait_until(what: str, check: object, timeout: float, world: ProxyWorld) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():  # type: ignore[operator]
-        if time.monotonic() > deadline:
-            logs = "\n".join(f"--- {n}\n{world.log_tail(n)}" for n in world.processes)
-            raise AssertionError(f"{what} not reached in {timeout} s\n{logs}")
-        time.sleep(0.2)
-
-
 def test_calls_flow_through_outbox_ledger_and_projections(world: ProxyWorld,
                                                           unique: str) -> None:  # fmt: skip
     workers = WorkerGroup(unique, world.env_settings())
@@ -87,7 +78,7 @@ def test_calls_flow_through_outbox_ledger_and_projections(world: ProxyWorld,
             value = client_redis.hget(balance_key(world.prefix, user), "balance_micro")
             return None if value is None else int(str(value))
 
-        wait_until("grants in Redis", lambda: all(snapshot(u) == GRANT for u in users), 180,
+        wait_for("grants in Redis", lambda: all(snapshot(u) == GRANT for u in users), 180,
                    world)  # fmt: skip
         sdk = LLMClient(world.base_url, world.key, max_retries=0)
         calls = {user: 0 for user in users}
@@ -112,11 +103,11 @@ def test_calls_flow_through_outbox_ledger_and_projections(world: ProxyWorld,
                                     "WHERE user_id = ANY(%s)", (users,)).fetchall()  # fmt: skip
             return {user: int(balance) for user, balance in rows}
 
-        wait_until("charges in Postgres", lambda: postgres_balances() == expected, 120, world)
-        wait_until("charges in Redis", lambda: {u: snapshot(u) for u in users} == expected, 60,
+        wait_for("charges in Postgres", lambda: postgres_balances() == expected, 120, world)
+        wait_for("charges in Redis", lambda: {u: snapshot(u) for u in users} == expected, 60,
                    world)  # fmt: skip
         # Folded charges are no longer held: the guard sees exactly the snapshot.
-        wait_until("holds released", lambda: all(
+        wait_for("holds released", lambda: all(
             client_redis.hget(holds_key(world.prefix, u), "#total") in (None, "0")
             for u in users), 30, world)  # fmt: skip
         with connect(world.env_settings()) as conn:
@@ -196,7 +187,7 @@ def test_postgres_then_kafka_down_loses_no_charge(world: ProxyWorld,
             row = conn.execute("SELECT count(*) FROM outbox WHERE sent_at IS NULL").fetchone()
         return row is not None and row[0] == 0
 
-    wait_until("spool and outbox drained", drained, 120, world)
+    wait_for("spool and outbox drained", drained, 120, world)
     ours = []
     for record in read_topic(world.env_settings(), CHARGE_TOPIC):
         try:

@@ -17,7 +17,8 @@ from creditledger.settings import PROJECT_ROOT, Settings
 from projections.db import connect
 from tests.integration.conftest import ScratchTopics
 from tests.integration.ledger_harness import WorkerGroup
-from tests.integration.store_harness import StoreWorld, store_world, wait_for
+from tests.integration.proxy_harness import wait_for
+from tests.integration.store_harness import StoreWorld, store_world
 
 pytestmark = pytest.mark.integration
 

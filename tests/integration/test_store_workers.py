@@ -14,7 +14,8 @@ import pytest
 
 from creditledger.settings import Settings
 from tests.integration.conftest import ScratchTopics
-from tests.integration.store_harness import StoreWorld, store_world, wait_for
+from tests.integration.proxy_harness import wait_for
+from tests.integration.store_harness import StoreWorld, store_world
 
 pytestmark = pytest.mark.integration
 
