@@ -65,6 +65,11 @@ class Usage:
         )  # fmt: skip
 
 
+# The total of every empty bucket: shared, as these results are serialised and dropped,
+# never changed.
+ZERO = Usage()
+
+
 @dataclass
 class SeriesPoint:
     start: datetime
@@ -273,22 +278,25 @@ def _fold_sums(rows: list[tuple[Any, ...]], buckets: list[datetime]) -> (
     No dict keyed by time: hashing an aware datetime asks its tzinfo for the offset each
     time, which was a tenth of the API's CPU per consumption reply. The rows come sorted,
     so the series is built in order and merged with the window's zero-filled buckets."""
-    total = Usage()
+    total = ZERO
     by_model: dict[str, Usage] = {}
     points: list[SeriesPoint] = []  # the buckets with data, in time order
+    point: SeriesPoint | None = None
     totals_seen = 0
-    for grouping, start, model, *figures in rows:
+    for row in rows:
+        grouping = row[0]
         if grouping == 0:
-            if not points or points[-1].start != start:
-                points.append(SeriesPoint(start, total, {}))  # its total: a grouping-1 row
-            points[-1].by_model[model] = Usage(*figures)
+            if point is None or point.start != row[1]:
+                point = SeriesPoint(row[1], ZERO, {})  # its total: a grouping-1 row
+                points.append(point)
+            point.by_model[row[2]] = Usage(*row[3:])
         elif grouping == 1:  # one per bucket with data, in the grouping-0 rows' time order
-            points[totals_seen].total = Usage(*figures)
+            points[totals_seen].total = Usage(*row[3:])
             totals_seen += 1
         elif grouping == 2:
-            by_model[model] = Usage(*figures)
+            by_model[row[2]] = Usage(*row[3:])
         else:
-            total = Usage(*figures)
+            total = Usage(*row[3:])
     return total, dict(sorted(by_model.items())), _zero_filled(points, buckets)
 
 
@@ -303,6 +311,6 @@ def _zero_filled(points: list[SeriesPoint], buckets: list[datetime]) -> list[Ser
             series.append(points[taken])
             taken += 1
         else:
-            series.append(SeriesPoint(start, Usage(), {}))
+            series.append(SeriesPoint(start, ZERO, {}))
     series.extend(points[taken:])
     return series
