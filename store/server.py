@@ -36,6 +36,10 @@ log = logging.getLogger(__name__)
 BACKLOG = 2048
 STOP_GRACE_S = 10.0
 RESTART_PAUSE_S = 1.0
+# A worker that dies this soon after its start, this many times in a row, cannot start
+# (Postgres unreachable, a bad setting): the supervisor gives up instead of looping.
+EARLY_EXIT_S = 10.0
+EARLY_EXITS_TO_GIVE_UP = 3
 
 
 def uvicorn_config(app: Any, settings: Settings, log_level: str) -> Any:
@@ -118,6 +122,8 @@ class Supervisor:
         self.log_level = log_level
         self.context = multiprocessing.get_context("spawn")  # no forked pools or loops
         self.workers: dict[int, BaseProcess] = {}
+        self.started_at: dict[int, float] = {}
+        self.early_exits = 0
         self.stopping = False
 
     def start_worker(self, index: int) -> None:
@@ -129,6 +135,7 @@ class Supervisor:
         )  # fmt: skip
         process.start()
         self.workers[index] = process
+        self.started_at[index] = time.monotonic()
 
     def run(self) -> None:
         store = self.settings.store
@@ -143,14 +150,23 @@ class Supervisor:
                 wait([p.sentinel for p in self.workers.values()], timeout=1.0)
                 for index, process in list(self.workers.items()):
                     if not process.is_alive() and not self.stopping:
-                        log.warning("store worker %d exited (code %s); starting it again",
-                                    index, process.exitcode)  # fmt: skip
-                        time.sleep(RESTART_PAUSE_S)  # a worker that cannot start: no spin
-                        self.start_worker(index)
+                        self._replace(index, process.exitcode)
         finally:
             self.stop()
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
+
+    def _replace(self, index: int, exitcode: int | None) -> None:
+        if time.monotonic() - self.started_at[index] < EARLY_EXIT_S:
+            self.early_exits += 1
+        else:
+            self.early_exits = 0
+        if self.early_exits >= EARLY_EXITS_TO_GIVE_UP:
+            raise StackError(f"store workers keep exiting right after they start (worker "
+                             f"{index}: code {exitcode}); see their log lines above")  # fmt: skip
+        log.warning("store worker %d exited (code %s); starting it again", index, exitcode)
+        time.sleep(RESTART_PAUSE_S)  # no spinning on a worker that cannot start
+        self.start_worker(index)
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
         self.stopping = True

@@ -14,7 +14,7 @@ import pytest
 
 from creditledger.settings import Settings
 from tests.integration.conftest import ScratchTopics
-from tests.integration.proxy_harness import wait_for
+from tests.integration.proxy_harness import free_port, wait_for
 from tests.integration.store_harness import StoreWorld, store_world
 
 pytestmark = pytest.mark.integration
@@ -87,3 +87,19 @@ def test_workers_serve_restart_and_never_outlive_their_supervisor(world: StoreWo
     os.kill(supervisor, signal.SIGKILL)
     world.processes["store"].wait(10)
     wait_for("orphaned workers to stop", lambda: not any(alive(p) for p in workers), 30, world)
+
+
+def test_the_supervisor_gives_up_on_workers_that_cannot_start(
+    stack_settings: Settings, scratch: ScratchTopics, unique: str
+) -> None:
+    with store_world(stack_settings, scratch, unique, start=False) as world:
+        env = {**world.env(), "CREDITLEDGER_PROXY__PRICE_RULES_FILE": "/nonexistent/rules.yaml"}
+        started = time.monotonic()
+        result = subprocess.run(
+            [sys.executable, "-m", "creditledger.cli", "store", "serve", "--port",
+             str(free_port()), "--workers", "2"],
+            env=env, capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        assert result.returncode != 0
+        assert "keep exiting right after they start" in result.stdout + result.stderr, result
+        assert time.monotonic() - started < 60
