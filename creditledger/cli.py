@@ -49,8 +49,9 @@ def cmd_stack_down(args: argparse.Namespace, settings: Settings) -> int:
 
     only = set(args.only.split(",")) if args.only else None
     _print_services(launcher.down(settings, wipe=args.wipe, only=only))
-    if args.wipe:
-        print(f"removed {settings.stack.state_dir}")
+    if args.wipe and not only:
+        for folder in launcher.wiped_dirs(settings):
+            print(f"removed {folder}")
     return 0
 
 
@@ -227,7 +228,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(handler=cmd_stack_up)
     p = stack_commands.add_parser("down", help="stop the processes `stack up` started, only those")
-    p.add_argument("--wipe", action="store_true", help="also delete their data and logs")
+    p.add_argument("--wipe", action="store_true",
+                   help="also delete their data and logs, and the ledger workers' local "
+                   "state (ledger.data_dir), which folds the deleted topics")  # fmt: skip
     p.add_argument("--only", default=None, metavar="NAMES",
                    help="stop only these, comma-separated (kafka, postgres, redis); "
                    "no --wipe then")  # fmt: skip

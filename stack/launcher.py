@@ -12,6 +12,7 @@ import shutil
 import signal
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Protocol
 
 from creditledger.errors import StackError
@@ -125,9 +126,20 @@ def down(settings: Settings, wipe: bool = False,
                 str(service.dir.log_file),
             )
         )
-    if wipe and only is None:  # the state dir holds every service's data
-        shutil.rmtree(settings.stack.state_dir, ignore_errors=True)
+    if wipe and only is None:
+        for folder in wiped_dirs(settings):
+            shutil.rmtree(folder, ignore_errors=True)
     return report
+
+
+def wiped_dirs(settings: Settings) -> list[Path]:
+    """What ``down --wipe`` deletes: the state dir (every service's data) and, when Kafka is
+    ours, the ledger workers' local state. That state folds the topics being deleted; kept,
+    the next worker would find its offsets ahead of the empty topics and refuse to start."""
+    folders = [settings.stack.state_dir]
+    if not settings.kafka.external:
+        folders.append(settings.ledger.data_dir)
+    return folders
 
 
 def status(settings: Settings) -> list[ServiceStatus]:

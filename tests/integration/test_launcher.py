@@ -73,10 +73,13 @@ def second_stack(unique: str) -> Iterator[tuple[dict[str, str], Path, dict[str, 
             f"postgresql://creditledger:secret-{unique}@127.0.0.1:{ports['postgres']}/ledger"
         ),
         "CREDITLEDGER_REDIS__URL": f"redis://127.0.0.1:{ports['redis']}/0",
+        # --wipe deletes the workers' state too: never the session's own.
+        "CREDITLEDGER_LEDGER__DATA_DIR": f"{state_dir}-worker",
     }
     yield env, state_dir, ports
     _cli(env, "stack", "down", "--wipe")
     shutil.rmtree(state_dir, ignore_errors=True)
+    shutil.rmtree(f"{state_dir}-worker", ignore_errors=True)
 
 
 def test_up_is_idempotent_and_down_leaves_nothing(
@@ -111,6 +114,15 @@ def test_up_is_idempotent_and_down_leaves_nothing(
     after = _cli(env, "stack", "status")
     assert after.returncode == 3
     assert after.stdout.count(" down ") == 3
+
+    # --wipe deletes the services' data and the ledger workers' state folded from them.
+    worker_state = Path(env["CREDITLEDGER_LEDGER__DATA_DIR"])
+    (worker_state / "w1").mkdir(parents=True)
+    (worker_state / "w1" / "offsets").write_text("9876")
+    wiped = _cli(env, "stack", "down", "--wipe")
+    assert wiped.returncode == 0, wiped.stderr
+    assert not state_dir.exists() and not worker_state.exists(), wiped.stdout
+    assert f"removed {worker_state}" in wiped.stdout
 
 
 def test_external_services_are_used_as_they_are(stack_settings: Settings, unique: str) -> None:
