@@ -16,6 +16,7 @@ import subprocess
 import sys
 import time
 from datetime import UTC, datetime
+from pathlib import Path
 
 from agents import ops
 from agents.domain import Charge, Command, Entry, Grant
@@ -140,6 +141,7 @@ def ledger_demo(settings: Settings, codec: AvroCodec, stamp: datetime) -> tuple[
     run = stamp.strftime("%H%M%S")
     commands = _demo_commands(run)
     log_file = settings.stack.state_dir / "demo-worker.log"
+    log_start = log_file.stat().st_size if log_file.exists() else 0  # this run's lines follow
     with log_file.open("ab") as log:
         worker = subprocess.Popen(
             [sys.executable, "-m", "creditledger.cli", "worker", "--name", "demo"],
@@ -163,7 +165,11 @@ def ledger_demo(settings: Settings, codec: AvroCodec, stamp: datetime) -> tuple[
         worker.terminate()
         worker.wait(timeout=60)
     if entries is None:
-        print(f"the worker did not fold the commands in time; see {log_file}")
+        if worker.returncode not in (None, 0, -15):  # it died by itself, not by terminate()
+            print(f"the worker exited with code {worker.returncode}: "
+                  f"{_crash_reason(log_file, log_start)}; see {log_file}")  # fmt: skip
+        else:
+            print(f"the worker did not fold the commands in time; see {log_file}")
         return False, users
     print()
     print(render_table(
@@ -271,6 +277,23 @@ def _wait_for_projections(settings: Settings,
     finally:
         for sink in sinks.values():
             sink.close()
+
+
+def _crash_reason(log_file: Path, start: int) -> str:
+    """The reason the worker's log gives, after byte ``start``, for its crash (Faust logs
+    ``Crashed reason=...``)."""
+    with log_file.open("rb") as log:
+        log.seek(start)
+        lines = log.read().decode(errors="replace").splitlines()
+    reasons = [line.split("reason=", 1)[1].strip() for line in lines
+               if "Crashed reason=" in line]  # fmt: skip
+    if not reasons:
+        return "no reason in its log"
+    reason = reasons[0]  # the first crash; the rest follow from it
+    if "ConsistencyError" in reason:
+        reason += (" (the topics were emptied but the worker's local state was kept: "
+                   "`creditledger stack down --wipe` deletes both)")  # fmt: skip
+    return reason
 
 
 def _wait_for_entries(settings: Settings, codec: AvroCodec, users: list[str],
