@@ -113,8 +113,13 @@ def cmd_topics_plan(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
+    import signal
+
     from creditledger.demo import run_demo
 
+    # SIGTERM (a `kill`, a CI timeout) ends the demo like Ctrl-C does: through its `finally`
+    # blocks, which stop the worker, proxy and projectors it started.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     return 0 if run_demo(settings) else 1
 
 
