@@ -93,7 +93,10 @@ def test_the_supervisor_gives_up_on_workers_that_cannot_start(
     stack_settings: Settings, scratch: ScratchTopics, unique: str
 ) -> None:
     with store_world(stack_settings, scratch, unique, start=False) as world:
-        env = {**world.env(), "CREDITLEDGER_PROXY__PRICE_RULES_FILE": "/nonexistent/rules.yaml"}
+        # A price-rules file that does not parse: every worker fails in its start-up.
+        broken = world.logdir / "broken-rules.yaml"
+        broken.write_text("price_rules: 5\n")
+        env = {**world.env(), "CREDITLEDGER_PROXY__PRICE_RULES_FILE": str(broken)}
         started = time.monotonic()
         result = subprocess.run(
             [sys.executable, "-m", "creditledger.cli", "store", "serve", "--port",
