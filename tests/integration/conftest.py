@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import uuid
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import pytest
 from confluent_kafka.admin import AdminClient
@@ -20,6 +21,9 @@ from creditledger.settings import Settings, load_settings, project_path
 from stack import launcher
 from streams import topic_admin
 from streams.topics import TopicsSpec, load_topics
+
+if TYPE_CHECKING:
+    from tests.integration.store_harness import StoreWorld
 
 HOW_TO_START = (
     "Start the stack with `.venv/bin/creditledger stack up` (see README), or point the "
@@ -96,3 +100,16 @@ def scratch(admin: AdminClient, unique: str) -> Iterator[ScratchTopics]:
     topics = ScratchTopics(admin, unique)
     yield topics
     topics.cleanup()
+
+
+@pytest.fixture
+def ledger_store_world(stack_settings: Settings, scratch: ScratchTopics,
+                       unique: str) -> Iterator[StoreWorld]:  # fmt: skip
+    """A store world on the real ledger topic, store not started yet: for the tests that
+    follow a grant through a worker into the ledger."""
+    from agents.records import LEDGER_TOPIC
+    from tests.integration.store_harness import store_world  # it imports this module
+
+    with store_world(stack_settings, scratch, unique, start=False,
+                     ledger_topic=LEDGER_TOPIC) as world:  # fmt: skip
+        yield world

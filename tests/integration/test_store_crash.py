@@ -6,17 +6,13 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
-from collections.abc import Iterator
 
 import pytest
 
-from agents.records import LEDGER_TOPIC
-from creditledger.settings import Settings
 from projections.db import connect
-from tests.integration.conftest import ScratchTopics
 from tests.integration.ledger_harness import WorkerGroup
 from tests.integration.proxy_harness import wait_for
-from tests.integration.store_harness import StoreWorld, store_world
+from tests.integration.store_harness import StoreWorld
 
 pytestmark = pytest.mark.integration
 
@@ -24,11 +20,8 @@ PACKS = {"starter": 10_000_000, "standard": 50_000_000, "pro": 200_000_000}
 
 
 @pytest.fixture
-def world(stack_settings: Settings, scratch: ScratchTopics, unique: str) -> Iterator[StoreWorld]:
-    with store_world(
-        stack_settings, scratch, unique, start=False, ledger_topic=LEDGER_TOPIC
-    ) as world:
-        yield world
+def world(ledger_store_world: StoreWorld) -> StoreWorld:
+    return ledger_store_world
 
 
 # With two workers the killed request may be in either one, and only worker 0 sweeps.

@@ -6,19 +6,16 @@ from __future__ import annotations
 
 import os
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from openai.types.chat import ChatCompletionMessageParam
 
-from agents.records import LEDGER_TOPIC
-from creditledger.settings import PROJECT_ROOT, Settings
+from creditledger.settings import PROJECT_ROOT
 from projections.db import connect
-from tests.integration.conftest import ScratchTopics
 from tests.integration.ledger_harness import WorkerGroup
 from tests.integration.proxy_harness import wait_for
-from tests.integration.store_harness import StoreWorld, store_world
+from tests.integration.store_harness import StoreWorld
 
 pytestmark = pytest.mark.integration
 
@@ -29,11 +26,8 @@ CALLS = 12
 
 
 @pytest.fixture
-def world(stack_settings: Settings, scratch: ScratchTopics, unique: str) -> Iterator[StoreWorld]:
-    with store_world(
-        stack_settings, scratch, unique, start=False, ledger_topic=LEDGER_TOPIC
-    ) as world:
-        yield world
+def world(ledger_store_world: StoreWorld) -> StoreWorld:
+    return ledger_store_world
 
 
 def entries(world: StoreWorld, user: str) -> int:
