@@ -339,6 +339,20 @@ class StoreSettings(_Section):
         description="Answer GET balance, consumption and ledger ahead of the framework "
         "(same replies, a fraction of the CPU); off: every request goes through FastAPI.",
     )
+    read_batch: int = Field(
+        16,
+        ge=1,
+        le=500,
+        description="Most users one consumption or history query reads: requests that wait "
+        "together are answered by one query (1: a query per request).",
+    )
+    read_queries: int = Field(
+        4,
+        ge=1,
+        le=20,
+        description="Consumption (per period) or history queries in flight at once, per "
+        "worker; requests beyond them wait and form the next batch.",
+    )
     token_secret: SecretStr = Field(
         SecretStr("dev-only-token-secret-change-me"),
         description="HMAC key of the API's bearer tokens (set your own outside development).",

@@ -18,16 +18,17 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any, Literal
+from functools import partial
+from typing import Any, Literal, NamedTuple
 
 import redis.asyncio as aioredis
-from psycopg.rows import dict_row
 from psycopg_pool import AsyncConnectionPool
 
 from creditledger.errors import QueryError
 from creditledger.settings import Settings
+from projections.batching import Batcher
 from projections.db import open_pool
-from projections.periods import Window, window
+from projections.periods import PERIODS, Window, window
 from projections.redis_keys import balance_key
 
 MAX_USER_ID = 256
@@ -141,34 +142,45 @@ def make_cursor(seq: int) -> str:
     return f"s{seq}"
 
 
+# Each query answers a batch of users (see :mod:`projections.batching`): ``n`` is a
+# user's place in the batch, 1-based, and the rows come ordered by it.
+#
 # Postgres adds up the series, the per-model and the overall totals (grouping sets) so the
 # API does no arithmetic per row: ``grouping`` says which sum a row is (0: one model in one
-# bucket, 1: a bucket's total, 2: a model's total, 3: the whole window).
+# bucket, 1: a bucket's total, 2: a model's total, 3: the whole window). A user with no
+# usage in the window has no rows at all.
 CONSUMPTION_SQL = """
 WITH hours AS (
-    SELECT date_trunc(%(bucket)s, hour AT TIME ZONE 'UTC') AT TIME ZONE 'UTC' AS start,
-           model_alias, credits_micro, input_tokens, output_tokens, cached_tokens,
-           reasoning_tokens, calls
-    FROM consumption_hourly
-    WHERE user_id = %(user)s AND hour >= %(start)s AND hour < %(end)s
+    SELECT asked.n,
+           date_trunc(%(bucket)s, c.hour AT TIME ZONE 'UTC') AT TIME ZONE 'UTC' AS start,
+           c.model_alias, c.credits_micro, c.input_tokens, c.output_tokens, c.cached_tokens,
+           c.reasoning_tokens, c.calls
+    FROM unnest(%(users)s::text[]) WITH ORDINALITY AS asked(user_id, n)
+    JOIN consumption_hourly c ON c.user_id = asked.user_id
+    WHERE c.hour >= %(start)s AND c.hour < %(end)s
 )
-SELECT grouping(start, model_alias), start, model_alias,
-       coalesce(sum(credits_micro), 0)::bigint, coalesce(sum(input_tokens), 0)::bigint,
-       coalesce(sum(output_tokens), 0)::bigint, coalesce(sum(cached_tokens), 0)::bigint,
-       coalesce(sum(reasoning_tokens), 0)::bigint, coalesce(sum(calls), 0)::bigint
+SELECT n, grouping(start, model_alias), start, model_alias,
+       sum(credits_micro)::bigint, sum(input_tokens)::bigint, sum(output_tokens)::bigint,
+       sum(cached_tokens)::bigint, sum(reasoning_tokens)::bigint, sum(calls)::bigint
 FROM hours
-GROUP BY GROUPING SETS ((start, model_alias), (start), (model_alias), ())
-ORDER BY 1, 2, 3
+GROUP BY GROUPING SETS ((n, start, model_alias), (n, start), (n, model_alias), (n))
+ORDER BY 1, 2, 3, 4
 """
 
+# The columns in HistoryEntry's field order, so a row (after ``n``) builds one directly.
 HISTORY_SQL = """
-SELECT seq, event_id, kind, amount_micro, balance_after_micro, reference, scene, model_alias,
-       input_tokens, output_tokens, cached_tokens, reasoning_tokens, usage_estimated,
-       occurred_at, recorded_at
-FROM ledger_entries
-WHERE user_id = %(user)s AND seq < %(before)s
-ORDER BY seq DESC
-LIMIT %(limit)s
+SELECT asked.n, e.seq, e.event_id, e.kind, e.amount_micro, e.balance_after_micro,
+       e.reference, e.scene, e.model_alias, e.input_tokens, e.output_tokens, e.cached_tokens,
+       e.reasoning_tokens, e.usage_estimated, e.occurred_at, e.recorded_at
+FROM unnest(%(users)s::text[], %(befores)s::bigint[], %(limits)s::integer[])
+     WITH ORDINALITY AS asked(user_id, before_seq, max_rows, n)
+CROSS JOIN LATERAL (
+    SELECT * FROM ledger_entries l
+    WHERE l.user_id = asked.user_id AND l.seq < asked.before_seq
+    ORDER BY l.seq DESC
+    LIMIT asked.max_rows
+) e
+ORDER BY asked.n, e.seq DESC
 """
 
 EPOCH_START = datetime(1970, 1, 1, tzinfo=UTC)
@@ -180,13 +192,22 @@ class ReadModels:
     """The read side: a Postgres pool and a Redis client, opened in :meth:`start`."""
 
     def __init__(self, settings: Settings, *, dsn: str | None = None,
-                 redis_prefix: str | None = None, pool_size: int = 10) -> None:  # fmt: skip
+                 redis_prefix: str | None = None, pool_size: int = 10, batch_max: int = 16,
+                 batch_queries: int = 4) -> None:  # fmt: skip
+        """``batch_queries`` consumption (per period) or history queries run at once, each
+        for up to ``batch_max`` users; more requests wait for the next batch."""
         self.settings = settings
         self.dsn = dsn or settings.postgres_dsn
         self.prefix = redis_prefix or settings.projections.redis_key_prefix
         self.pool_size = pool_size
         self._pool: AsyncConnectionPool[Any] | None = None
         self._redis: aioredis.Redis | None = None
+        limits = {"max_batch": batch_max, "max_running": batch_queries}
+        self._consumption = {
+            period: Batcher[str, Consumption](partial(self._consumption_now, period), **limits)
+            for period in PERIODS
+        }  # fmt: skip
+        self._history = Batcher[HistoryAsk, HistoryPage](self._histories, **limits)
 
     async def start(self) -> None:
         self._pool = await open_pool(self.settings, dsn=self.dsn, size=self.pool_size)
@@ -245,14 +266,27 @@ class ReadModels:
 
     async def consumption(self, user_id: str, period: str, *,
                           now: datetime | None = None) -> Consumption:  # fmt: skip
+        """``now`` (default: when the batch is read) places the window."""
         user_id = check_user(user_id)
-        win = window(period, now or datetime.now(UTC))
-        params = {"bucket": win.bucket, "user": user_id, "start": win.start or EPOCH_START,
+        if now is not None or period not in self._consumption:  # the latter: QueryError
+            return (await self.consumptions([user_id], period, now or datetime.now(UTC)))[0]
+        return await self._consumption[period].get(user_id)
+
+    async def _consumption_now(self, period: str, users: list[str]) -> list[Consumption]:
+        return await self.consumptions(users, period, datetime.now(UTC))
+
+    async def consumptions(self, users: list[str], period: str,
+                           now: datetime) -> list[Consumption]:  # fmt: skip
+        """The consumption of each of ``users`` (checked by the caller), in one query."""
+        win = window(period, now)
+        params = {"bucket": win.bucket, "users": users, "start": win.start or EPOCH_START,
                   "end": win.end}  # fmt: skip
         async with self.pool.connection() as conn:
             # Binary results: integers and times are copied, not parsed from text.
             rows = await (await conn.execute(CONSUMPTION_SQL, params, binary=True)).fetchall()
-        return Consumption(user_id, win, *_fold_sums(rows, win.buckets()))
+        buckets = win.buckets()
+        return [Consumption(user, win, *_fold_sums(own, buckets))
+                for user, own in zip(users, _split(rows, len(users)), strict=True)]  # fmt: skip
 
     # -- history ---------------------------------------------------------------------------
 
@@ -261,19 +295,43 @@ class ReadModels:
         user_id = check_user(user_id)
         limit = check_limit(limit)
         before = parse_cursor(cursor)
-        params = {"user": user_id, "before": NO_CURSOR if before is None else before,
-                  "limit": limit + 1}  # fmt: skip
+        return await self._history.get(
+            HistoryAsk(user_id, NO_CURSOR if before is None else before, limit)
+        )
+
+    async def _histories(self, asks: list[HistoryAsk]) -> list[HistoryPage]:
+        # One row more than the page: whether there is anything older.
+        params = {"users": [a.user_id for a in asks], "befores": [a.before for a in asks],
+                  "limits": [a.limit + 1 for a in asks]}  # fmt: skip
         async with self.pool.connection() as conn:
-            cur = conn.cursor(row_factory=dict_row, binary=True)
-            rows = await (await cur.execute(HISTORY_SQL, params)).fetchall()
-        entries = [HistoryEntry(**row) for row in rows[:limit]]
-        more = len(rows) > limit
-        return HistoryPage(user_id, entries, make_cursor(entries[-1].seq) if more else None)
+            rows = await (await conn.execute(HISTORY_SQL, params, binary=True)).fetchall()
+        pages = []
+        for ask, own in zip(asks, _split(rows, len(asks)), strict=True):
+            entries = [HistoryEntry(*row[1:]) for row in own[: ask.limit]]
+            more = len(own) > ask.limit
+            pages.append(HistoryPage(ask.user_id, entries,
+                                     make_cursor(entries[-1].seq) if more else None))  # fmt: skip
+        return pages
+
+
+class HistoryAsk(NamedTuple):
+    user_id: str
+    before: int  # entries with a lower seq
+    limit: int
+
+
+def _split(rows: list[tuple[Any, ...]], count: int) -> list[list[tuple[Any, ...]]]:
+    """A batch's rows (ordered by ``n``, the 1-based place in the batch) per place."""
+    own: list[list[tuple[Any, ...]]] = [[] for _ in range(count)]
+    for row in rows:
+        own[row[0] - 1].append(row)
+    return own
 
 
 def _fold_sums(rows: list[tuple[Any, ...]], buckets: list[datetime]) -> (
         tuple[Usage, dict[str, Usage], list[SeriesPoint]]):  # fmt: skip
-    """CONSUMPTION_SQL's rows (ordered by grouping, start, model) -> total, by model, series.
+    """One user's CONSUMPTION_SQL rows (ordered by grouping, start, model) -> total, by model,
+    series.
 
     No dict keyed by time: hashing an aware datetime asks its tzinfo for the offset each
     time, which was a tenth of the API's CPU per consumption reply. The rows come sorted,
@@ -284,19 +342,19 @@ def _fold_sums(rows: list[tuple[Any, ...]], buckets: list[datetime]) -> (
     point: SeriesPoint | None = None
     totals_seen = 0
     for row in rows:
-        grouping = row[0]
+        grouping = row[1]  # row[0]: the user's place in the batch
         if grouping == 0:
-            if point is None or point.start != row[1]:
-                point = SeriesPoint(row[1], ZERO, {})  # its total: a grouping-1 row
+            if point is None or point.start != row[2]:
+                point = SeriesPoint(row[2], ZERO, {})  # its total: a grouping-1 row
                 points.append(point)
-            point.by_model[row[2]] = Usage(*row[3:])
+            point.by_model[row[3]] = Usage(*row[4:])
         elif grouping == 1:  # one per bucket with data, in the grouping-0 rows' time order
-            points[totals_seen].total = Usage(*row[3:])
+            points[totals_seen].total = Usage(*row[4:])
             totals_seen += 1
         elif grouping == 2:
-            by_model[row[2]] = Usage(*row[3:])
+            by_model[row[3]] = Usage(*row[4:])
         else:
-            total = Usage(*row[3:])
+            total = Usage(*row[4:])
     return total, dict(sorted(by_model.items())), _zero_filled(points, buckets)
 
 

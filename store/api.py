@@ -108,7 +108,9 @@ class StoreService:
         self.payment_secret = settings.store.payment_secret.get_secret_value().encode()
         self.codec = load_codec(project_path(settings.schemas.avro_dir))
         self.repo = StoreRepository(settings, self.codec, dsn=dsn, pool_size=20)
-        self.reads = ReadModels(settings, dsn=dsn, redis_prefix=redis_prefix, pool_size=20)
+        self.reads = ReadModels(settings, dsn=dsn, redis_prefix=redis_prefix, pool_size=20,
+                                batch_max=settings.store.read_batch,
+                                batch_queries=settings.store.read_queries)  # fmt: skip
         self.file_rules: list[dict[str, Any]] = []
         self._sweeper: asyncio.Task[None] | None = None
 

@@ -151,3 +151,61 @@ def test_balance_from_redis_and_from_postgres_when_redis_is_down(world: Projecti
     asyncio.run(run(world.settings, "redis"))
     redis_down = load_settings(**{**world.overrides, "redis": {"url": "redis://127.0.0.1:1/0"}})
     asyncio.run(run(redis_down, "postgres"))
+
+
+def test_reads_batched_together_equal_each_read_alone(world: ProjectionEnv) -> None:
+    """Concurrent reads share queries (``projections.batching``); each user still gets
+    exactly their own figures and pages, as when read alone, duplicates and empty users
+    included."""
+    w = Writer(world.settings, world.topic, world.codec)
+    users = [f"batch-user-{k}" for k in range(10)]
+    written: dict[str, list[int]] = {u: [] for u in users}
+    entries = []
+    for k, user in enumerate(users):
+        if k in (3, 7):
+            continue  # no entries at all
+        for n in range(k + 2):
+            amount = (k + 1) * 1_000 + n
+            written[user].append(amount)
+            hours_ago = 3 * n + k
+            entries.append(w.entry(user, amount, at("2026-03-10T12:00:00") - hours_ago * 3_600_000,
+                                   model="m2" if n % 3 == 0 else "m1"))  # fmt: skip
+    w.apply(entries)
+    asked = [*users, users[4], users[4], "never-seen"]
+
+    async def run() -> None:
+        together = ReadModels(world.settings, batch_max=4, batch_queries=1)
+        alone = ReadModels(world.settings, batch_max=1, batch_queries=1)
+        await together.start()
+        await alone.start()
+        try:
+            for period in ("24h", "7d", "30d", "all"):
+                batched = await together.consumptions(asked, period, NOW)
+                for user, got in zip(asked, batched, strict=True):
+                    assert got == await alone.consumption(user, period, now=NOW), (user, period)
+                    if period == "30d":  # every entry is within 30 days of NOW
+                        assert got.total.credits_micro == sum(written.get(user, [])), user
+                        assert got.total.calls == len(written.get(user, [])), user
+
+            async def page(models: ReadModels, user: str, limit: int) -> list[list[int]]:
+                pages, cursor = [], None
+                while True:
+                    got = await models.history(user, cursor=cursor, limit=limit)
+                    pages.append([e.amount_micro for e in got.entries])
+                    if got.next_cursor is None:
+                        return pages
+                    cursor = got.next_cursor
+
+            for limit in (1, 3, 200):
+                crowd = await asyncio.gather(*(page(together, u, limit) for u in asked))
+                for user, pages in zip(asked, crowd, strict=True):
+                    assert pages == await page(alone, user, limit), (user, limit)
+                    flat = [-a for p in pages for a in p]
+                    assert flat == list(reversed(written.get(user, []))), (user, limit)
+            # The crowd really was batched: fewer queries than requests.
+            assert together._history.batches < alone._history.batches
+        finally:
+            await together.close()
+            await alone.close()
+
+    asyncio.run(run())
