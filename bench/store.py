@@ -1,6 +1,6 @@
 """The credit-store API under load: GET balance, consumption (30d) and ledger.
 
-    .venv/bin/python -m bench.store [--seconds 10] [--clients 100] [--workers 1,2] [--quick]
+    ./dev bench store [--seconds 10] [--clients 100] [--workers 1,2] [--load wrk] [--quick]
 
 Data: 10M ledger entries over 100k users in the database ``bench_queries``
 (made by ``bench.projections`` and kept between runs; the first run generates
@@ -9,7 +9,9 @@ its own. A real ``creditledger store serve`` process answers; 100 clients
 (closed loop, keep-alive, each request for a random user with that user's
 signed token) hit one endpoint at a time, then all three mixed. ``--workers 1,2``
 measures the store with 1, then 2 server processes. The CPU columns say who used the
-two cores (% of one core). ``--quick``
+two cores (% of one core). The load comes from ``wrk`` when it is installed
+(``./dev bench`` installs it), else from a Python client that takes a fifth of a core
+or more away from the store it measures; ``--load`` picks one. ``--quick``
 uses 200k entries over 2k users (and regenerates ``bench_queries`` at that
 size). Needs the stack up.
 """
@@ -18,13 +20,21 @@ from __future__ import annotations
 
 import os
 import random
-import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from bench.common import CpuMeter, Processes, bench_parser, pct, run_clients
+from bench.common import (
+    CpuMeter,
+    LoadResult,
+    Processes,
+    bench_parser,
+    run_clients,
+    run_wrk,
+    summarize,
+    wrk_available,
+)
 from bench.projections import ensure_query_data
 from creditledger.settings import load_settings
 from creditledger.tables import render_table
@@ -60,14 +70,18 @@ def seed_redis(settings_url: str, rows: list[tuple[str, int, int]]) -> None:
     client.close()
 
 
-async def load(paths: list[str], tokens: list[bytes], clients: int,
-               seconds: float) -> tuple[list[float], int]:  # fmt: skip
+def load(tool: str, paths: list[str], tokens: list[bytes], clients: int,
+         seconds: float) -> LoadResult:  # fmt: skip
+    if tool == "wrk":
+        return run_wrk(PORT, paths, tokens, clients, seconds)
+    import uvloop
+
     def request(_: int) -> tuple[bytes, bytes]:
         head = (f"GET {random.choice(paths)} HTTP/1.1\r\nHost: 127.0.0.1\r\n".encode()
                 + b"Authorization: Bearer " + random.choice(tokens) + b"\r\n\r\n")  # fmt: skip
         return head, b""
 
-    return await run_clients(PORT, request, clients, seconds)
+    return summarize(*uvloop.run(run_clients(PORT, request, clients, seconds)))
 
 
 def main() -> int:
@@ -76,7 +90,12 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="200k entries over 2k users")
     parser.add_argument("--workers", default="1",
                         help="store server processes; a list (1,2) measures each")  # fmt: skip
+    parser.add_argument("--load", choices=("auto", "wrk", "python"), default="auto",
+                        help="load generator (auto: wrk when installed, else python)")  # fmt: skip
     args = parser.parse_args()
+    tool = args.load if args.load != "auto" else ("wrk" if wrk_available() else "python")
+    if tool == "wrk" and not wrk_available():
+        parser.error("wrk is not installed: `./dev bench store` installs it, or use --load python")
     entries, users = (200_000, 2_000) if args.quick else (10_000_000, 100_000)
     base = load_settings()
     settings = ensure_query_data(base, entries, users, rebuild=False)
@@ -93,20 +112,19 @@ def main() -> int:
     env.pop("DATABASE_URL", None)
     table = []
     for workers in [int(w) for w in args.workers.split(",")]:
-        table += measure(env, workers, tokens, args.clients, args.seconds)
+        table += measure(env, workers, tokens, args.clients, args.seconds, tool)
     print()
     print(f"{entries:,} entries over {len(user_ids):,} users; {args.clients} clients (closed "
-          f"loop, keep-alive), {args.seconds:.0f} s per row; 2 cores shared by the store, "
-          "Postgres, Redis and the load generator; CPU in % of one core")  # fmt: skip
+          f"loop, keep-alive, load from {tool}), {args.seconds:.0f} s per row; "
+          f"{os.cpu_count()} cores shared by the store, Postgres, Redis and the load "
+          "generator; CPU in % of one core")  # fmt: skip
     print(render_table(["endpoint", "workers", "requests", "failed", "req/s", "p50 ms",
                         "p99 ms", "max ms", "CPU store", "CPU pg", "CPU load"], table))  # fmt: skip
     return 0
 
 
 def measure(env: dict[str, str], workers: int, tokens: list[bytes], clients: int,
-            seconds: float) -> list[tuple[object, ...]]:  # fmt: skip
-    import uvloop
-
+            seconds: float, tool: str) -> list[tuple[object, ...]]:  # fmt: skip
     processes = Processes(Path(tempfile.mkdtemp(prefix="bench-store-")), env)
     command = [sys.executable, "-m", "creditledger.cli", "store", "serve", "--port", str(PORT),
                "--workers", str(workers)]  # fmt: skip
@@ -119,15 +137,14 @@ def measure(env: dict[str, str], workers: int, tokens: list[bytes], clients: int
         runs.append(("all three, mixed", list(ENDPOINTS.values())))
         meter = CpuMeter(process.pid)
         for name, paths in runs:
-            uvloop.run(load(paths, tokens, clients, 2.0))  # warm up
+            load(tool, paths, tokens, clients, 2.0)  # warm up
             meter.start()
-            latencies, failures = uvloop.run(load(paths, tokens, clients, seconds))
+            result = load(tool, paths, tokens, clients, seconds)
             cpu = meter.stop(seconds)
-            rows.append((name, workers, len(latencies), failures,
-                         f"{len(latencies) / seconds:.0f}",
-                         f"{statistics.median(latencies):.1f}", f"{pct(latencies, 0.99):.1f}",
-                         f"{max(latencies):.1f}", f"{cpu['server']:.0f}",
-                         f"{cpu['postgres']:.0f}", f"{cpu['load generator']:.0f}"))  # fmt: skip
+            rows.append((name, workers, result.ok, result.failed, f"{result.ok / seconds:.0f}",
+                         f"{result.p50_ms:.1f}", f"{result.p99_ms:.1f}", f"{result.max_ms:.1f}",
+                         f"{cpu['server']:.0f}", f"{cpu['postgres']:.0f}",
+                         f"{cpu['load generator']:.0f}"))  # fmt: skip
             print(rows[-1], flush=True)
     finally:
         processes.stop_all()
