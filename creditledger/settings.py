@@ -332,7 +332,8 @@ class StoreSettings(_Section):
         le=64,
         description="Server processes, each with its own pools, sharing the port through "
         "SO_REUSEPORT. More than one pays where cores are spare: on 2 cores shared with "
-        "Postgres, 1 gave the lower p99 (bench.store --workers 1,2).",
+        "Postgres, 2 lift the Redis-only balance read but not the Postgres reads "
+        "(./dev bench store --workers 1,2).",
     )
     fast_reads: bool = Field(
         True,
