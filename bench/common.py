@@ -206,9 +206,8 @@ def wrk_available() -> bool:
 def run_wrk(port: int, paths: list[str], tokens: list[bytes], clients: int,
             seconds: float) -> LoadResult:  # fmt: skip
     """The same closed loop as :func:`run_clients` (``clients`` keep-alive connections, a
-    random path and token per request), driven by ``wrk``: compiled, it takes a few % of a
-    core where the Python client takes 20-40%, which matters when the load generator
-    shares the cores with the server it measures. Latencies are wrk's (all responses)."""
+    random path and token per request), driven by ``wrk``: a standard load generator, so
+    the figures do not rest on our own HTTP client. Latencies are wrk's (all responses)."""
     with tempfile.NamedTemporaryFile("wb", suffix=".tokens") as token_file:
         token_file.write(b"\n".join(tokens) + b"\n")
         token_file.flush()

@@ -10,8 +10,9 @@ its own. A real ``creditledger store serve`` process answers; 100 clients
 signed token) hit one endpoint at a time, then all three mixed. ``--workers 1,2``
 measures the store with 1, then 2 server processes. The CPU columns say who used the
 two cores (% of one core). The load comes from ``wrk`` when it is installed
-(``./dev bench`` installs it), else from a Python client that takes a fifth of a core
-or more away from the store it measures; ``--load`` picks one. ``--quick``
+(``./dev bench`` installs it: a standard tool, independent of this code), else from
+the Python client of ``bench.common``; ``--load`` picks one. Both measured the same
+p99 here (see ARCHITECTURE.md). ``--quick``
 uses 200k entries over 2k users (and regenerates ``bench_queries`` at that
 size). Needs the stack up.
 """
