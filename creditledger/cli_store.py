@@ -3,18 +3,18 @@
 from __future__ import annotations
 
 import argparse
+import ipaddress
+import logging
 import time
 from typing import Any
 
 from pydantic import ValidationError
 
 from creditledger.errors import ConfigError
-from creditledger.settings import Settings, StoreSettings
+from creditledger.settings import DEV_SECRET_PREFIX, Settings, StoreSettings
 
 
 def cmd_store_serve(args: argparse.Namespace, settings: Settings) -> int:
-    import logging
-
     from projections.migrate import migrate
     from store.server import serve
 
@@ -29,15 +29,44 @@ def cmd_store_serve(args: argparse.Namespace, settings: Settings) -> int:
             problems = "; ".join(f"--{e['loc'][0]}: {e['msg']}" for e in exc.errors())
             raise ConfigError(f"store serve: {problems}") from exc
         settings = settings.model_copy(update={"store": store})
+    check_secrets(settings.store)
     migrate(settings)
-    if settings.store.token_secret.get_secret_value().startswith("dev-only"):
-        logging.getLogger("store").warning(
-            "store.token_secret is the development default: set your own outside development"
-        )
     print(f"credit store on http://{settings.store.host}:{settings.store.port}/credit-store "
           "(API docs: /credit-store/docs; Ctrl-C stops it)", flush=True)  # fmt: skip
     serve(settings)
     return 0
+
+
+def check_secrets(store: StoreSettings) -> None:
+    """The development secrets are public (they are in config.example.yaml): with them,
+    anyone who can reach the store could sign an admin token or a payment callback. So
+    they are refused on any address but loopback, and only warned about there (the demo
+    and the tests run on loopback)."""
+    secrets = {"token_secret": store.token_secret, "payment_secret": store.payment_secret}
+    defaults = [f"store.{name}" for name, secret in secrets.items()
+                if secret.get_secret_value().startswith(DEV_SECRET_PREFIX)]  # fmt: skip
+    if not defaults:
+        return
+    names = " and ".join(defaults)
+    if not is_loopback(store.host):
+        raise ConfigError(
+            f"{names} still {'hold' if len(defaults) > 1 else 'holds'} the development "
+            "default, which anyone can read in config.example.yaml; set your own before "
+            f"serving on {store.host} (e.g. CREDITLEDGER_STORE__TOKEN_SECRET, "
+            "CREDITLEDGER_STORE__PAYMENT_SECRET)"
+        )
+    logging.getLogger("store").warning(
+        "%s: the development default; fine on loopback, refused on any other address", names
+    )
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name: it may resolve anywhere
+        return False
 
 
 def cmd_store_token(args: argparse.Namespace, settings: Settings) -> int:

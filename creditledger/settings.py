@@ -31,6 +31,9 @@ from creditledger.errors import ConfigError
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
+# The store's development secrets start with this; `store serve` refuses them off loopback.
+DEV_SECRET_PREFIX = "dev-only"
+
 # Conventional variables that point the whole project at services someone else runs.
 EXTERNAL_ENV = {
     "KAFKA_BOOTSTRAP_SERVERS": ("kafka", "bootstrap_servers"),
@@ -355,15 +358,17 @@ class StoreSettings(_Section):
         "worker; requests beyond them wait and form the next batch.",
     )
     token_secret: SecretStr = Field(
-        SecretStr("dev-only-token-secret-change-me"),
-        description="HMAC key of the API's bearer tokens (set your own outside development).",
+        SecretStr(f"{DEV_SECRET_PREFIX}-token-secret-change-me"),
+        description="HMAC key of the API's bearer tokens; the default is refused on any "
+        "address but loopback.",
     )
     token_ttl_s: int = Field(
         86400, ge=60, description="Lifetime of a token made by `creditledger store token`, s."
     )
     payment_secret: SecretStr = Field(
-        SecretStr("dev-only-payment-secret-change-me"),
-        description="HMAC key the payment provider signs its callbacks with.",
+        SecretStr(f"{DEV_SECRET_PREFIX}-payment-secret-change-me"),
+        description="HMAC key the payment provider signs its callbacks with; the default is "
+        "refused on any address but loopback.",
     )
     simulated_provider: bool = Field(
         True,

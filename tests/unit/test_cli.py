@@ -87,3 +87,31 @@ def test_every_worker_log_level_maps_to_logging() -> None:
     for level in ("crit", "error", "warn", "info", "debug"):
         args = parser.parse_args(["worker", "--loglevel", level])
         assert args.loglevel in LOG_LEVELS
+
+
+def test_store_refuses_development_secrets_off_loopback(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Refused before anything starts or connects: no stack is needed to see it.
+    monkeypatch.setenv("CREDITLEDGER_STORE__HOST", "0.0.0.0")
+    assert main(["store", "serve"]) == 1
+    err = capsys.readouterr().err
+    assert "store.token_secret and store.payment_secret still hold the development default" in err
+    assert "before serving on 0.0.0.0" in err
+
+
+def test_store_secrets_check() -> None:
+    from pydantic import SecretStr
+
+    from creditledger.cli_store import check_secrets, is_loopback
+    from creditledger.errors import ConfigError
+    from creditledger.settings import StoreSettings
+
+    assert [is_loopback(h) for h in ("127.0.0.1", "127.0.0.2", "::1", "localhost")] == [True] * 4
+    assert [is_loopback(h) for h in ("0.0.0.0", "10.0.0.5", "::", "store.example")] == [False] * 4
+    check_secrets(StoreSettings(host="127.0.0.1"))  # defaults on loopback: a warning only
+    own = {"token_secret": SecretStr("t" * 32), "payment_secret": SecretStr("p" * 32)}
+    check_secrets(StoreSettings(host="0.0.0.0", **own))
+    only_payment = r"^store.payment_secret still holds the development default"
+    with pytest.raises(ConfigError, match=only_payment):
+        check_secrets(StoreSettings(host="0.0.0.0", token_secret=own["token_secret"]))
