@@ -22,6 +22,8 @@ import hashlib
 from dataclasses import dataclass, field
 from typing import Literal
 
+from contracts.fields import EVENT_ID, ID, field_problems
+
 GRANT_KINDS = ("purchase", "reward", "adjustment", "refund")
 ENTRY_KINDS = ("charge", *GRANT_KINDS)
 
@@ -172,12 +174,28 @@ def _is_int(value: object) -> bool:
     return type(value) is int
 
 
+def _string_fields(command: Command) -> dict[str, object]:
+    if isinstance(command, Charge):
+        return {
+            "event_id": command.event_id, "user_id": command.user_id, "scene": command.scene,
+            "request_id": command.request_id, "conversation_id": command.conversation_id,
+            "model_alias": command.model_alias, "upstream_model": command.upstream_model,
+            "price_rule_id": command.price_rule_id, "producer": command.producer,
+        }  # fmt: skip
+    return {
+        "event_id": command.event_id, "user_id": command.user_id,
+        "reference": command.reference, "note": command.note, "producer": command.producer,
+    }  # fmt: skip
+
+
 def validate(command: Command, limits: Limits) -> str | None:
-    """The first thing wrong with the command, or None when it may be applied."""
-    if not isinstance(command.event_id, str) or not command.event_id.strip():
-        return "event_id is empty"
-    if not isinstance(command.user_id, str) or not command.user_id.strip():
-        return "user_id is empty"
+    """The first thing wrong with the command, or None when it may be applied.
+
+    Every string follows its rule in :mod:`contracts.fields`, so nothing the fold applies
+    is an entry a projection cannot store (a 10 KB user id, a NUL in a reference)."""
+    problem = field_problems(_string_fields(command))
+    if problem is not None:
+        return problem
     if not _is_int(command.amount_micro):
         return f"amount_micro must be an integer, got {type(command.amount_micro).__name__}"
     if command.amount_micro > limits.max_amount_micro:
@@ -190,9 +208,6 @@ def validate(command: Command, limits: Limits) -> str | None:
     if isinstance(command, Charge):
         if command.amount_micro < 0:
             return f"charge amount_micro must be >= 0, got {command.amount_micro}"
-        for name in ("scene", "model_alias", "upstream_model", "price_rule_id"):
-            if not getattr(command, name).strip():
-                return f"{name} is empty"
         for name in ("input_tokens", "output_tokens", "cached_tokens", "reasoning_tokens"):
             value = getattr(command, name)
             if not _is_int(value) or value < 0:
@@ -204,8 +219,6 @@ def validate(command: Command, limits: Limits) -> str | None:
         return f"unknown grant kind {command.kind!r} (known: {', '.join(GRANT_KINDS)})"
     if command.amount_micro <= 0:
         return f"grant amount_micro must be > 0, got {command.amount_micro}"
-    if not command.reference.strip():
-        return "reference is empty"
     return None
 
 
@@ -226,7 +239,10 @@ def decide(
     """
     problem = validate(command, limits)
     if problem is not None:
-        return Rejected("invalid", problem, command.event_id or None, command.user_id or None)
+        # A dead letter names the command only by ids that are themselves well-formed.
+        event_id = command.event_id if EVENT_ID.ok(command.event_id) else None
+        user_id = command.user_id if ID.ok(command.user_id) else None
+        return Rejected("invalid", problem, event_id, user_id)
     digest = digest or command_digest(command)
     if seen is not None:
         if seen.command_digest == digest:  # the digest covers user_id too

@@ -175,9 +175,9 @@ def guard_latency(world: Settings, calls: int = 20000) -> tuple[float, float]:
         for n in range(calls):
             user, event = f"bench-u{n % USERS}", f"guard-{n}"
             started = time.perf_counter()
-            await guard.hold(user, event, 1000)
+            decision = await guard.hold(user, event, 1000, f"fp-{n}")
             timings.append((time.perf_counter() - started) * 1000)
-            await guard.release(user, event)
+            await guard.release(user, event, decision.field)
         await client.aclose()
         return timings
 

@@ -78,13 +78,15 @@ class ProxyError(CreditLedgerError):
     """A proxied call is refused; carries the HTTP status and the OpenAI-shaped error fields."""
 
     def __init__(self, status: int, code: str, message: str, *, param: str | None = None,
-                 kind: str = "invalid_request_error") -> None:  # fmt: skip
+                 kind: str = "invalid_request_error",
+                 headers: dict[str, str] | None = None) -> None:  # fmt: skip
         super().__init__(message)
         self.status = status
         self.code = code
         self.message = message
         self.param = param
         self.kind = kind
+        self.headers = headers or {}  # extra response headers (Retry-After, x-request-id)
 
     def body(self) -> dict[str, object]:
         """The OpenAI error body: ``{"error": {"message", "type", "param", "code"}}``."""

@@ -241,6 +241,12 @@ class ModelAlias(_Section):
         "", description="Environment variable holding the upstream API key ('' = no key)."
     )
     price_rule: str = Field(description="Id of the price rule that prices this alias.")
+    hold_output_tokens: int | None = Field(
+        None,
+        ge=1,
+        description="Output tokens a hold assumes for this alias when the request bounds "
+        "none (max_completion_tokens / max_tokens); unset: proxy.hold_output_tokens.",
+    )
 
 
 class ServiceKey(_Section):
@@ -303,9 +309,11 @@ class ProxySettings(_Section):
         "HTTP 503) or let the call through (fail_open).",
     )
     hold_output_tokens: int = Field(
-        1024,
+        256,
         ge=1,
-        description="Output tokens a hold assumes when the request sets no max_tokens.",
+        description="Output tokens a hold assumes per choice when the request bounds none "
+        "and its alias sets none: a typical answer, not the worst case (the charge is "
+        "post-paid; the hold only keeps concurrent calls from overspending much).",
     )
     hold_ttl_s: int = Field(
         900,
@@ -313,10 +321,32 @@ class ProxySettings(_Section):
         description="A hold (and a settled charge not yet folded) expires after this long, "
         "seconds: the bound on what a crashed proxy keeps blocked.",
     )
+    retry_window_s: float = Field(
+        600.0,
+        gt=0,
+        description="A call under an event id served before is a retry (served, charged "
+        "once) only with the same fingerprint (user, model alias, scene, body) and within "
+        "this long of the first; otherwise 409 event_id_reused, seconds.",
+    )
+    retry_serves_max: int = Field(
+        5,
+        ge=1,
+        le=100,
+        description="How often one event id may be served in all (first "
+        "call and retries); more: 409 event_id_reused.",
+    )
+    event_id_memory_s: float = Field(
+        86400.0,
+        gt=0,
+        description="How long Redis remembers a served event id and its fingerprint, "
+        "seconds (>= retry_window_s). Later, a reused id is still refused when its charge "
+        "is written (the outbox keeps every fingerprint), but only after the call ran.",
+    )
     spool_dir: Path = Field(
-        Path("/tmp/creditledger-spool"),
+        Path("~/.local/state/creditledger/spool"),
         description="Where the proxy appends charges when Postgres and Kafka are both down; "
-        "`outbox relay` drains it (run a relay on every proxy host).",
+        "`outbox relay` drains it (run a relay on every proxy host). Created 0700; both "
+        "refuse a folder that another user owns or others may write to.",
     )
     direct_produce_timeout_s: float = Field(
         5.0, gt=0, description="Longest wait for Kafka's ack when Postgres is down, seconds."

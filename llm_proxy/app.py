@@ -20,11 +20,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import hashlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 import httpx2
 import openai
@@ -34,14 +35,17 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from psycopg_pool import AsyncConnectionPool
 
 from agents.domain import Charge
+from contracts.fields import MODEL, NAME
 from creditledger.errors import CreditLedgerError, PricingError, ProxyError
 from creditledger.settings import ModelAlias, Settings, project_path
+from llm_proxy import sse
 from llm_proxy import usage as usage_mod
 from llm_proxy.auth import ServiceRegistry
-from llm_proxy.billing import BillingContext, from_headers
+from llm_proxy.billing import BillingContext, from_headers, ledger_event_id
 from llm_proxy.charges import ChargePath, ChargeWriter, build_charge, now_ms
 from llm_proxy.guard import CreditBalanceGuard
 from llm_proxy.metrics import ProxyMetrics
+from llm_proxy.outbox import OutboxConflict
 from llm_proxy.price_source import TABLE_QUERY, merge, read_yaml, table_rows_to_rules
 from llm_proxy.pricing import PriceBook, PriceRule, TokenUsage
 from llm_proxy.upstream import UpstreamClient, upstream_client
@@ -68,19 +72,38 @@ class Call:
     alias: ModelAlias
     rule: PriceRule
     body: dict[str, Any]
+    event_id: str  # the ledger's: namespaced by the calling service
+    fingerprint: str  # user, model alias, scene and the body's digest
     held: bool = False
+    hold_field: str | None = None  # where the guard keeps this call's hold
+
+
+def call_fingerprint(route: str, ctx: BillingContext, model_alias: str, raw_body: bytes) -> str:
+    """What makes two calls under one event id the same call (a retry): who pays, for
+    which model and scene, and the exact request body."""
+    digest = hashlib.blake2b(raw_body, digest_size=16)
+    for part in (route, ctx.user_id, ctx.scene, model_alias):
+        digest.update(b"\x00" + part.encode())
+    return digest.hexdigest()
 
 
 @dataclass
 class StreamState:
-    events: list[bytes] = field(default_factory=list)
+    datas: list[str] = field(default_factory=list)  # the data of each event passed on
     usage: TokenUsage | None = None
     done: bool = False
     client_gone: bool = False
 
 
-def error_response(exc: ProxyError) -> tuple[int, bytes]:
-    return exc.status, orjson.dumps(exc.body())
+def error_response(exc: ProxyError) -> tuple[int, bytes, list[tuple[bytes, bytes]]]:
+    headers = [*JSON_HEADERS, *((k.encode(), v.encode()) for k, v in exc.headers.items())]
+    if exc.status in NOT_RETRIED:
+        headers.append((b"x-should-retry", b"false"))  # the openai SDK would retry a 409
+    return exc.status, orjson.dumps(exc.body()), headers
+
+
+# Answers a retry cannot change: the openai SDK is told not to retry them.
+NOT_RETRIED = frozenset({400, 401, 402, 403, 404, 409, 413})
 
 
 class ProxyApp:
@@ -111,6 +134,7 @@ class ProxyApp:
             raise CreditLedgerError("proxy.models and proxy.services must not be empty: "
                                     "configure at least one model alias and one service key "
                                     "(see config.example.yaml)")  # fmt: skip
+        self._check_names()
         self._file_rules = read_yaml(project_path(proxy.price_rules_file))
         self.prices = merge(self._file_rules, [])
         usage_mod.load_encoding()
@@ -138,6 +162,23 @@ class ProxyApp:
         # as the process: keep it out of the collector's full passes, which otherwise stop
         # every call in flight for several milliseconds.
         gc.freeze()
+
+    def _check_names(self) -> None:
+        """Names that end up in charges follow the field rules, or no charge would fold."""
+        proxy = self.settings.proxy
+        names = [("proxy.producer_name", proxy.producer_name)]
+        names += [(f"proxy.services[].name {s.name!r}", s.name) for s in proxy.services]
+        for alias in proxy.models:
+            names += [
+                (f"proxy.models[].alias {alias.alias!r}", alias.alias),
+                (f"proxy.models[].price_rule of {alias.alias!r}", alias.price_rule),
+            ]
+            if not MODEL.ok(alias.upstream_model):
+                raise CreditLedgerError(f"proxy.models[].upstream_model of {alias.alias!r} "
+                                        f"must be {MODEL.description}")  # fmt: skip
+        for setting, value in names:
+            if not NAME.ok(value):
+                raise CreditLedgerError(f"{setting} must be {NAME.description}")
 
     def _check_rule(self, alias: ModelAlias) -> None:
         try:
@@ -193,9 +234,16 @@ class ProxyApp:
             return
         path, method = scope["path"], scope["method"]
         route = {"/v1/chat/completions": "chat", "/v1/embeddings": "embeddings"}.get(path)
+        started = False
+
+        async def tracked(message: Message) -> None:
+            nonlocal started
+            started = True
+            await send(message)
+
         try:
             if route and method == "POST":
-                await self._call(route, scope, receive, send)
+                await self._call(route, scope, receive, tracked)
             elif path == "/v1/models" and method == "GET":
                 self._authenticate(scope)
                 await self._respond(send, "models", 200, orjson.dumps(self._models()))
@@ -207,8 +255,18 @@ class ProxyApp:
             else:
                 raise ProxyError(404, "not_found", f"no route {method} {path}")
         except ProxyError as exc:
-            status, body = error_response(exc)
-            await self._respond(send, route or "other", status, body)
+            if started:
+                raise  # cannot happen: streams end with an error event instead
+            status, body, headers = error_response(exc)
+            await self._respond(send, route or "other", status, body, headers)
+        except Exception as exc:
+            log.exception("unexpected error answering %s %s", method, path)
+            if started:
+                raise  # the server closes the connection: the client sees the break
+            status, body, headers = error_response(ProxyError(
+                500, "internal_error", f"the proxy failed unexpectedly ({type(exc).__name__})",
+                kind="server_error"))  # fmt: skip
+            await self._respond(send, route or "other", status, body, headers)
 
     async def _lifespan(self, receive: Receive, send: Send) -> None:
         while True:
@@ -254,23 +312,29 @@ class ProxyApp:
         service = self.services.authenticate(headers.get("authorization"))
         ctx = from_headers(headers)
         self.services.authorize(service, ctx)
-        body = await self._read_json(receive)
-        call = self._prepare(route, ctx, body)
+        raw, body = await self._read_json(receive)
+        call = self._prepare(route, ctx, body, ledger_event_id(service.name, ctx.event_id), raw)
         stream = route == "chat" and body.get("stream") is True
         if not ctx.skip_charge:
             await self._hold(call)
         try:
             response = await self._upstream(call, stream)
-        except ProxyError:
+            # The caller's own id (not the ledger's namespaced one): what a retry sends again.
+            extra = [(b"x-billing-event-id", ctx.event_id.encode())]
+            request_id = response.headers.get("x-request-id")
+            if request_id:
+                extra.append((b"x-request-id", request_id.encode()))
+            if stream:
+                await self._stream(call, response, receive, send, extra)
+            else:
+                await self._whole(call, response, send, extra)
+        except BaseException:
+            # Whatever went wrong (upstream, a bug, a cancelled task), no hold outlives the
+            # call unless its charge was written (then settling owns it).
             await self._release(call)
             raise
-        extra = [(b"x-billing-event-id", ctx.event_id.encode())]
-        if stream:
-            await self._stream(call, response, receive, send, extra)
-        else:
-            await self._whole(call, response, send, extra)
 
-    async def _read_json(self, receive: Receive) -> dict[str, Any]:
+    async def _read_json(self, receive: Receive) -> tuple[bytes, dict[str, Any]]:
         chunks: list[bytes] = []
         size = 0
         while True:
@@ -285,17 +349,19 @@ class ProxyApp:
             chunks.append(chunk)
             if not message.get("more_body", False):
                 break
+        raw = b"".join(chunks)
         try:
-            body = orjson.loads(b"".join(chunks))
+            body = orjson.loads(raw)
         except orjson.JSONDecodeError as exc:
             raise ProxyError(
                 400, "invalid_json", f"the request body is not valid JSON: {exc}"
             ) from exc
         if not isinstance(body, dict):
             raise ProxyError(400, "invalid_request", "the request body must be a JSON object")
-        return body
+        return raw, body
 
-    def _prepare(self, route: str, ctx: BillingContext, body: dict[str, Any]) -> Call:
+    def _prepare(self, route: str, ctx: BillingContext, body: dict[str, Any], event_id: str,
+                 raw: bytes) -> Call:  # fmt: skip
         name = body.get("model")
         if not isinstance(name, str) or not name:
             raise ProxyError(400, "invalid_request", "field 'model' is required", param="model")
@@ -316,27 +382,34 @@ class ProxyApp:
             log.error("model %s cannot be priced: %s", name, exc)
             raise ProxyError(503, "pricing_unavailable", f"model {name!r} cannot be priced now",
                              kind="server_error") from exc  # fmt: skip
-        return Call(route, ctx, alias, rule, body)
+        return Call(route, ctx, alias, rule, body, event_id,
+                    call_fingerprint(route, ctx, alias.alias, raw))  # fmt: skip
 
     async def _hold(self, call: Call) -> None:
         assert self.guard is not None
+        default = call.alias.hold_output_tokens or self.settings.proxy.hold_output_tokens
         output = 0 if call.route == "embeddings" else usage_mod.requested_output(
-            call.body, self.settings.proxy.hold_output_tokens)  # fmt: skip
+            call.body, default)  # fmt: skip
         estimate = call.rule.price(TokenUsage(usage_mod.bound_prompt(call.body), output))
         started = time.perf_counter()
         try:
-            decision = await self.guard.hold(call.ctx.user_id, call.ctx.event_id, estimate)
+            decision = await self.guard.hold(call.ctx.user_id, call.event_id, estimate,
+                                             call.fingerprint)  # fmt: skip
         except ProxyError as exc:
             self.metrics.guard_refusals.labels(exc.code).inc()
+            if exc.code == "event_id_reused":
+                self.metrics.event_id_reused.labels("guard").inc()
             raise
         finally:
             self.metrics.guard_seconds.observe(time.perf_counter() - started)
         self.metrics.guard_decisions.labels(decision.source).inc()
         call.held = decision.source != "policy"
+        call.hold_field = decision.field
 
     async def _release(self, call: Call) -> None:
         if call.held and self.guard is not None:
-            await self.guard.release(call.ctx.user_id, call.ctx.event_id)
+            call.held = False
+            await self.guard.release(call.ctx.user_id, call.event_id, call.hold_field)
 
     async def _upstream(self, call: Call, stream: bool) -> httpx2.Response:
         body = dict(call.body)
@@ -356,11 +429,16 @@ class ProxyApp:
             return response
         except openai.APIStatusError as exc:
             self.metrics.upstream_errors.labels(model, str(exc.status_code)).inc()
-            if 400 <= exc.status_code < 500 and exc.status_code not in (401, 403, 429):
+            passed = {k: v for k in ("retry-after", "retry-after-ms", "x-request-id")
+                      if (v := exc.response.headers.get(k))}  # fmt: skip
+            if exc.status_code == 429:
+                # Rate limited: the client's SDK backs off by Retry-After and retries.
+                raise _passthrough(exc, "rate_limit_exceeded", passed) from exc
+            if 400 <= exc.status_code < 500 and exc.status_code not in (401, 403):
                 # The client's request was wrong (e.g. a bad parameter): say what upstream said.
-                raise _passthrough(exc) from exc
+                raise _passthrough(exc, "upstream_rejected", passed) from exc
             raise ProxyError(502, "upstream_error", f"upstream answered {exc.status_code}",
-                             kind="server_error") from exc  # fmt: skip
+                             kind="server_error", headers=passed) from exc  # fmt: skip
         except openai.APITimeoutError as exc:
             self.metrics.upstream_errors.labels(model, "timeout").inc()
             raise ProxyError(504, "upstream_timeout", "upstream did not answer in time",
@@ -422,15 +500,32 @@ class ProxyApp:
         usage, estimated = state.usage, state.usage is None
         if usage is None:
             self.metrics.estimated.labels("client_gone" if state.client_gone else "no_usage").inc()
-            usage = usage_mod.estimate(call.body, _streamed_text(state.events))
-        finish = DONE_EVENT if state.done else b""
-        status = "200" if not state.client_gone else "499"
+            usage = usage_mod.estimate(call.body, _streamed_text(state.datas))
+        finish, status = DONE_EVENT, "200"
+        if state.client_gone:
+            finish, status = b"", "499"
+        elif not state.done:
+            # Upstream broke off: the answer is incomplete, and the client must be able to
+            # tell (an error event makes the openai SDK raise; it is still charged).
+            self.metrics.upstream_errors.labels(call.alias.alias, "incomplete_stream").inc()
+            finish, status = (
+                _error_event(
+                    ProxyError(
+                        502,
+                        "upstream_incomplete",
+                        "upstream broke off mid-answer: the answer is "
+                        "incomplete (it is charged as estimated)",
+                        kind="server_error",
+                    )
+                ),
+                "502",
+            )
         try:
-            await self._charge(call, usage, estimated, _streamed_model(state.events, call.alias))
+            await self._charge(call, usage, estimated, _streamed_model(state.datas, call.alias))
         except ProxyError as exc:
-            # Headers are long gone: end the stream without [DONE], so the client sees an
-            # incomplete answer rather than a clean one that was never recorded.
-            finish, status = b"", str(exc.status)
+            # Headers are long gone: end the stream with the error instead of [DONE], so the
+            # client sees an incomplete answer rather than a clean one that was never recorded.
+            finish, status = _error_event(exc), str(exc.status)
         self.metrics.requests.labels(call.route, status).inc()
         with contextlib.suppress(OSError):
             # The charge is durable before the stream's end reaches the client.
@@ -439,29 +534,20 @@ class ProxyApp:
     @staticmethod
     async def _pump(response: httpx2.Response, send: Send, state: StreamState,
                     wants_usage: bool) -> None:  # fmt: skip
-        pending = b""
-        async for chunk in response.aiter_bytes():
-            pending += chunk
-            out: list[bytes] = []
-            while True:
-                end = pending.find(b"\n\n")
-                if end < 0:
-                    break
-                event, pending = pending[: end + 2], pending[end + 2 :]
-                if event.startswith(b"data: [DONE]"):
-                    state.done = True
-                    continue
-                if b'"usage"' in event and b'"usage":null' not in event:
-                    found = _event_usage(event)
-                    if found is not None:
-                        state.usage = found
-                        if not wants_usage and b'"choices":[]' in event.replace(b" ", b""):
-                            continue  # the usage chunk we asked for on the client's behalf
-                state.events.append(event)
-                out.append(event)
+        decoder = sse.SSEDecoder()
+        chunks = response.aiter_bytes()
+        while True:
+            try:
+                chunk = await chunks.__anext__()
+                items = decoder.feed(chunk)
+            except StopAsyncIteration:
+                items, chunk = decoder.close(), b""
+            out = [item.encode() for item in items if _forward(item, state, wants_usage)]
             if out:
                 await send({"type": "http.response.body", "body": b"".join(out),
                             "more_body": True})  # fmt: skip
+            if not chunk:
+                return
 
     async def _charge(self, call: Call, usage: TokenUsage, estimated: bool,
                       upstream_model: str) -> None:  # fmt: skip
@@ -469,16 +555,24 @@ class ProxyApp:
             self.metrics.charges.labels("skipped").inc()
             return
         assert self.guard is not None and self.writer is not None
-        charge = build_charge(call.ctx, model_alias=call.alias.alias,
+        charge = build_charge(call.ctx, event_id=call.event_id, model_alias=call.alias.alias,
                               upstream_model=upstream_model, usage=usage, estimated=estimated,
                               rule=call.rule, occurred_at_ms=now_ms(),
                               producer=self.settings.proxy.producer_name)  # fmt: skip
         try:
-            path = await self.writer.write(charge)
+            path = await self.writer.write(charge, call.fingerprint)
+        except OutboxConflict as exc:
+            # The guard could not tell (Redis was down, or forgot the id): the id belongs to
+            # another call, so this one is refused, never served for free.
+            self.metrics.event_id_reused.labels("outbox").inc()
+            await self._release(call)
+            raise ProxyError(409, "event_id_reused", "X-Billing-Event-Id was used before "
+                             "for a different call: send a new id for a new call",
+                             param="X-Billing-Event-Id") from exc  # fmt: skip
         except OSError as exc:
             log.critical("charge %s could not be recorded anywhere (outbox, Kafka and spool "
                          "failed: %s)", charge.event_id, exc)  # fmt: skip
-            self._spawn(self._settle(charge, "failed"))
+            await self._release(call)
             raise ProxyError(500, "charge_not_recorded", "the call finished but its charge "
                              "could not be recorded", kind="server_error") from exc  # fmt: skip
         self.metrics.charges.labels(path).inc()
@@ -487,15 +581,18 @@ class ProxyApp:
         # The hold is settled after the response: the estimate it still holds until then
         # only errs on the safe side, and settling only rewrites a hold that still exists,
         # so a projector that folded the charge meanwhile cannot get it held again.
-        self._spawn(self._settle(charge, path))
+        call.held = False  # from here on, settling owns the hold (even if the reply fails)
+        self._spawn(self._settle(call, charge, path))
 
-    async def _settle(self, charge: Charge, path: ChargePath | Literal["failed"]) -> None:
+    async def _settle(self, call: Call, charge: Charge, path: ChargePath) -> None:
         assert self.guard is not None
-        await self.guard.settle(charge.user_id, charge.event_id, charge.amount_micro)
-        if path == "duplicate":
-            # Already charged under this event_id: this retry adds nothing. Its hold replaced
-            # the first call's; keep it until the projector folds the first charge, unless
-            # that has happened already.
+        recorded = path != "duplicate"
+        await self.guard.settle(charge.user_id, charge.event_id, call.hold_field,
+                                charge.amount_micro, recorded=recorded)  # fmt: skip
+        if not recorded and call.hold_field == charge.event_id:
+            # A duplicate that held under the event id itself: the first attempt left no hold
+            # in Redis (served while Redis was down, or its record expired), so the projector
+            # deletes this one only if it has not folded that charge yet.
             await self.guard.release_if_folded(charge.user_id, charge.event_id)
 
 
@@ -504,38 +601,58 @@ async def _disconnected(receive: Receive) -> None:
         pass
 
 
-def _passthrough(exc: openai.APIStatusError) -> ProxyError:
+def _passthrough(exc: openai.APIStatusError, default_code: str,
+                 headers: dict[str, str]) -> ProxyError:  # fmt: skip
     body = exc.body if isinstance(exc.body, dict) else {}
     error = body.get("error", body) if isinstance(body, dict) else {}
-    message = error.get("message") if isinstance(error, dict) else None
-    code = error.get("code") if isinstance(error, dict) else None
-    return ProxyError(exc.status_code, str(code or "upstream_rejected"),
+    error = error if isinstance(error, dict) else {}
+    message, code, kind = error.get("message"), error.get("code"), error.get("type")
+    return ProxyError(exc.status_code, str(code or default_code),
                       str(message or f"upstream refused the request ({exc.status_code})"),
-                      param=error.get("param") if isinstance(error, dict) else None)  # fmt: skip
+                      param=error.get("param"), headers=headers,
+                      kind=str(kind or "invalid_request_error"))  # fmt: skip
 
 
-def _event_usage(event: bytes) -> TokenUsage | None:
-    for data in _event_data([event]):
-        return usage_mod.from_response(data.get("usage"))
-    return None
+def _forward(item: sse.Item, state: StreamState, wants_usage: bool) -> bool:
+    """Note what ``item`` tells (usage, the end); whether the client gets it."""
+    if isinstance(item, sse.Comment):
+        return True  # keep-alives keep the client's connection alive too
+    data = item.data
+    if data == "[DONE]":
+        state.done = True
+        return False  # sent by the proxy itself, once the charge is durable
+    if '"usage"' in data:
+        with contextlib.suppress(orjson.JSONDecodeError):
+            parsed = orjson.loads(data)
+            if isinstance(parsed, dict):
+                found = usage_mod.from_response(parsed.get("usage"))
+                if found is not None:
+                    state.usage = found
+                    if not wants_usage and parsed.get("choices") == []:
+                        return False  # the usage chunk asked for on the client's behalf
+    state.datas.append(data)
+    return True
 
 
-def _event_data(events: list[bytes]) -> list[dict[str, Any]]:
+def _error_event(exc: ProxyError) -> bytes:
+    """An error as the last event of a stream: the openai SDK raises APIError on it."""
+    return sse.Event(orjson.dumps(exc.body()).decode()).encode()
+
+
+def _event_data(datas: list[str]) -> list[dict[str, Any]]:
     out = []
-    for event in events:
-        for line in event.split(b"\n"):
-            if line.startswith(b"data:"):
-                with contextlib.suppress(orjson.JSONDecodeError):
-                    data = orjson.loads(line[5:])
-                    if isinstance(data, dict):
-                        out.append(data)
+    for data in datas:
+        with contextlib.suppress(orjson.JSONDecodeError):
+            parsed = orjson.loads(data)
+            if isinstance(parsed, dict):
+                out.append(parsed)
     return out
 
 
-def _streamed_text(events: list[bytes]) -> str:
+def _streamed_text(datas: list[str]) -> str:
     """The text the client actually received: content, reasoning and tool-call arguments."""
     parts: list[str] = []
-    for data in _event_data(events):
+    for data in _event_data(datas):
         for choice in data.get("choices") or []:
             delta = choice.get("delta") if isinstance(choice, dict) else None
             if not isinstance(delta, dict):
@@ -550,9 +667,9 @@ def _streamed_text(events: list[bytes]) -> str:
     return "".join(parts)
 
 
-def _streamed_model(events: list[bytes], alias: ModelAlias) -> str:
-    for data in _event_data(events[:1]):
-        if isinstance(data.get("model"), str):
+def _streamed_model(datas: list[str], alias: ModelAlias) -> str:
+    for data in _event_data(datas[:1]):
+        if MODEL.ok(data.get("model")):
             return str(data["model"])
     return alias.upstream_model
 
@@ -569,7 +686,9 @@ def _answer_text(answer: Any) -> str:
 
 
 def _upstream_model(answer: Any, alias: ModelAlias) -> str:
-    if isinstance(answer, dict) and isinstance(answer.get("model"), str):
+    """The model upstream says it used, when it fits the field rule; else the configured one
+    (a charge whose model the fold refused would be a free call)."""
+    if isinstance(answer, dict) and MODEL.ok(answer.get("model")):
         return str(answer["model"])
     return alias.upstream_model
 

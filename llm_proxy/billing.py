@@ -11,11 +11,11 @@ body, which the billing path does not log or copy into an event.
 
 from __future__ import annotations
 
-import re
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from contracts.fields import ID
 from creditledger.errors import ProxyError
 
 USER_HEADER = "x-billing-user-id"
@@ -25,8 +25,6 @@ REQUEST_HEADER = "x-request-id"
 CONVERSATION_HEADER = "x-conversation-id"
 SKIP_HEADER = "x-billing-skip-charge"
 
-# Printable ASCII without spaces inside: ids end up in Kafka keys, Redis keys and logs.
-ID_VALUE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@/+=-]{0,127}$")
 TRUE_VALUES = {"1", "true", "yes"}
 FALSE_VALUES = {"", "0", "false", "no"}
 
@@ -53,15 +51,20 @@ def normalise(value: str | None) -> str | None:
 
 
 def check_id(header: str, value: str) -> str:
-    if not ID_VALUE.match(value):
-        raise ProxyError(
-            400,
-            "invalid_billing_header",
-            f"header {header_title(header)} must be 1-128 characters of letters, digits and "
-            "._:@/+=- (starting with a letter or digit)",
-            param=header_title(header),
-        )
+    """Every id header follows the one id rule (:data:`contracts.fields.ID`), the rule the
+    store and the fold use too: what the proxy accepts, every projection can store."""
+    if not ID.ok(value):
+        raise ProxyError(400, "invalid_billing_header",
+                         f"header {header_title(header)} must be {ID.description}",
+                         param=header_title(header))  # fmt: skip
     return value
+
+
+def ledger_event_id(service: str, client_event_id: str) -> str:
+    """The ledger's event id of a call: in the namespace of the proxy (``llm:``) and of the
+    calling service, so no caller can collide with another service's ids or produce an id
+    of the credit store (``order:``, ``reward:``)."""
+    return f"llm:{service}:{client_event_id}"
 
 
 def header_title(header: str) -> str:

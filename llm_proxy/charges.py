@@ -7,8 +7,10 @@ rule id and version, the usage and the priced amount).
 :class:`ChargeWriter` makes it durable before the call's response completes,
 trying in order:
 
-1. the Postgres outbox (``INSERT ... ON CONFLICT (event_id) DO NOTHING``): the
-   normal path; a relay publishes it;
+1. the Postgres outbox (:func:`llm_proxy.outbox.enqueue_async`, with the call's
+   fingerprint): the normal path; a relay publishes it. The same event id with the
+   same fingerprint is a ``duplicate`` (a retry: nothing added); with another one it
+   is :class:`~llm_proxy.outbox.OutboxConflict`, raised to the caller;
 2. Kafka directly (idempotent producer, acks=all, waits for the ack) when
    Postgres is unreachable;
 3. the local spool file (fsynced) when Kafka is unreachable too; the relay
@@ -36,6 +38,7 @@ from creditledger.errors import StackError
 from creditledger.settings import Settings
 from llm_proxy import spool
 from llm_proxy.billing import BillingContext
+from llm_proxy.outbox import enqueue_async
 from llm_proxy.pricing import PriceRule, TokenUsage
 from streams.codec import AvroCodec
 from streams.kafka_clients import make_producer
@@ -45,11 +48,12 @@ log = logging.getLogger(__name__)
 ChargePath = Literal["outbox", "duplicate", "kafka", "spool"]
 
 
-def build_charge(ctx: BillingContext, *, model_alias: str, upstream_model: str,
+def build_charge(ctx: BillingContext, *, event_id: str, model_alias: str, upstream_model: str,
                  usage: TokenUsage, estimated: bool, rule: PriceRule, occurred_at_ms: int,
                  producer: str) -> Charge:  # fmt: skip
+    """``event_id`` is the ledger's (namespaced, see :func:`billing.ledger_event_id`)."""
     return Charge(
-        event_id=ctx.event_id, user_id=ctx.user_id, scene=ctx.scene,
+        event_id=event_id, user_id=ctx.user_id, scene=ctx.scene,
         request_id=ctx.request_id, conversation_id=ctx.conversation_id,
         model_alias=model_alias, upstream_model=upstream_model,
         input_tokens=usage.input_tokens, output_tokens=usage.output_tokens,
@@ -97,13 +101,19 @@ class ChargeWriter:
         if self._producer is not None:
             self._producer.flush(self.settings.proxy.direct_produce_timeout_s)
 
-    async def write(self, charge: Charge) -> ChargePath:
-        """Make ``charge`` durable; which path took it. Raises OSError if even the spool fails."""
+    async def write(self, charge: Charge, fingerprint: str) -> ChargePath:
+        """Make ``charge`` durable; which path took it. Raises OSError if even the spool
+        fails, and OutboxConflict if its event id is the outbox's already for another call.
+
+        ``fingerprint`` is the call's (see the guard): a retry of the same call finds its
+        first charge and adds nothing."""
         key = charge.user_id.encode()
         value = self.codec.encode(CHARGE_TOPIC, command_to_record(charge))
         try:
-            inserted = await self._outbox(charge.event_id, key, value)
-            if inserted:
+            async with self.pool.connection(timeout=2.0) as conn:
+                enqueued = await enqueue_async(conn, charge.event_id, CHARGE_TOPIC, key, value,
+                                               fingerprint)  # fmt: skip
+            if enqueued == "inserted":
                 self.stats.outbox += 1
                 return "outbox"
             self.stats.duplicate += 1
@@ -118,19 +128,10 @@ class ChargeWriter:
         except (KafkaUnavailable, BufferError) as exc:
             log.error("charge %s: Kafka unavailable too (%s); spooling to %s",
                       charge.event_id, exc, self.settings.proxy.spool_dir)  # fmt: skip
-        event = spool.SpooledEvent(charge.event_id, CHARGE_TOPIC, key, value)
+        event = spool.SpooledEvent(charge.event_id, CHARGE_TOPIC, key, value, fingerprint)
         await asyncio.to_thread(spool.append, self.settings.proxy.spool_dir, event)
         self.stats.spool += 1
         return "spool"
-
-    async def _outbox(self, event_id: str, key: bytes, value: bytes) -> bool:
-        async with self.pool.connection(timeout=2.0) as conn:
-            cursor = await conn.execute(
-                "INSERT INTO outbox (event_id, topic, message_key, message_value) VALUES "
-                "(%s, %s, %s, %s) ON CONFLICT (event_id) DO NOTHING",
-                (event_id, CHARGE_TOPIC, key, value),
-            )
-            return bool(cursor.rowcount == 1)
 
     async def _produce(self, key: bytes, value: bytes) -> None:
         loop = asyncio.get_running_loop()

@@ -39,6 +39,10 @@ class ProxyMetrics:
                                           buckets=LATENCY_BUCKETS, registry=r)  # fmt: skip
         self.upstream_errors = Counter("llm_proxy_upstream_errors", "Upstream failures.",
                                        ["model", "kind"], registry=r)  # fmt: skip
+        self.event_id_reused = Counter("llm_proxy_event_id_reused", "Calls refused with 409 "
+                                       "event_id_reused, by where it was noticed (guard: "
+                                       "before upstream; outbox: when the charge was "
+                                       "written).", ["stage"], registry=r)  # fmt: skip
 
 
 class RelayMetrics:
@@ -51,3 +55,6 @@ class RelayMetrics:
         self.backlog = Gauge("outbox_backlog", "Outbox rows not yet sent.", registry=r)
         self.spool_drained = Counter("outbox_spool_drained", "Spooled events moved into the "
                                      "outbox.", registry=r)  # fmt: skip
+        self.spool_refused = Counter("outbox_spool_refused", "Spool lines not moved into the "
+                                     "outbox: not a charge, or an event id taken by another "
+                                     "event.", ["reason"], registry=r)  # fmt: skip

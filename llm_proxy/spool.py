@@ -4,6 +4,11 @@ The proxy appends here only when Postgres (the outbox) and Kafka are both
 unreachable. Each line is one event (JSON, key and value base64), written
 under an exclusive ``flock`` and fsynced before the call's response ends.
 
+The directory is private: created 0700, and both sides refuse one that another
+user owns or that others may enter (anyone who can add a line could otherwise
+add events). The relay moves only charge events from it into the outbox: a
+spool line is never a way to grant credits.
+
 ``outbox relay`` drains the directory into the outbox once Postgres is back:
 it renames a file to ``*.draining`` (new appends then open a fresh file),
 takes the lock (so an append that opened the old file first finishes),
@@ -21,13 +26,16 @@ import json
 import logging
 import os
 import socket
+import stat
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import psycopg
 
-from llm_proxy.outbox import enqueue
+from agents.records import CHARGE_TOPIC
+from llm_proxy.outbox import OutboxConflict, enqueue
 
 log = logging.getLogger(__name__)
 
@@ -41,19 +49,41 @@ class SpooledEvent:
     topic: str
     key: bytes
     value: bytes
+    fingerprint: str | None = None  # the call's (see the outbox); lines before it had none
 
     def line(self) -> bytes:
         return json.dumps({
             "event_id": self.event_id, "topic": self.topic,
             "key": base64.b64encode(self.key).decode(),
-            "value": base64.b64encode(self.value).decode(),
+            "value": base64.b64encode(self.value).decode(), "fingerprint": self.fingerprint,
         }).encode() + b"\n"  # fmt: skip
 
     @classmethod
     def parse(cls, line: bytes) -> SpooledEvent:
         raw = json.loads(line)
+        fingerprint = raw.get("fingerprint")
         return cls(raw["event_id"], raw["topic"], base64.b64decode(raw["key"]),
-                   base64.b64decode(raw["value"]))  # fmt: skip
+                   base64.b64decode(raw["value"]),
+                   fingerprint if isinstance(fingerprint, str) else None)  # fmt: skip
+
+
+class SpoolNotPrivate(OSError):
+    """The spool directory belongs to another user or others may use it."""
+
+
+def private_dir(directory: Path, *, create: bool) -> Path:
+    """``directory`` (``~`` expanded), made 0700 if ``create`` and missing; raises
+    SpoolNotPrivate unless it is a directory of this user that nobody else may use."""
+    directory = directory.expanduser()
+    if create:
+        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    info = os.lstat(directory)
+    if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.geteuid() \
+            or info.st_mode & 0o077:  # fmt: skip
+        raise SpoolNotPrivate(f"spool directory {directory} must be a directory owned by uid "
+                              f"{os.geteuid()} with mode 0700 (it is uid {info.st_uid}, mode "
+                              f"{stat.S_IMODE(info.st_mode):o}); refusing to use it")  # fmt: skip
+    return directory
 
 
 def spool_path(directory: Path) -> Path:
@@ -63,8 +93,7 @@ def spool_path(directory: Path) -> Path:
 
 def append(directory: Path, event: SpooledEvent) -> None:
     """Append durably (fsync) or raise OSError; blocking, so call it off the event loop."""
-    directory.mkdir(parents=True, exist_ok=True)
-    path = spool_path(directory)
+    path = spool_path(private_dir(directory, create=True))
     while True:
         fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
         try:
@@ -83,8 +112,10 @@ def append(directory: Path, event: SpooledEvent) -> None:
 
 
 def pending_files(directory: Path) -> list[Path]:
+    directory = directory.expanduser()
     if not directory.is_dir():
         return []
+    private_dir(directory, create=False)
     return sorted([*directory.glob(f"*{DRAINING}"), *directory.glob(f"*{SUFFIX}")])
 
 
@@ -100,8 +131,25 @@ def read_events(path: Path, data: bytes) -> list[SpooledEvent]:
     return events
 
 
-def drain(directory: Path, conn: psycopg.Connection[Any]) -> int:
-    """Move every spooled event into the outbox; the number of lines drained."""
+def _enqueue(conn: psycopg.Connection[Any], path: Path, event: SpooledEvent,
+             refused: Callable[[str], None]) -> None:  # fmt: skip
+    if event.topic != CHARGE_TOPIC:
+        log.error("spool %s: a %s event (%s) is not a charge; refused", path, event.topic,
+                  event.event_id)  # fmt: skip
+        refused("not_a_charge")
+        return
+    try:
+        enqueue(conn, event.event_id, event.topic, event.key, event.value, event.fingerprint)
+    except OutboxConflict:
+        refused("conflict")  # logged by the outbox
+
+
+def drain(directory: Path, conn: psycopg.Connection[Any],
+          refused: Callable[[str], None] = lambda _reason: None) -> int:  # fmt: skip
+    """Move every spooled charge into the outbox; the number of lines drained.
+
+    ``refused(reason)`` is told of each line that is not moved (not a charge, or its event
+    id taken by another event). Raises SpoolNotPrivate for a directory others could use."""
     drained = 0
     for path in pending_files(directory):
         if path.suffix == SUFFIX:
@@ -117,7 +165,7 @@ def drain(directory: Path, conn: psycopg.Connection[Any]) -> int:
             with os.fdopen(os.dup(fd), "rb") as reader:
                 events = read_events(path, reader.read())
             for event in events:
-                enqueue(conn, event.event_id, event.topic, event.key, event.value)
+                _enqueue(conn, path, event, refused)
             conn.commit()
             path.unlink(missing_ok=True)  # a second relay may have drained it too: no harm
         finally:

@@ -36,6 +36,12 @@ class UpstreamClient(openai.AsyncOpenAI):
         self._templates: dict[TemplateKey, tuple[str, httpx2.URL, httpx2.Headers,
                                                  dict[str, Any]]] = {}  # fmt: skip
 
+    def _should_retry(self, response: httpx2.Response) -> bool:
+        """Never retry an answer (429, 5xx): the client gets it and its own SDK retries, so
+        retries do not stack (3 x 3 upstream calls per call). Connection failures, where
+        no answer came, are still retried (``proxy.upstream_max_retries``)."""
+        return False
+
     @property
     def user_agent(self) -> str:
         return f"AsyncOpenAI/Python {self._version}"  # the SDK's own, not this class's name

@@ -117,12 +117,22 @@ def bound_prompt(body: dict[str, Any]) -> int:
     return chars // 3 + 1 + messages * TOKENS_PER_MESSAGE + REPLY_PRIMING + images * 1000
 
 
+def _positive_int(value: Any) -> int | None:
+    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+        return value
+    return None
+
+
 def requested_output(body: dict[str, Any], default: int) -> int:
+    """The output tokens a hold assumes: the request's bound per choice (the newer
+    ``max_completion_tokens`` first), else ``default``, times the ``n`` choices asked for."""
+    per_choice = default
     for key in ("max_completion_tokens", "max_tokens"):
-        value = body.get(key)
-        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
-            return value
-    return default
+        value = _positive_int(body.get(key))
+        if value is not None:
+            per_choice = value
+            break
+    return per_choice * (_positive_int(body.get("n")) or 1)
 
 
 def estimate(body: dict[str, Any], streamed_text: str) -> TokenUsage:

@@ -29,6 +29,20 @@ def holds_key(prefix: str, user_id: str) -> str:
     return f"{prefix}:holds:{user_id}"
 
 
+def attempt_field(event_id: str, attempt: int) -> str:
+    """The holds field of a retry's hold: ``<event_id>#<attempt>``, never the field the
+    projector deletes, so a retry's hold cannot outlive the call (see the guard)."""
+    return f"{event_id}#{attempt}"
+
+
+def event_key(prefix: str, event_id: str) -> str:
+    """``<prefix>:event:<event_id>``: what the proxy remembers of a ledger event id it served
+    (``fp`` = the call's fingerprint, ``first`` = when first served, ms, ``serves`` = how
+    often, ``folded`` = 1 once the Redis projector applied its charge). It expires after
+    ``proxy.event_id_memory_s``."""
+    return f"{prefix}:event:{event_id}"
+
+
 # Lua, shared by the guard's scripts and the Redis projector: drop one hold and take its
 # amount off ``#total``. Amounts stay decimal strings handled by HINCRBY (exact int64):
 # Lua's own numbers are doubles, and no balance is ever computed in one.
@@ -40,5 +54,15 @@ local function release_hold(key, field)
     if amount ~= '0' then redis.call('HINCRBY', key, '#total', '-' .. amount) end
     redis.call('HDEL', key, field)
   end
+end
+"""
+
+# Lua, used by the Redis projector when it folds a charge: if the proxy remembers the
+# event id, note that its charge is in the snapshot now (the guard's settle and its
+# retries' holds read it). ``prefix`` is the key prefix.
+MARK_FOLDED_LUA = """
+local function mark_folded(prefix, event_id)
+  local record = prefix .. ':event:' .. event_id
+  if redis.call('EXISTS', record) == 1 then redis.call('HSET', record, 'folded', '1') end
 end
 """

@@ -24,18 +24,27 @@ from creditledger.errors import ProjectionError, StackError
 from creditledger.settings import Settings
 from projections.entries import BALANCE, EVENT, KIND, RECORDED_MS, SEQ, USER, Row
 from projections.progress import BatchPlan, plan_batch
-from projections.redis_keys import RELEASE_HOLD_LUA, balance_key, holds_key, progress_key
+from projections.redis_keys import (
+    MARK_FOLDED_LUA,
+    RELEASE_HOLD_LUA,
+    balance_key,
+    holds_key,
+    progress_key,
+)
 
 RETRIES = 20
 
 # KEYS[1] = progress hash, KEYS[2..m+1] = balance hashes, KEYS[m+2..2m+1] = the same users'
 # holds hashes. ARGV[1] = number of partitions n, then n x (field, expected stored or "", new
 # next offset), then per user (seq, balance_micro, updated_at_ms, k, k charge event ids): the
-# guard's holds for charges now folded into the snapshot are dropped with it, atomically.
+# guard's holds for charges now folded into the snapshot are dropped with it, atomically,
+# and the proxy's record of each such event id is marked folded. Last ARGV: the key prefix.
 APPLY_LUA = (
     RELEASE_HOLD_LUA
+    + MARK_FOLDED_LUA
     + """
 local n = tonumber(ARGV[1])
+local prefix = ARGV[#ARGV]
 for k = 0, n - 1 do
   local stored = redis.call('HGET', KEYS[1], ARGV[2 + 3 * k])
   if (stored or '') ~= ARGV[3 + 3 * k] then return -1 end
@@ -51,7 +60,10 @@ for i = 2, users + 1 do
     written = written + 1
   end
   local charges = tonumber(ARGV[j + 3])
-  for c = 1, charges do release_hold(KEYS[i + users], ARGV[j + 3 + c]) end
+  for c = 1, charges do
+    release_hold(KEYS[i + users], ARGV[j + 3 + c])
+    mark_folded(prefix, ARGV[j + 3 + c])
+  end
   j = j + 4 + charges
 end
 for k = 0, n - 1 do
@@ -171,6 +183,7 @@ class RedisSink:
                 for user, (seq, balance, recorded_ms) in newest.items():
                     events = charges.get(user, [])
                     args += [seq, balance, recorded_ms, len(events), *events]
+                args.append(self.prefix)
                 if self._apply(keys=keys, args=args) != -1:
                     return plan
             except redis.RedisError as exc:

@@ -19,6 +19,7 @@ from typing import Literal
 
 import orjson
 
+from contracts.fields import ID
 from creditledger.errors import StoreError
 
 Period = Literal["day", "week", "month", "lifetime"]
@@ -26,14 +27,13 @@ Role = Literal["user", "admin", "service"]
 RewardKind = Literal["signup", "checkin", "event"]
 
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-USER_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:@-]{0,127}$")
 REFERENCE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:@/-]{0,199}$")
 
 
 def check_user_id(user_id: str) -> str:
-    if not USER_ID.match(user_id):
-        raise StoreError(400, "invalid_user_id", "a user id is 1-128 characters of letters, "
-                         "digits and _ . : @ -, starting with a letter or digit")  # fmt: skip
+    """The one id rule (:data:`contracts.fields.ID`), as the proxy and the fold check it."""
+    if not ID.ok(user_id):
+        raise StoreError(400, "invalid_user_id", f"a user id is {ID.description}")
     return user_id
 
 
@@ -61,7 +61,7 @@ def claim_reference(kind: RewardKind, period: Period, at: datetime,
         if not event_reference:
             raise StoreError(400, "reference_required", "an event reward needs the triggering "
                              "event's id as 'reference'")  # fmt: skip
-        if not REFERENCE.match(event_reference):
+        if not REFERENCE.fullmatch(event_reference):
             raise StoreError(400, "invalid_reference", "a reference is 1-200 characters of "
                              "letters, digits and _ . : @ / -")  # fmt: skip
         return event_reference

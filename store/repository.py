@@ -32,6 +32,7 @@ from agents.domain import Grant
 from agents.records import GRANT_TOPIC, command_to_record, to_ms
 from creditledger.errors import CreditLedgerError, StoreError
 from creditledger.settings import Settings
+from llm_proxy.outbox import enqueue_async
 from llm_proxy.price_source import TABLE_QUERY, merge, table_rows_to_rules
 from projections.db import open_pool
 from store.domain import (
@@ -59,10 +60,6 @@ PRODUCT_COLUMNS = (
 RULE_COLUMNS = (
     "rule_id, kind, description, amount_micro, cap_per_period, period, trigger_event, "
     "active_from, active_until, updated_at"
-)
-OUTBOX_INSERT = (
-    "INSERT INTO outbox (event_id, topic, message_key, message_value) VALUES (%s, %s, %s, %s) "
-    "ON CONFLICT (event_id) DO NOTHING"
 )
 
 
@@ -112,9 +109,13 @@ class StoreRepository:
         rows = await self._all(sql, params)
         return rows[0] if rows else None
 
-    def _grant_message(self, grant: Grant) -> tuple[str, str, bytes, bytes]:
+    async def _enqueue_grant(self, conn: psycopg.AsyncConnection[Any], grant: Grant) -> None:
+        """The grant into the outbox, in the caller's transaction. Its event id is derived
+        from the order or the claim, in the store's own namespace (no proxy caller can send
+        ``order:`` or ``reward:`` ids: theirs are ``llm:<service>:...``), so a taken id means
+        a bug: OutboxConflict rolls the whole state change back rather than lose the grant."""
         value = self.codec.encode(GRANT_TOPIC, command_to_record(grant))
-        return grant.event_id, GRANT_TOPIC, grant.user_id.encode(), value
+        await enqueue_async(conn, grant.event_id, GRANT_TOPIC, grant.user_id.encode(), value)
 
     # -- products --------------------------------------------------------------------------
 
@@ -234,7 +235,7 @@ class StoreRepository:
                           note=f"product {order['product_id']}",
                           occurred_at_ms=to_ms(order["paid_at"]),
                           producer=self.settings.store.producer_name)  # fmt: skip
-            await cursor.execute(OUTBOX_INSERT, self._grant_message(grant))
+            await self._enqueue_grant(conn, grant)
             await cursor.execute("UPDATE orders SET status = 'fulfilled', grant_event_id = %s, "
                                  "fulfilled_at = now() WHERE order_id = %s",
                                  (event_id, order_id))  # fmt: skip
@@ -335,7 +336,7 @@ class StoreRepository:
                           amount_micro=rule["amount_micro"], reference=f"{rule_id}:{reference}",
                           note=rule["description"] or None, occurred_at_ms=to_ms(at),
                           producer=self.settings.store.producer_name)  # fmt: skip
-            await cursor.execute(OUTBOX_INSERT, self._grant_message(grant))
+            await self._enqueue_grant(conn, grant)
             return ClaimOutcome(claim, granted=True)
 
     # -- price rules -----------------------------------------------------------------------

@@ -13,6 +13,8 @@ from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
+from contracts.fields import ID
+
 MAX_MICRO = 10**15  # a billion credits: far above any pack, far below bigint
 MAX_MINOR = 10**12
 
@@ -36,7 +38,7 @@ When = Annotated[datetime, AfterValidator(_aware)]
 ProductId = Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9_-]{0,63}$")]
 RuleId = Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9_.-]{0,63}$")]
 OrderId = Annotated[str, Field(pattern=r"^o_[0-9a-f]{24}$")]
-UserId = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.:@-]{0,127}$")]
+UserId = Annotated[str, Field(pattern=f"^{ID.pattern.pattern}$")]  # the one id rule
 Reference = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.:@/-]{0,199}$")]
 # Exact decimal micro-credits per token, given as a string so no float ever holds a price.
 PriceText = Annotated[str, Field(pattern=r"^\d{1,12}(\.\d{1,12})?$")]

@@ -7,6 +7,7 @@ SDK exactly as a service would, and can SIGKILL it.
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import signal
@@ -81,7 +82,8 @@ def wait_for(what: str, check: object, timeout: float, world: ProxyWorld) -> Non
 class ProxyWorld:
     def __init__(self, stack_settings: Settings, scratch: ScratchTopics, unique: str,
                  codec: AvroCodec, *, output_tokens: int = 5,
-                 ledger_topic: str | None = None) -> None:  # fmt: skip
+                 ledger_topic: str | None = None,
+                 proxy_settings: dict[str, Any] | None = None) -> None:  # fmt: skip
         self.env_world = ProjectionEnv(stack_settings, scratch, unique, codec)
         self.codec = codec
         self.unique = unique
@@ -113,6 +115,7 @@ class ProxyWorld:
                 {"name": "ops", "key_sha256": ops_hash, "scenes": ["*"], "may_skip_charge": True},
             ],
         }}  # fmt: skip
+        config["proxy"].update(proxy_settings or {})
         self.config = self.logdir / "config.yaml"
         self.config.write_text(yaml.safe_dump(config))
         self.extra_env = {"CREDITLEDGER_CONFIG": str(self.config)}
@@ -211,6 +214,14 @@ class ProxyWorld:
             return found
         finally:
             client.close()
+
+    def redis(self) -> redis.Redis:
+        return redis.Redis.from_url(self.env_world.settings.redis_url, decode_responses=True)
+
+    def upstream_calls(self) -> int:
+        """How many calls the fake upstream has answered (or begun answering)."""
+        with urllib.request.urlopen(f"{self.upstream}/_fake/behaviour", timeout=5) as r:
+            return int(json.loads(r.read())["calls"])
 
     def outbox_charges(self) -> list[Charge]:
         with connect(self.env_world.settings) as conn:

@@ -142,7 +142,7 @@ def test_same_event_id_twice_is_one_charge(world: ProxyWorld) -> None:
     for _ in range(3):
         client.chat.completions.create(model="chat", messages=PROMPT)
     [charge] = world.outbox_charges()
-    assert charge.event_id == "evt-retry-1"
+    assert charge.event_id == "llm:billing:evt-retry-1"  # in the calling service's namespace
     assert world.holds(who)["#total"] == str(charge.amount_micro)
     assert 'llm_proxy_charges_total{path="duplicate"} 2.0' in world.metrics()
 

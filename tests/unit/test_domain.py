@@ -122,6 +122,15 @@ def test_event_id_reused_by_another_user_is_a_conflict() -> None:
         (charge(input_tokens=-3), "input_tokens must be a non-negative integer"),
         (grant(reference=""), "reference is empty"),
         (grant(occurred_at_ms=-1), "occurred_at is missing or before 1970"),
+        # Every string follows its one rule (contracts.fields): nothing a projection can't store.
+        (grant(user_id="u" * 10_000), "user_id 'uuuu"),
+        (grant(user_id="u\x00x"), "user_id 'u\\x00x' breaks the id rule"),
+        (grant(reference="order\x00-1"), "reference 'order\\x00-1' breaks the reference rule"),
+        (grant(note="line\nbreak"), "breaks the note rule"),
+        (charge(scene="chat/admin"), "scene 'chat/admin' breaks the name rule"),
+        (charge(upstream_model="m" * 129), "breaks the model rule"),
+        (charge(request_id="r+1="), "request_id 'r+1=' breaks the id rule"),
+        (charge(event_id="e" * 513), "breaks the event_id rule"),
     ],
 )
 def test_invalid_commands_are_rejected_precisely(command: Command, detail: str) -> None:

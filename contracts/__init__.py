@@ -1,0 +1,1 @@
+"""Contracts shared by every context: field rules (more move here with the floors step)."""
