@@ -47,6 +47,16 @@ class Behaviour:
     usage_chunk: bool = True  # honour stream_options.include_usage
     usage_in_response: bool = True  # non-streamed answers carry usage
     reply: str | None = None  # answer with this text (one token per word) instead of w0 w1 ...
+    # Stream framing, to exercise the proxy's SSE parser: the line end ("\n", "\r\n" or
+    # "\r"), keep-alive comments and event fields between events, each JSON split over two
+    # data lines, and the last event ([DONE]) sent without its terminating blank line.
+    line_end: str = "\n"
+    sse_extras: bool = False
+    multiline_data: bool = False
+    unterminated_last: bool = False
+    break_after: int | None = None  # stop the stream after this many words, no [DONE]
+    rate_limited: bool = False  # answer 429 with Retry-After
+    usage_override: dict[str, Any] | None = None  # report this usage object instead
 
 
 def error(status: int, message: str, kind: str = "invalid_request_error",
@@ -72,6 +82,8 @@ def reply_words(behaviour: Behaviour) -> list[str]:
 
 
 def usage_body(prompt: int, behaviour: Behaviour) -> dict[str, Any]:
+    if behaviour.usage_override is not None:
+        return behaviour.usage_override
     completion = len(reply_words(behaviour)) + behaviour.reasoning_tokens
     return {
         "prompt_tokens": prompt, "completion_tokens": completion,
@@ -131,6 +143,12 @@ class FakeUpstream:
             return error(400, "'messages' must be a non-empty array", param="messages")
         self.calls += 1
         behaviour = dataclasses.replace(self.behaviour)
+        if behaviour.rate_limited:
+            response = error(429, "Rate limit reached, retry later", kind="requests",
+                             code="rate_limit_exceeded")  # fmt: skip
+            response.headers["retry-after"] = "7"
+            response.headers["x-request-id"] = f"req-fake-{self.calls}"
+            return response
         prompt = prompt_tokens(messages)
         if behaviour.latency_ms:
             await asyncio.sleep(behaviour.latency_ms / 1000)
@@ -144,7 +162,7 @@ class FakeUpstream:
             }  # fmt: skip
             if behaviour.usage_in_response:
                 answer["usage"] = usage_body(prompt, behaviour)
-            return JSONResponse(answer)
+            return JSONResponse(answer, headers={"x-request-id": f"req-fake-{self.calls}"})
         options = body.get("stream_options") or {}
         with_usage = bool(options.get("include_usage")) and behaviour.usage_chunk
         return StreamingResponse(
@@ -155,14 +173,27 @@ class FakeUpstream:
     async def _stream(self, ident: str, created: int, model: str, words: list[str],
                       prompt: int, behaviour: Behaviour,
                       with_usage: bool) -> AsyncIterator[bytes]:  # fmt: skip
+        end = behaviour.line_end
+
+        def event(data: str, last: bool = False) -> bytes:
+            lines = [f"data: {data}"]
+            if behaviour.multiline_data and data.startswith("{"):
+                lines = [f"data: {data[:1]}", f"data: {data[1:]}"]  # JSON spans the LF
+            if behaviour.sse_extras:
+                lines = [": keep-alive", "event: message", *lines]
+            text = end.join(lines) + ("" if last and behaviour.unterminated_last else end * 2)
+            return text.encode()
+
         def chunk(delta: dict[str, Any], finish: str | None = None) -> bytes:
             data = {"id": ident, "object": "chat.completion.chunk", "created": created,
                     "model": model, "choices": [{"index": 0, "delta": delta, "logprobs": None,
                                                  "finish_reason": finish}]}  # fmt: skip
-            return f"data: {json.dumps(data)}\n\n".encode()
+            return event(json.dumps(data))
 
         yield chunk({"role": "assistant", "content": ""})
         for n, word in enumerate(words):
+            if behaviour.break_after is not None and n >= behaviour.break_after:
+                return  # upstream broke off: no finish_reason, no usage, no [DONE]
             if behaviour.chunk_delay_ms:
                 await asyncio.sleep(behaviour.chunk_delay_ms / 1000)
             yield chunk({"content": word if n == 0 else f" {word}"})
@@ -171,8 +202,8 @@ class FakeUpstream:
             usage = usage_body(prompt, behaviour)
             data = {"id": ident, "object": "chat.completion.chunk", "created": created,
                     "model": model, "choices": [], "usage": usage}  # fmt: skip
-            yield f"data: {json.dumps(data)}\n\n".encode()
-        yield b"data: [DONE]\n\n"
+            yield event(json.dumps(data))
+        yield event("[DONE]", last=True)
 
     async def embeddings(self, request: Request) -> Response:
         body = await self._model_request(request)
