@@ -38,10 +38,17 @@ def cmd_store_serve(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def check_secrets(store: StoreSettings) -> None:
-    """The development secrets are public (they are in config.example.yaml): with them,
-    anyone who can reach the store could sign an admin token or a payment callback. So
-    they are refused on any address but loopback, and only warned about there (the demo
-    and the tests run on loopback)."""
+    """Development conveniences are loopback-only. The development secrets are public (they
+    are in config.example.yaml): with them, anyone who can reach the store could sign an
+    admin token or a payment callback. The simulated payment provider pays any order its
+    owner asks it to. So both are refused on any address but loopback, and only warned
+    about there (the demo and the tests run on loopback)."""
+    if store.simulated_provider and not is_loopback(store.host):
+        raise ConfigError(
+            f"store.simulated_provider is on: anyone could pay their own orders for free; "
+            f"turn it off (CREDITLEDGER_STORE__SIMULATED_PROVIDER=false) before serving on "
+            f"{store.host}"
+        )
     secrets = {"token_secret": store.token_secret, "payment_secret": store.payment_secret}
     defaults = [f"store.{name}" for name, secret in secrets.items()
                 if secret.get_secret_value().startswith(DEV_SECRET_PREFIX)]  # fmt: skip

@@ -401,9 +401,11 @@ class StoreSettings(_Section):
         "refused on any address but loopback.",
     )
     simulated_provider: bool = Field(
-        True,
-        description="Serve the simulated payment provider (the page's buy button uses it); "
-        "turn off where a real provider calls `POST /credit-store/orders/{id}/pay`.",
+        False,
+        description="Serve the simulated payment provider (the page's buy button pays "
+        "through it): anyone with a token could pay their own orders for free, so it is for "
+        "development only and refused on any address but loopback. Off: a real provider "
+        "calls `POST /credit-store/orders/{id}/pay`.",
     )
     order_ttl_s: int = Field(
         1800, ge=10, description="An unpaid order expires after this long, seconds."

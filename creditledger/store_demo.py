@@ -35,6 +35,8 @@ def _call(base: str, method: str, path: str, token: str) -> Any:
 
 def start_store(settings: Settings, env: dict[str, str], keep: bool) -> subprocess.Popen[bytes]:
     log = (settings.stack.state_dir / "demo-store.log").open("ab")
+    # The demo pays through the simulated provider: on here, on loopback only.
+    env = {**env, "CREDITLEDGER_STORE__SIMULATED_PROVIDER": "true"}
     return subprocess.Popen([sys.executable, "-m", "creditledger.cli", "store", "serve"],
                             env=env, stdout=log, stderr=subprocess.STDOUT,
                             start_new_session=keep)  # fmt: skip

@@ -83,7 +83,8 @@ class ProxyWorld:
     def __init__(self, stack_settings: Settings, scratch: ScratchTopics, unique: str,
                  codec: AvroCodec, *, output_tokens: int = 5,
                  ledger_topic: str | None = None,
-                 proxy_settings: dict[str, Any] | None = None) -> None:  # fmt: skip
+                 proxy_settings: dict[str, Any] | None = None,
+                 chat_alias: dict[str, Any] | None = None) -> None:  # fmt: skip
         self.env_world = ProjectionEnv(stack_settings, scratch, unique, codec)
         self.codec = codec
         self.unique = unique
@@ -106,7 +107,7 @@ class ProxyWorld:
             "spool_dir": str(self.spool_dir), "upstream_max_retries": 0,
             "direct_produce_timeout_s": 3.0, "hold_output_tokens": 10,
             "models": [
-                {**model, "alias": "chat", "upstream_model": "fake-small"},
+                {**model, "alias": "chat", "upstream_model": "fake-small", **(chat_alias or {})},
                 {**model, "alias": "embed", "upstream_model": "fake-embed",
                  "price_rule": "test-embed"},
             ],

@@ -38,6 +38,7 @@ class StoreWorld(ProxyWorld):
             "CREDITLEDGER_STORE__TOKEN_SECRET": TOKEN_SECRET,
             "CREDITLEDGER_STORE__PAYMENT_SECRET": PAYMENT_SECRET,
             "CREDITLEDGER_STORE__FULFIL_INTERVAL_S": "0.2",
+            "CREDITLEDGER_STORE__SIMULATED_PROVIDER": "true",  # loopback only, tests only
         })  # fmt: skip
 
     def start_store(self, name: str = "store", port: int | None = None,

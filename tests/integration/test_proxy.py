@@ -209,7 +209,7 @@ def test_upstream_errors_release_the_hold(world: ProxyWorld) -> None:
 
 
 def test_guard_lets_at_most_one_call_overspend(world: ProxyWorld) -> None:
-    """100 concurrent calls against a balance worth 10: at most 11 get through."""
+    """200 concurrent calls against a balance worth 10: at most 11 get through."""
     who = user()
     one_call = price(PROMPT_TOKENS, 5)
     world.set_balance(who, 10 * one_call)
@@ -223,8 +223,8 @@ def test_guard_lets_at_most_one_call_overspend(world: ProxyWorld) -> None:
         except openai.APIStatusError as exc:
             return exc.status_code
 
-    with concurrent.futures.ThreadPoolExecutor(100) as pool:
-        statuses = list(pool.map(attempt, range(100)))
+    with concurrent.futures.ThreadPoolExecutor(200) as pool:
+        statuses = list(pool.map(attempt, range(200)))
     succeeded = statuses.count(200)
     assert set(statuses) <= {200, 402}, statuses
     assert 1 <= succeeded <= 11, statuses
@@ -259,3 +259,36 @@ def test_unknown_routes_and_bad_json(world: ProxyWorld) -> None:
     assert b'"code":"invalid_json"' in reply
     models = world.client(user()).models.list()
     assert sorted(m.id for m in models.data) == ["chat", "embed"]
+
+
+def test_holds_assume_the_aliases_typical_answer_so_k_calls_of_credit_run_k_over_2_at_once(
+    stack_settings: Settings, scratch: ScratchTopics, unique: str,
+) -> None:
+    """Credit for 10 typical calls (no max_tokens): at least 5 run concurrently, and together
+    they still overspend by at most one call."""
+    codec = load_codec(project_path(stack_settings.schemas.avro_dir))
+    typical = ProxyWorld(stack_settings, scratch, unique, codec,
+                         chat_alias={"hold_output_tokens": 5})  # fmt: skip
+    try:
+        typical.start_proxy()
+        who = user()
+        one_call = price(PROMPT_TOKENS, 5)
+        typical.set_balance(who, 10 * one_call)
+        typical.behave(latency_ms=500)
+        client = typical.client(who)
+
+        def attempt(_: int) -> int:
+            try:
+                client.chat.completions.create(model="chat", messages=PROMPT)
+                return 200
+            except openai.APIStatusError as exc:
+                return exc.status_code
+
+        with concurrent.futures.ThreadPoolExecutor(10) as pool:
+            statuses = list(pool.map(attempt, range(10)))
+        assert set(statuses) <= {200, 402}, statuses
+        assert statuses.count(200) >= 5, statuses
+        spent = sum(c.amount_micro for c in typical.outbox_charges())
+        assert spent <= 11 * one_call
+    finally:
+        typical.cleanup()

@@ -50,11 +50,11 @@ def world(stack_settings: Settings, scratch: ScratchTopics, unique: str) -> Iter
         world.cleanup()
 
 
-def grant(world: ProxyWorld, users: list[str]) -> None:
+def grant(world: ProxyWorld, users: list[str], amount_micro: int = GRANT) -> None:
     producer = make_producer(world.env_settings())
     for user in users:
         command = Grant(event_id=f"grant-{user}", user_id=user, kind="purchase",
-                        amount_micro=GRANT, reference="test", note=None,
+                        amount_micro=amount_micro, reference="test", note=None,
                         occurred_at_ms=int(time.time() * 1000), producer="test")  # fmt: skip
         value = world.codec.encode(GRANT_TOPIC, command_to_record(command))
         producer.produce(GRANT_TOPIC, key=user.encode(), value=value)
@@ -120,6 +120,43 @@ def test_calls_flow_through_outbox_ledger_and_projections(world: ProxyWorld,
         client_redis.close()
         sdk.close()
     finally:
+        workers.cleanup()
+
+
+def test_a_retry_after_the_redis_projector_folded_leaves_no_hold(world: ProxyWorld,
+                                                                  unique: str) -> None:  # fmt: skip
+    """The Redis projector runs ahead, the Postgres one is stopped: a retry of a folded call
+    must not leave a hold that refuses the user while they can still pay."""
+    workers = WorkerGroup(unique, world.env_settings())
+    workers.start("w1")
+    world.start_proxy()
+    world.start_relay()
+    world.start_process("project-redis", "project", "redis")
+    who = f"{unique}-retrier"
+    client_redis = redis.Redis.from_url(world.env_settings().redis_url, decode_responses=True)
+    try:
+        grant(world, [who], amount_micro=2 * ONE_CALL)
+
+        def snapshot() -> int | None:
+            value = client_redis.hget(balance_key(world.prefix, who), "balance_micro")
+            return None if value is None else int(str(value))
+
+        def held() -> str:
+            return str(client_redis.hget(holds_key(world.prefix, who), "#total") or "0")
+
+        wait_for("the grant in Redis", lambda: snapshot() == 2 * ONE_CALL, 180, world)
+        sdk = world.client(who, **{"X-Billing-Event-Id": "E1"})
+        sdk.chat.completions.create(model="chat", messages=PROMPT)
+        wait_for("the charge folded", lambda: snapshot() == ONE_CALL and held() == "0", 60,
+                   world)  # fmt: skip
+        sdk.chat.completions.create(model="chat", messages=PROMPT)  # the retry: not charged
+        wait_for("the retry's hold released", lambda: held() == "0", 10, world)
+        # With a real balance of one call, the next call goes through.
+        world.client(who).chat.completions.create(model="chat", messages=PROMPT)
+        wait_for("the second charge folded", lambda: snapshot() == 0 and held() == "0", 60,
+                   world)  # fmt: skip
+    finally:
+        client_redis.close()
         workers.cleanup()
 
 

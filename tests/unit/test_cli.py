@@ -115,3 +115,26 @@ def test_store_secrets_check() -> None:
     only_payment = r"^store.payment_secret still holds the development default"
     with pytest.raises(ConfigError, match=only_payment):
         check_secrets(StoreSettings(host="0.0.0.0", token_secret=own["token_secret"]))
+
+
+def test_the_simulated_payment_provider_is_off_by_default_and_loopback_only(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from pydantic import SecretStr
+
+    from creditledger.cli_store import check_secrets
+    from creditledger.errors import ConfigError
+    from creditledger.settings import StoreSettings
+
+    own = {"token_secret": SecretStr("t" * 32), "payment_secret": SecretStr("p" * 32)}
+    assert StoreSettings().simulated_provider is False
+    check_secrets(StoreSettings(host="127.0.0.1", simulated_provider=True, **own))
+    with pytest.raises(ConfigError, match="store.simulated_provider is on"):
+        check_secrets(StoreSettings(host="10.0.0.5", simulated_provider=True, **own))
+    # Through the command, with real secrets: refused before anything starts.
+    monkeypatch.setenv("CREDITLEDGER_STORE__HOST", "0.0.0.0")
+    monkeypatch.setenv("CREDITLEDGER_STORE__TOKEN_SECRET", "t" * 32)
+    monkeypatch.setenv("CREDITLEDGER_STORE__PAYMENT_SECRET", "p" * 32)
+    monkeypatch.setenv("CREDITLEDGER_STORE__SIMULATED_PROVIDER", "true")
+    assert main(["store", "serve"]) == 1
+    assert "anyone could pay their own orders for free" in capsys.readouterr().err

@@ -4,6 +4,7 @@ context, the spool file format."""
 from __future__ import annotations
 
 import asyncio
+import os
 from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
@@ -91,6 +92,15 @@ def test_prompt_estimates() -> None:
     # The hold's bound errs high, never below the tokenizer's count for plain text.
     assert bound_prompt(body) >= counted
     assert requested_output(body, 1024) == 50 and requested_output({}, 1024) == 1024
+
+
+def test_the_holds_output_bound_counts_every_choice_and_the_newer_limit_first() -> None:
+    assert requested_output({"n": 3}, 100) == 300
+    assert requested_output({"n": 2, "max_tokens": 40}, 100) == 80
+    assert requested_output({"max_completion_tokens": 7, "max_tokens": 40}, 100) == 7
+    # Nonsense is ignored, never a smaller hold.
+    assert requested_output({"n": 0, "max_tokens": True}, 100) == 100
+    assert requested_output({"n": "4", "max_completion_tokens": -1}, 100) == 100
     assert estimate_prompt({"input": ["one two", "three"]}) >= 3
 
 
@@ -137,6 +147,27 @@ def test_client_billing_context_nests_and_reads_back() -> None:
         pass
     with pytest.raises(BillingContextError), billing_context(user_id="a b", scene="s"):
         pass
+
+
+def test_the_spool_directory_must_be_private(tmp_path: Path) -> None:
+    event = spool.SpooledEvent("e", "topic", b"key", b"value")
+    fresh = tmp_path / "a" / "spool"
+    spool.append(fresh, event)  # created 0700
+    assert fresh.stat().st_mode & 0o777 == 0o700
+    open_to_all = tmp_path / "shared"
+    open_to_all.mkdir(mode=0o755)
+    open_to_all.chmod(0o777)  # what another local user could have made first
+    with pytest.raises(spool.SpoolNotPrivate):
+        spool.append(open_to_all, event)
+    with pytest.raises(spool.SpoolNotPrivate):
+        spool.pending_files(open_to_all)
+    assert not list(open_to_all.iterdir())
+    if os.geteuid() == 0:  # only root can give a directory away
+        foreign = tmp_path / "foreign"
+        foreign.mkdir(mode=0o700)
+        os.chown(foreign, 4321, -1)
+        with pytest.raises(spool.SpoolNotPrivate, match="uid 4321"):
+            spool.pending_files(foreign)
 
 
 def test_spool_lines_round_trip(tmp_path: Path) -> None:
