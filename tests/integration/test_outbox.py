@@ -8,10 +8,11 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
-from agents.domain import Ledger
+from agents.domain import Grant, Ledger
 from agents.ops import read_topic
 from agents.records import CHARGE_TOPIC, command_from_record, command_to_record, command_topic
 from creditledger.settings import Settings, project_path
@@ -103,3 +104,37 @@ def test_relays_killed_three_times_lose_nothing_and_the_fold_doubles_nothing(
     assert balances == auditor.balance, f"seed {seed}: the fold differs from the auditor"
     assert sum(1 for d in sent if d.event_type == CHARGE_TOPIC) >= sum(
         1 for c in commands if command_topic(c) == CHARGE_TOPIC)  # fmt: skip
+
+
+def test_the_spool_moves_only_charges_into_the_outbox(world: ProjectionEnv, tmp_path: Path) -> None:
+    """A local user who can write spool lines must not be able to grant credits: the relay
+    takes only charges from the spool, and a reused event id is refused, not swallowed."""
+    from llm_proxy import spool
+
+    codec = world.codec
+    charge = random_command(random.Random(1), "spooled-charge", "spool-u", 1)
+    while command_topic(charge) != CHARGE_TOPIC:
+        charge = random_command(random.Random(), "spooled-charge", "spool-u", 1)
+    grant = Grant(event_id="spooled-grant", user_id="spool-u", kind="purchase",
+                  amount_micro=10**12, reference="forged", note=None, occurred_at_ms=1,
+                  producer="attacker")  # fmt: skip
+    directory = tmp_path / "spool"
+    for command in (charge, grant):
+        topic = command_topic(command)
+        value = codec.encode(topic, command_to_record(command))
+        spool.append(directory, spool.SpooledEvent(command.event_id, topic, b"spool-u", value))
+    # And a charge line whose id the outbox holds already for another event.
+    with connect(world.settings) as conn:
+        enqueue(conn, "taken-id", CHARGE_TOPIC, b"k", b"the first event")
+        conn.commit()
+    spool.append(directory, spool.SpooledEvent("taken-id", CHARGE_TOPIC, b"k", b"another"))
+    refused: list[str] = []
+    with connect(world.settings) as conn:
+        assert spool.drain(directory, conn, refused.append) == 3
+        rows = conn.execute("SELECT event_id, message_value FROM outbox ORDER BY id").fetchall()
+    assert sorted(refused) == ["conflict", "not_a_charge"]
+    assert [(e, bytes(v)) for e, v in rows] == [
+        ("taken-id", b"the first event"),
+        (charge.event_id, codec.encode(CHARGE_TOPIC, command_to_record(charge))),
+    ]
+    assert list(directory.iterdir()) == []

@@ -262,7 +262,9 @@ def test_unknown_routes_and_bad_json(world: ProxyWorld) -> None:
 
 
 def test_holds_assume_the_aliases_typical_answer_so_k_calls_of_credit_run_k_over_2_at_once(
-    stack_settings: Settings, scratch: ScratchTopics, unique: str,
+    stack_settings: Settings,
+    scratch: ScratchTopics,
+    unique: str,
 ) -> None:
     """Credit for 10 typical calls (no max_tokens): at least 5 run concurrently, and together
     they still overspend by at most one call."""

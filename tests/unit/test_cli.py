@@ -129,7 +129,7 @@ def test_the_simulated_payment_provider_is_off_by_default_and_loopback_only(
     own = {"token_secret": SecretStr("t" * 32), "payment_secret": SecretStr("p" * 32)}
     assert StoreSettings().simulated_provider is False
     check_secrets(StoreSettings(host="127.0.0.1", simulated_provider=True, **own))
-    with pytest.raises(ConfigError, match="store.simulated_provider is on"):
+    with pytest.raises(ConfigError, match=r"store\.simulated_provider is on"):
         check_secrets(StoreSettings(host="10.0.0.5", simulated_provider=True, **own))
     # Through the command, with real secrets: refused before anything starts.
     monkeypatch.setenv("CREDITLEDGER_STORE__HOST", "0.0.0.0")
