@@ -86,7 +86,9 @@ def cmd_project(args: argparse.Namespace, settings: Settings) -> int:
         sink, group = PostgresSink(settings), settings.projections.postgres_group
     else:
         sink, group = RedisSink(settings), settings.projections.redis_group
-    projector = Projector(settings, sink, project_codec(settings), group_id=group, topic=args.topic)
+    # retry_for_s=None: a restart of Postgres or Redis is waited out, however long it takes.
+    projector = Projector(settings, sink, project_codec(settings), group_id=group,
+                          topic=args.topic, retry_for_s=None)  # fmt: skip
     should_stop = stop_on_signals()
     projector.start()
     try:
@@ -130,7 +132,9 @@ def cmd_verify(args: argparse.Namespace, settings: Settings) -> int:
 
     report = verify(settings, project_codec(settings), topic=args.topic,
                     postgres=not args.redis_only, redis=not args.postgres_only,
-                    progress=not args.quiet)  # fmt: skip
+                    progress=not args.quiet,
+                    max_lag_s=None if args.max_lag_s < 0 else args.max_lag_s,
+                    expect_running=args.expect_running)  # fmt: skip
     print(f"folded {report.entries_read} entries of {report.users} users; "
           f"postgres progress {sum(report.postgres_progress.values())}, "
           f"redis progress {sum(report.redis_progress.values())} entries")  # fmt: skip
@@ -231,7 +235,11 @@ def add_projection_commands(commands: Any) -> None:
         description=(
             "Fold credit.ledger.entries independently and compare accounts, entry figures and "
             "hourly consumption in Postgres, and the balance snapshots in Redis, each against "
-            "the prefix of the log that store has applied. Prints every difference."
+            "the prefix of the log that store has applied. Prints every difference. Also "
+            "fails on entries the projectors quarantined (a field breaks its rule), on a "
+            "store that does not reach the end of the log within --max-lag-s (a stalled or "
+            "stopped projector), and with --expect-running on a projector group without a "
+            "live member."
         ),
     )  # fmt: skip
     p.add_argument("--topic", default=None, help="ledger topic (default: projections.ledger_topic)")
@@ -239,6 +247,14 @@ def add_projection_commands(commands: Any) -> None:
     only.add_argument("--postgres-only", action="store_true", help="skip Redis")
     only.add_argument("--redis-only", action="store_true", help="skip Postgres")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--max-lag-s", type=float, default=30.0, metavar="S",
+                   help="how long each store may take to reach the log's end as of the "
+                   "start (default 30; a negative value skips the check)")  # fmt: skip
+    p.add_argument(
+        "--expect-running",
+        action="store_true",
+        help="fail unless each checked projector group has a live member",
+    )
     p.set_defaults(handler=cmd_verify)
 
     read = commands.add_parser(

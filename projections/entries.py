@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from agents.records import LEDGER_TOPIC, to_ms
+from contracts.fields import EVENT_ID, ID, MODEL, NAME, REFERENCE
 from creditledger.errors import CodecError, ProjectionError
 from streams.codec import AvroCodec
 
@@ -25,7 +26,15 @@ RAW_COLUMNS = (
     "reasoning_tokens", "usage_estimated", "price_rule_id", "price_rule_version",
     "occurred_ms", "recorded_ms", "ledger_partition", "ledger_offset",
 )  # fmt: skip
-USER, SEQ, EVENT, KIND, BALANCE, RECORDED_MS = 0, 1, 2, 4, 6, 21
+USER, SEQ, EVENT, KIND, AMOUNT, BALANCE, RECORDED_MS = 0, 1, 2, 4, 5, 6, 21
+PARTITION, OFFSET_COLUMN = 22, 23
+
+# The string columns an entry's field rules apply to (contracts.fields); None = not set.
+RULED_COLUMNS = (
+    (0, "user_id", ID), (2, "event_id", EVENT_ID), (7, "reference", REFERENCE),
+    (8, "scene", NAME), (9, "request_id", ID), (10, "conversation_id", ID),
+    (11, "model_alias", NAME), (12, "upstream_model", MODEL), (18, "price_rule_id", NAME),
+)  # fmt: skip
 
 Row = tuple[Any, ...]
 
@@ -38,6 +47,41 @@ class LogPosition:
 
     def __str__(self) -> str:
         return f"{self.topic}[{self.partition}]@{self.offset}"
+
+
+def row_problem(row: Row) -> str | None:
+    """Why the read models cannot store this entry (a field breaks its rule), or None.
+
+    The fold refuses such commands, so only entries folded before it did (or by a buggy
+    producer of the ledger topic) have one. They are quarantined, not applied: one bad id
+    must not stop the projection of everybody else's entries (see the sinks)."""
+    for index, name, rule in RULED_COLUMNS:
+        value = row[index]
+        if value is None and index not in (USER, EVENT):
+            continue
+        problem = rule.problem(name, value)
+        if problem is not None:
+            return problem
+    return None
+
+
+def split_storable(rows: list[Row]) -> tuple[list[Row], list[tuple[Row, str]]]:
+    """``rows`` -> (the storable ones, the others with their problem), order kept."""
+    good: list[Row] = []
+    bad: list[tuple[Row, str]] = []
+    for row in rows:
+        problem = row_problem(row)
+        if problem is None:
+            good.append(row)
+        else:
+            bad.append((row, problem))
+    return good, bad
+
+
+def printable(value: object, most: int = 200) -> str:
+    """A value as text any column can hold: escaped, no NUL, at most ``most`` characters."""
+    text = value if isinstance(value, str) else repr(value)
+    return text[:most].encode("unicode_escape").decode("ascii")[:most]
 
 
 def decode_row(codec: AvroCodec, value: bytes | None, where: LogPosition) -> Row:

@@ -16,6 +16,8 @@ of the schema it writes to.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import time
 from typing import Any
 
@@ -25,8 +27,22 @@ from psycopg import sql
 from creditledger.errors import ProjectionError
 from creditledger.settings import Settings
 from projections.db import connect
-from projections.entries import RAW_COLUMNS, Row
+from projections.entries import (
+    AMOUNT,
+    EVENT,
+    KIND,
+    OFFSET_COLUMN,
+    PARTITION,
+    RAW_COLUMNS,
+    SEQ,
+    USER,
+    Row,
+    printable,
+    split_storable,
+)
 from projections.progress import BatchPlan, plan_batch
+
+log = logging.getLogger(__name__)
 
 PROJECTION = "postgres"
 RETRIES = 5
@@ -113,6 +129,31 @@ SELECT count(*) FROM ins
 )
 
 
+QUARANTINE_SQL = (
+    "INSERT INTO public.quarantined_entries (projection, topic, partition, ledger_offset, "
+    "user_id, seq, event_id, kind, amount_micro, reason) SELECT * FROM unnest(%s::text[], "
+    "%s::text[], %s::int[], %s::bigint[], %s::text[], %s::bigint[], %s::text[], %s::text[], "
+    "%s::bigint[], %s::text[]) ON CONFLICT DO NOTHING"
+)
+
+
+def quarantine(cursor: psycopg.Cursor[Any], projection: str, topic: str,
+               bad: list[tuple[Row, str]]) -> None:  # fmt: skip
+    """Record entries the read models cannot store, in the caller's transaction (so they
+    and the progress past them commit together). Logged loudly: ``verify`` fails on them."""
+    if not bad:
+        return
+    for row, reason in bad:
+        log.error("%s projection: ledger entry %s[%d]@%d (user %s, seq %d) quarantined: %s",
+                  projection, topic, row[PARTITION], row[OFFSET_COLUMN], printable(row[USER], 60),
+                  row[SEQ], reason)  # fmt: skip
+    columns = list(zip(*[
+        (projection, topic, row[PARTITION], row[OFFSET_COLUMN], printable(row[USER]), row[SEQ],
+         printable(row[EVENT]), printable(row[KIND]), row[AMOUNT], printable(reason, 1000))
+        for row, reason in bad], strict=True))  # fmt: skip
+    cursor.execute(QUARANTINE_SQL, [list(c) for c in columns])
+
+
 def copy_raw(cursor: psycopg.Cursor[Any], table: sql.Composable, rows: list[Row]) -> None:
     """COPY rows in the raw layout into ``table`` (binary: no text formatting per value)."""
     statement = sql.SQL("COPY {} ({}) FROM STDIN (FORMAT BINARY)").format(
@@ -170,31 +211,69 @@ class PostgresSink(PostgresConnection):
         return sql.SQL("{}.projection_progress").format(sql.Identifier(self.schema))
 
     def stored(self, topic: str, partitions: list[int]) -> dict[int, int]:
-        rows = self.conn.execute(
-            sql.SQL("SELECT partition, next_offset FROM {} WHERE projection = %s AND topic = %s "
-                    "AND partition = ANY(%s)").format(self._progress_table()),
-            (PROJECTION, topic, partitions),
-        ).fetchall()  # fmt: skip
-        self.conn.commit()
+        try:
+            rows = self.conn.execute(
+                sql.SQL("SELECT partition, next_offset FROM {} WHERE projection = %s AND "
+                        "topic = %s AND partition = ANY(%s)").format(self._progress_table()),
+                (PROJECTION, topic, partitions),
+            ).fetchall()  # fmt: skip
+            self.conn.commit()
+        except psycopg.Error as exc:
+            self._rollback()
+            raise ProjectionError(f"reading the Postgres progress failed: {exc}") from exc
         return {int(p): int(o) for p, o in rows}
 
     def apply(self, topic: str, rows: dict[int, list[Row]], lows: dict[int, int],
               sought: dict[int, int]) -> BatchPlan:  # fmt: skip
+        isolate = False
         for attempt in range(RETRIES):
             try:
-                return self._apply_once(topic, rows, lows, sought)
+                return self._apply_once(topic, rows, lows, sought, isolate=isolate)
             except (psycopg.errors.DeadlockDetected, psycopg.errors.SerializationFailure):
                 # Two projectors overlapping during a rebalance: the loser retries and
                 # then finds its rows applied.
-                self.conn.rollback()
+                self._rollback()
                 time.sleep(0.05 * (attempt + 1))
+            except (psycopg.errors.DataError, psycopg.errors.ProgramLimitExceeded) as exc:
+                if isolate:
+                    self._rollback()
+                    raise ProjectionError(f"Postgres projection batch failed: {exc}") from exc
+                # Some entry passed the field rules yet Postgres cannot store it: apply the
+                # batch entry by entry, and quarantine the ones it refuses.
+                log.warning("Postgres projection batch refused (%s); isolating the entry", exc)
+                self._rollback()
+                isolate = True
             except psycopg.Error as exc:
-                self.conn.rollback()
+                self._rollback()
                 raise ProjectionError(f"Postgres projection batch failed: {exc}") from exc
         raise ProjectionError(f"Postgres projection batch kept deadlocking ({RETRIES} tries)")
 
+    def _rollback(self) -> None:
+        # On a lost connection the rollback fails too; the projector reconnects.
+        with contextlib.suppress(psycopg.Error):
+            self.conn.rollback()
+
+    def _apply_rows(self, cur: psycopg.Cursor[Any], topic: str, rows: list[Row],
+                    isolate: bool) -> None:  # fmt: skip
+        good, bad = split_storable(rows)
+        if not isolate:
+            copy_raw(cur, sql.Identifier("stage_entries"), good)
+            cur.execute(self._apply)
+        else:
+            for row in good:
+                cur.execute("SAVEPOINT entry")
+                try:
+                    copy_raw(cur, sql.Identifier("stage_entries"), [row])
+                    cur.execute(self._apply)
+                    cur.execute("TRUNCATE stage_entries")
+                except (psycopg.errors.DataError, psycopg.errors.ProgramLimitExceeded) as exc:
+                    cur.execute("ROLLBACK TO SAVEPOINT entry")
+                    bad.append((row, f"Postgres refused it: {exc}".strip()))
+                cur.execute("RELEASE SAVEPOINT entry")
+        quarantine(cur, self.name, topic, bad)
+
     def _apply_once(self, topic: str, rows: dict[int, list[Row]], lows: dict[int, int],
-                    sought: dict[int, int]) -> BatchPlan:  # fmt: skip
+                    sought: dict[int, int], *, isolate: bool = False) -> BatchPlan:  # fmt: skip
         conn = self.conn
         partitions = sorted(rows)
         progress = self._progress_table()
@@ -216,8 +295,7 @@ class PostgresSink(PostgresConnection):
             stored = {int(p): int(o) for p, o in cur.fetchall()}
             plan = plan_batch(rows, stored, sought)
             if plan.apply:
-                copy_raw(cur, sql.Identifier("stage_entries"), plan.rows)
-                cur.execute(self._apply)
+                self._apply_rows(cur, topic, plan.rows, isolate)
                 done = list(plan.next_offsets)
                 cur.execute(
                     sql.SQL("UPDATE {} AS g SET next_offset = x.o, updated_at = now() "

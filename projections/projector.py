@@ -19,7 +19,7 @@ import time
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, TopicPartition
 
@@ -33,6 +33,8 @@ from streams.kafka_clients import make_consumer
 log = logging.getLogger(__name__)
 
 IDLE_RESEEK_S = 2.0
+
+T = TypeVar("T")
 
 
 class Sink(Protocol):
@@ -62,7 +64,7 @@ class Projector:
 
     def __init__(self, settings: Settings, sink: Sink, codec: AvroCodec, *, group_id: str,
                  topic: str | None = None, batch_max: int | None = None,
-                 retry_for_s: float = 60.0) -> None:  # fmt: skip
+                 retry_for_s: float | None = 60.0) -> None:  # fmt: skip
         self.settings = settings
         self.sink = sink
         self.codec = codec
@@ -70,7 +72,7 @@ class Projector:
         self.topic = topic or settings.projections.ledger_topic
         self.batch_max = batch_max or settings.projections.batch_max
         self.poll_s = settings.projections.poll_timeout_ms / 1000
-        self.retry_for_s = retry_for_s
+        self.retry_for_s = retry_for_s  # None: retry for as long as it takes
         self.stats = ProjectorStats()
         self.lows: dict[int, int] = {}
         self.sought: dict[int, int] = {}
@@ -81,7 +83,8 @@ class Projector:
 
     def _position(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         numbers = [tp.partition for tp in partitions]
-        stored = self.sink.stored(self.topic, numbers)
+        stored = self._retrying("reading the stored progress",
+                                lambda: self.sink.stored(self.topic, numbers))  # fmt: skip
         for tp in partitions:
             low, _high = consumer.get_watermark_offsets(tp, timeout=10)
             self.lows[tp.partition] = low
@@ -149,20 +152,29 @@ class Projector:
         return rows
 
     def apply(self, rows: dict[int, list[Row]]) -> BatchPlan:
-        """Apply one batch; on a lost connection, reconnect and retry for a while."""
-        deadline = time.monotonic() + self.retry_for_s
-        while True:
-            try:
-                plan = self.sink.apply(self.topic, rows, self.lows, self.sought)
-                break
-            except (ProjectionError, StackError) as exc:
-                if time.monotonic() > deadline:
-                    raise
-                log.warning("%s projector: %s; reconnecting and retrying", self.sink.name, exc)
-                time.sleep(1.0)
-                self._reconnect()
+        """Apply one batch; on a lost connection, reconnect and retry (see ``retry_for_s``)."""
+        plan = self._retrying(
+            "applying a batch", lambda: self.sink.apply(self.topic, rows, self.lows, self.sought)
+        )
         self._after(rows, plan)
         return plan
+
+    def _retrying(self, what: str, step: Callable[[], T]) -> T:
+        """``step()``, reconnecting the sink with backoff (1 s doubling to 10 s) while its
+        store is unreachable: a restart of Postgres or Redis is ridden out, not fatal."""
+        deadline = None if self.retry_for_s is None else time.monotonic() + self.retry_for_s
+        pause = 1.0
+        while True:
+            try:
+                return step()
+            except (ProjectionError, StackError) as exc:
+                if deadline is not None and time.monotonic() > deadline:
+                    raise
+                log.warning("%s projector: %s failed (%s); reconnecting, retry in %.0f s",
+                            self.sink.name, what, exc, pause)  # fmt: skip
+                time.sleep(pause)
+                pause = min(pause * 2, 10.0)
+                self._reconnect()
 
     def _reconnect(self) -> None:
         try:

@@ -15,6 +15,7 @@ and rebuilds every snapshot by itself.
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import Any
 
@@ -22,7 +23,18 @@ import redis
 
 from creditledger.errors import ProjectionError, StackError
 from creditledger.settings import Settings
-from projections.entries import BALANCE, EVENT, KIND, RECORDED_MS, SEQ, USER, Row
+from projections.entries import (
+    BALANCE,
+    EVENT,
+    KIND,
+    OFFSET_COLUMN,
+    PARTITION,
+    RECORDED_MS,
+    SEQ,
+    USER,
+    Row,
+    split_storable,
+)
 from projections.progress import BatchPlan, plan_batch
 from projections.redis_keys import (
     MARK_FOLDED_LUA,
@@ -31,6 +43,8 @@ from projections.redis_keys import (
     holds_key,
     progress_key,
 )
+
+log = logging.getLogger(__name__)
 
 RETRIES = 20
 
@@ -156,7 +170,11 @@ class RedisSink:
         return self._client
 
     def stored(self, topic: str, partitions: list[int]) -> dict[int, int]:
-        values = self.client.hmget(progress_key(self.prefix, topic), [str(p) for p in partitions])
+        try:
+            values = self.client.hmget(progress_key(self.prefix, topic),
+                                       [str(p) for p in partitions])  # fmt: skip
+        except redis.RedisError as exc:
+            raise ProjectionError(f"reading the Redis progress failed: {exc}") from exc
         return {p: int(v) for p, v in zip(partitions, values, strict=True) if v is not None}
 
     def apply(self, topic: str, rows: dict[int, list[Row]], lows: dict[int, int],
@@ -172,8 +190,14 @@ class RedisSink:
                 plan = plan_batch(rows, stored, sought)
                 if not plan.apply:
                     return plan
-                newest = newest_per_user(plan.rows)
-                charges = charges_per_user(plan.rows)
+                # As the Postgres sink: an entry breaking a field rule is not applied (it is
+                # quarantined there, and verify reports it); the progress moves past it.
+                storable, bad = split_storable(plan.rows)
+                for row, reason in bad:
+                    log.error("redis projection: ledger entry %s[%d]@%d skipped: %s", topic,
+                              row[PARTITION], row[OFFSET_COLUMN], reason)  # fmt: skip
+                newest = newest_per_user(storable)
+                charges = charges_per_user(storable)
                 keys = [key] + [balance_key(self.prefix, user) for user in newest]
                 keys += [holds_key(self.prefix, user) for user in newest]
                 args: list[Any] = [len(plan.next_offsets)]

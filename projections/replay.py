@@ -40,7 +40,7 @@ from tqdm import tqdm
 from creditledger.errors import ProjectionError
 from creditledger.settings import Settings, project_path
 from projections.db import connect
-from projections.entries import Row
+from projections.entries import Row, split_storable
 from projections.postgres_sink import (
     ENTRY_COLUMNS,
     ENTRY_SELECT,
@@ -50,6 +50,7 @@ from projections.postgres_sink import (
     PostgresConnection,
     PostgresSink,
     copy_raw,
+    quarantine,
 )
 from projections.progress import BatchPlan, plan_batch
 from projections.projector import Projector
@@ -122,7 +123,9 @@ class RawLoadSink(PostgresConnection):
         plan = plan_batch(rows, {p: stored.get(p, lows.get(p, 0)) for p in rows}, sought)
         if plan.apply:
             with self.conn.cursor() as cur:
-                copy_raw(cur, sql.SQL(f"{SHADOW}.raw_entries"), plan.rows)
+                good, bad = split_storable(plan.rows)
+                copy_raw(cur, sql.SQL(f"{SHADOW}.raw_entries"), good)
+                quarantine(cur, PROJECTION, topic, bad)  # as the live projector does
                 done = list(plan.next_offsets)
                 cur.execute(
                     f"INSERT INTO {SHADOW}.load_progress (partition, next_offset) "

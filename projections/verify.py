@@ -10,22 +10,37 @@ the prefix of the log that store says it has applied (its stored progress).
   snapshot must be at least as new as the fold up to that progress, and
   whatever seq it holds must carry that entry's balance (a snapshot newer than
   the progress is the projector moving meanwhile, not an error).
+
+It also fails on what the comparison alone cannot see:
+
+- an entry the read models cannot store (a field breaks its rule): the
+  projectors quarantine it and go on, and verify names it (the fold here
+  skips it too, so it does not also show up as a difference per table);
+- a stall: a store whose progress does not reach the end of the log (as it
+  was when verify started) within ``max_lag_s``;
+- with ``expect_running``, a projector consumer group with no live member.
 """
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
+
+from confluent_kafka import KafkaException
 
 from agents.ops import read_topic
 from creditledger.settings import Settings
 from projections.db import connect
-from projections.entries import LogPosition, decode_row
+from projections.entries import LogPosition, decode_row, printable, row_problem
 from projections.model import AccountView, ReadModelFold
 from projections.postgres_sink import PROJECTION
 from projections.redis_keys import balance_pattern, progress_key
 from projections.redis_sink import connect_redis
 from streams.codec import AvroCodec
+from streams.kafka_clients import watermarks
+from streams.topic_admin import make_admin
 
 SCAN_CHUNK = 1000
 
@@ -141,6 +156,8 @@ def verify(
     postgres: bool = True,
     redis: bool = True,
     progress: bool = True,
+    max_lag_s: float | None = None,
+    expect_running: bool = False,
 ) -> VerifyReport:
     topic = topic or settings.projections.ledger_topic
     prefix = redis_prefix or settings.projections.redis_key_prefix
@@ -149,12 +166,19 @@ def verify(
     redis_progress, snapshots = read_redis(settings, topic, prefix) if redis else ({}, {})
     report.postgres_progress = pg.progress if pg else {}
     report.redis_progress = redis_progress
+    ends = {p: high for p, (_low, high) in watermarks(settings, topic).items()}
 
     pg_fold, redis_fold = ReadModelFold(), ReadModelFold()
     later: dict[tuple[str, int], tuple[int, int]] = {}  # entries past the Redis progress
     for record in read_topic(settings, topic, progress=progress):
-        row = decode_row(codec, record.value, LogPosition(topic, record.partition, record.offset))
+        where = LogPosition(topic, record.partition, record.offset)
+        row = decode_row(codec, record.value, where)
         report.entries_read += 1
+        problem = row_problem(row)
+        if problem is not None:  # quarantined by the projectors, not stored
+            report.differences.append(Difference("ledger", "quarantined", printable(row[0], 60),
+                                                 str(where), "storable", problem))  # fmt: skip
+            continue
         if pg is not None and record.offset < pg.progress.get(record.partition, 0):
             pg_fold.add(row)
         if record.offset < redis_progress.get(record.partition, 0):
@@ -166,7 +190,73 @@ def verify(
     if redis:
         _compare_redis(redis_fold, snapshots, later, report)
     report.users = len(set(pg_fold.accounts) | set(redis_fold.accounts))
+    if max_lag_s is not None:
+        _check_stalls(settings, topic, dsn, prefix, ends, max_lag_s, report,
+                      postgres=postgres, redis=redis)  # fmt: skip
+    if expect_running:
+        groups = ([settings.projections.postgres_group] if postgres else []) + (
+            [settings.projections.redis_group] if redis else [])  # fmt: skip
+        _check_running(settings, groups, report)
     return report
+
+
+def _behind(progress: dict[int, int], ends: dict[int, int]) -> dict[int, tuple[int, int]]:
+    return {p: (end, progress.get(p, 0)) for p, end in ends.items() if progress.get(p, 0) < end}
+
+
+def _check_stalls(settings: Settings, topic: str, dsn: str | None, prefix: str,
+                  ends: dict[int, int], max_lag_s: float, report: VerifyReport, *,
+                  postgres: bool, redis: bool) -> None:  # fmt: skip
+    """Each store must reach the log's end as of verify's start within ``max_lag_s``."""
+    readers: dict[str, Callable[[], dict[int, int]]] = {}
+    if postgres:
+        readers["postgres"] = lambda: read_progress_postgres(settings, topic, dsn)
+    if redis:
+        readers["redis"] = lambda: read_progress_redis(settings, topic, prefix)
+    deadline = time.monotonic() + max_lag_s
+    for store, read in readers.items():
+        behind = _behind(read(), ends)
+        while behind and time.monotonic() < deadline:
+            time.sleep(0.5)
+            behind = _behind(read(), ends)
+        for partition, (end, at) in sorted(behind.items()):
+            report.differences.append(Difference(
+                store, "progress", "-", f"partition {partition} (stalled {max_lag_s:g} s)",
+                end, at))  # fmt: skip
+
+
+def _check_running(settings: Settings, groups: list[str], report: VerifyReport) -> None:
+    admin = make_admin(settings)
+    timeout = settings.kafka.request_timeout_ms / 1000
+    try:
+        futures = admin.describe_consumer_groups(groups, request_timeout=timeout)
+        for group, future in futures.items():
+            members = len(future.result(timeout=timeout).members)
+            if members == 0:
+                report.differences.append(Difference("kafka", "consumer group", "-", group,
+                                                     "a running projector", "none"))  # fmt: skip
+    except KafkaException as exc:
+        report.differences.append(Difference("kafka", "consumer group", "-", ",".join(groups),
+                                             "described", str(exc)))  # fmt: skip
+
+
+def read_progress_postgres(settings: Settings, topic: str, dsn: str | None) -> dict[int, int]:
+    with connect(settings, dsn=dsn) as conn:
+        rows = conn.execute(
+            "SELECT partition, next_offset FROM projection_progress WHERE "
+            "projection = %s AND topic = %s",
+            (PROJECTION, topic),
+        ).fetchall()
+    return {int(p): int(o) for p, o in rows}
+
+
+def read_progress_redis(settings: Settings, topic: str, prefix: str) -> dict[int, int]:
+    client = connect_redis(settings)
+    try:
+        raw = client.hgetall(progress_key(prefix, topic))
+        return {int(p): int(o) for p, o in raw.items()}
+    finally:
+        client.close()
 
 
 def _compare_postgres(fold: ReadModelFold, pg: PostgresView, report: VerifyReport) -> None:

@@ -6,6 +6,7 @@ import random
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 
 import pytest
 
@@ -197,3 +198,68 @@ def test_verify_passes_then_catches_a_corrupted_row_and_a_stale_snapshot(
     again = world.command("verify", "--quiet")
     assert again.returncode == 0, again.stdout + again.stderr
     assert balance == world.snapshots()[stale][0]
+
+
+def test_an_entry_no_read_model_can_store_is_quarantined_and_the_rest_goes_on(
+    world: ProjectionEnv,
+) -> None:
+    """Entries folded before the field rules (or by a buggy producer of the ledger topic):
+    a 10 KB user id, a NUL in a user id, a normal user with a NUL in a reference. Each is
+    quarantined with its reason; everybody else's entries keep flowing; verify and replay
+    say so instead of passing or dying."""
+    seed = random.randrange(2**32)
+    workload = build_entries(seed, world.unique, commands=2000, users=50)
+    victim = sorted(workload.users)[0]
+    last = max((e for e in workload.entries if e.user_id == victim), key=lambda e: e.seq)
+    template = replace(last, kind="purchase", amount_micro=5, scene=None, model_alias=None,
+                       upstream_model=None, price_rule_id=None, price_rule_version=None,
+                       input_tokens=0, output_tokens=0, cached_tokens=0, reasoning_tokens=0,
+                       usage_estimated=False, request_id=None, conversation_id=None)  # fmt: skip
+    bad = [
+        replace(template, user_id="u" * 10_000, seq=1, event_id="bad-long", reference="r"),
+        replace(template, user_id="nul\x00user", seq=1, event_id="bad-nul", reference="r"),
+        replace(template, seq=last.seq + 1, event_id="bad-ref", reference="order\x00-1",
+                balance_after_micro=last.balance_after_micro + 5),
+    ]  # fmt: skip
+    half = len(workload.entries) // 2
+    world.start("postgres")
+    world.start("redis")
+    world.produce(workload.entries[:half] + bad + workload.entries[half:])
+    world.wait_caught_up()  # nobody is stuck behind the bad entries
+    assert_equals_auditor(world, workload, seed)
+    with connect(world.settings) as conn:
+        rows = conn.execute("SELECT event_id, reason FROM quarantined_entries "
+                            "ORDER BY event_id").fetchall()  # fmt: skip
+    assert [r[0] for r in rows] == ["bad-long", "bad-nul", "bad-ref"], rows
+    assert "breaks the id rule" in rows[0][1] and "breaks the reference rule" in rows[2][1]
+    world.stop_all()
+
+    report = world.command("verify", "--quiet")
+    assert report.returncode == 1, report.stdout + report.stderr
+    assert report.stdout.count("quarantined") >= 3, report.stdout
+    replayed = world.command("replay", "--quiet")
+    assert replayed.returncode == 0, replayed.stdout + replayed.stderr
+    assert_equals_auditor(world, workload, seed)
+
+
+def test_verify_fails_on_a_stalled_projector(world: ProjectionEnv) -> None:
+    seed = random.randrange(2**32)
+    workload = build_entries(seed, world.unique, commands=500, users=20)
+    world.start("postgres")
+    world.start("redis")
+    world.produce(workload.entries[:250])
+    world.wait_caught_up()
+    world.kill("postgres")  # dead: the entries after it are never applied
+    world.produce(workload.entries[250:])
+    world.wait_caught_up(sinks=("redis",))
+    result = world.command("verify", "--quiet", "--max-lag-s", "3")
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "stalled 3 s" in result.stdout and "postgres" in result.stdout, result.stdout
+    stalled = [line for line in result.stdout.splitlines() if "stalled" in line]
+    assert stalled and all("postgres" in line for line in stalled), result.stdout
+    running = world.command("verify", "--quiet", "--redis-only", "--expect-running")
+    assert running.returncode == 0, running.stdout + running.stderr
+    world.stop_all()  # a clean stop leaves the group at once
+    stopped = world.command("verify", "--quiet", "--redis-only", "--expect-running")
+    assert stopped.returncode == 1, stopped.stdout + stopped.stderr
+    assert "a running projector" in stopped.stdout
