@@ -48,6 +48,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from confluent_kafka import KafkaError, TopicPartition
+from faust.types import TP
 
 from agents.domain import Account, Applied, Duplicate, Limits, Seen, decide, evolve
 from agents.records import (
@@ -129,6 +130,8 @@ class LedgerFolder:
         self._producer: Any = None
         self._reader: Any = None  # committed offsets and hole filling
         self._next: dict[tuple[str, int], int] = {}  # next offset expected per command tp
+        # What the last batch folded that Faust never delivered: acked to Faust too.
+        self.filled: list[Incoming] = []
         self._last_stats = time.monotonic()
 
     def start(self) -> None:
@@ -201,6 +204,7 @@ class LedgerFolder:
                     item.topic, item.partition, expected, item.offset - 1, len(hole),
                 )  # fmt: skip
                 self.stats.gap_filled += len(hole)
+                self.filled.extend(hole)
                 out.extend(hole)
             out.append(item)
             if item.offset >= expected:
@@ -210,6 +214,7 @@ class LedgerFolder:
     def fold_batch(self, events: list[Any]) -> None:
         """Fold one batch; raise :class:`FoldError` when it could not be made durable."""
         started = time.monotonic()
+        self.filled = []
         items = self.with_holes_filled([Incoming.from_faust(event) for event in events])
         producer = self._producer
         assert producer is not None, "LedgerFolder.start() first"
@@ -345,6 +350,34 @@ def fold_or_die(folder: LedgerFolder, events: list[Any]) -> None:
         os._exit(EXIT_FATAL)
 
 
+@dataclass(eq=False)
+class FilledMessage:
+    """What Faust's ``Consumer.ack`` reads of a message, for an offset the agent folded
+    itself (a hole Faust skipped)."""
+
+    topic: str
+    tp: TP
+    offset: int
+    acked: bool = False
+
+
+def ack_batch(consumer: Any, monitor: Any, batch: list[Any], filled: list[Incoming]) -> None:
+    """Ack a durable batch to Faust, and the holes it filled too.
+
+    Faust commits only up to the first offset it has not seen acked (``_new_offset``:
+    with the head of a partition missing it commits nothing at all), so a filled hole
+    left unacked kept the group's committed offset behind what was folded, for as long
+    as the worker ran: lag that lies, acks piling up, and a re-fold of all of it after
+    the next crash."""
+    now = time.monotonic()
+    for event in batch:
+        event.ack()
+        # What Stream iteration would record; Faust's slow-stream check reads it.
+        monitor.stream_inbound_time[event.message.tp] = now
+    for item in filled:
+        consumer.ack(FilledMessage(item.topic, TP(item.topic, item.partition), item.offset))
+
+
 def register_ledger_agent(ledger_app: LedgerApp, settings: Settings,
                           worker_name: str) -> LedgerFolder:  # fmt: skip
     """Attach the fold to the app: one agent instance, one batch in flight.
@@ -378,11 +411,7 @@ def register_ledger_agent(ledger_app: LedgerApp, settings: Settings,
                 except asyncio.QueueEmpty:
                     break
             fold_or_die(folder, batch)
-            now = time.monotonic()
-            for event in batch:
-                event.ack()
-                # What Stream iteration would record; Faust's slow-stream check reads it.
-                monitor.stream_inbound_time[event.message.tp] = now
+            ack_batch(ledger_app.app.consumer, monitor, batch, folder.filled)
 
     ledger_app.app.agent(ledger_app.commands, name="ledger-fold", concurrency=1)(fold)
 
