@@ -144,7 +144,9 @@ def ledger_demo(settings: Settings, codec: AvroCodec, stamp: datetime) -> tuple[
     log_start = log_file.stat().st_size if log_file.exists() else 0  # this run's lines follow
     with log_file.open("ab") as log:
         worker = subprocess.Popen(
-            [sys.executable, "-m", "creditledger.cli", "worker", "--name", "demo"],
+            # Unsupervised: the demo watches it, and names its crash reason if it dies.
+            [sys.executable, "-m", "creditledger.cli", "worker", "--name", "demo",
+             "--no-supervise"],
             stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
         )  # fmt: skip
     try:

@@ -7,10 +7,21 @@ its own ``--name`` so each has its own state folder.
 from __future__ import annotations
 
 import logging
+import signal
+import subprocess
+import sys
+import time
+from types import FrameType
 
 from creditledger.settings import Settings, project_path
 from streams import topic_admin
 from streams.topics import load_topics
+
+log = logging.getLogger("creditledger.worker")
+
+QUICK_DEATH_S = 10.0  # a child that dies this soon after its start counts towards giving up
+QUICK_DEATHS_MAX = 20
+BACKOFF_MAX_S = 30.0
 
 # Faust's names for log levels -> the logging module's.
 LOG_LEVELS = {
@@ -41,3 +52,50 @@ def run_worker(settings: Settings, name: str, loglevel: str, store: str | None) 
     logging.getLogger("agents").setLevel(LOG_LEVELS[loglevel])
     worker.execute_from_commandline()
     return 0
+
+
+def supervise_worker(child_args: list[str]) -> int:
+    """Run ``creditledger <child_args>`` (the fold, ``--no-supervise``) and restart it with
+    backoff whenever it exits by itself; SIGTERM/SIGINT stop it and then this process.
+
+    The fold exits uncommitted whenever a batch cannot be made durable (Kafka restarting,
+    say): that is its recovery by design, since a worker that waited past its session
+    could overlap the worker that took its partitions over. The restart is this loop's."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    stopping = False
+    child: subprocess.Popen[bytes] | None = None
+
+    def stop(signum: int, _frame: FrameType | None) -> None:
+        nonlocal stopping
+        stopping = True
+        if child is not None and child.poll() is None:
+            child.send_signal(signum)
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    pause, quick_deaths = 1.0, 0
+    while True:
+        started = time.monotonic()
+        child = subprocess.Popen([sys.executable, "-m", "creditledger.cli", *child_args])
+        code = child.wait()
+        if stopping:
+            return 0 if code in (0, -signal.SIGTERM, -signal.SIGINT) else code
+        quick = time.monotonic() - started < QUICK_DEATH_S
+        quick_deaths = quick_deaths + 1 if quick else 0
+        if quick_deaths >= QUICK_DEATHS_MAX:
+            log.critical(
+                "the ledger worker died %d times in a row within %.0f s of its start "
+                "(last exit code %s); giving up",
+                quick_deaths,
+                QUICK_DEATH_S,
+                code,
+            )
+            return code or 1
+        pause = min(pause * 2, BACKOFF_MAX_S) if quick else 1.0
+        log.error("the ledger worker exited by itself (code %s); restarting it in %.0f s",
+                  code, pause)  # fmt: skip
+        deadline = time.monotonic() + pause
+        while not stopping and time.monotonic() < deadline:
+            time.sleep(0.1)
+        if stopping:
+            return 0

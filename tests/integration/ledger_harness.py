@@ -54,13 +54,16 @@ class WorkerGroup:
     def log(self, name: str) -> Path:
         return self.root / f"{name}.log"
 
-    def start(self, name: str) -> None:
+    def start(self, name: str, *, supervised: bool = False) -> None:
+        """Start a worker; unsupervised (the fold itself) unless ``supervised``, so that a
+        fold that dies by itself shows as a dead process."""
         self.root.mkdir(parents=True, exist_ok=True)
         self.starts[name] = self.starts.get(name, 0) + 1
         log = self.log(name).open("ab")
+        mode = [] if supervised else ["--no-supervise"]
         self.processes[name] = subprocess.Popen(
             [sys.executable, "-m", "creditledger.cli", "worker", "--name", name,
-             "--loglevel", "info"],
+             "--loglevel", "info", *mode],
             env=self.env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
         )  # fmt: skip
         log.close()
