@@ -79,7 +79,10 @@ def is_loopback(host: str) -> bool:
 def cmd_store_token(args: argparse.Namespace, settings: Settings) -> int:
     from store.domain import sign_token
 
-    ttl = args.ttl_s or settings.store.token_ttl_s
+    # 0 means 0 seconds (a token that is expired at once), not "the default".
+    ttl = settings.store.token_ttl_s if args.ttl_s is None else args.ttl_s
+    if ttl < 0:
+        raise ConfigError(f"--ttl-s must be 0 or more seconds, got {ttl}")
     secret = settings.store.token_secret.get_secret_value().encode()
     print(sign_token(secret, args.user, args.role, int(time.time()) + ttl))
     return 0

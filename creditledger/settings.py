@@ -407,6 +407,13 @@ class StoreSettings(_Section):
         "development only and refused on any address but loopback. Off: a real provider "
         "calls `POST /credit-store/orders/{id}/pay`.",
     )
+    max_body_bytes: int = Field(
+        65536,
+        ge=1024,
+        le=16 * 1024 * 1024,
+        description="Largest request body, bytes; larger ones get 413 before anything "
+        "parses them (the payment callback needs no token).",
+    )
     order_ttl_s: int = Field(
         1800, ge=10, description="An unpaid order expires after this long, seconds."
     )

@@ -9,8 +9,9 @@ Who may do what:
 
 - a **user** token sees and changes only its own balance, consumption, ledger,
   orders and check-in/sign-up claims;
-- a **service** token (another service of the company) may also claim event
-  rewards on behalf of a user (``reference`` = the triggering event's id);
+- a **service** token (another service of the company) may claim event
+  rewards on behalf of a user (``reference`` = the triggering event's id), and
+  no other kind (sign-up and check-in rewards are the user's own to claim);
 - an **admin** token may do all that for any user, and manage products, price
   rules and reward rules.
 
@@ -41,7 +42,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
 from psycopg_pool import PoolTimeout
 from redis.exceptions import RedisError
-from starlette.types import ASGIApp
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from creditledger.errors import QueryError, StackError, StoreError
 from creditledger.settings import Settings, project_path
@@ -155,15 +156,78 @@ class StoreService:
         return order
 
 
+# The page: its own scripts and styles only, no framing, no token in a Referer.
+PAGE_HEADERS = {
+    "Content-Security-Policy": "default-src 'none'; script-src 'self'; style-src 'self'; "
+    "connect-src 'self'; img-src 'self'; base-uri 'none'; form-action 'none'; "
+    "frame-ancestors 'none'",
+    "Referrer-Policy": "no-referrer",
+    "X-Frame-Options": "DENY",
+    "X-Content-Type-Options": "nosniff",
+}
+
+
 def create_app(settings: Settings, *, dsn: str | None = None, redis_prefix: str | None = None,
                sweeper: bool = True) -> ASGIApp:  # fmt: skip
     """The store's ASGI app: FastAPI, behind :class:`HotReads` unless ``store.fast_reads``
-    is off. ``sweeper``: run the order sweep in this process (one worker of several does)."""
+    is off, behind :class:`BodyLimit`. ``sweeper``: run the order sweep in this process
+    (one worker of several does)."""
     app = create_fastapi(settings, dsn=dsn, redis_prefix=redis_prefix, sweeper=sweeper)
-    if not settings.store.fast_reads:
-        return app
     service: StoreService = app.state.service
-    return HotReads(app, service.reads, service.secret, PREFIX)
+    inner: ASGIApp = app
+    if settings.store.fast_reads:
+        inner = HotReads(app, service.reads, service.secret, PREFIX)
+    return BodyLimit(inner, settings.store.max_body_bytes)
+
+
+class BodyLimit:
+    """Refuse a request body over ``limit`` bytes with 413, before anything parses it.
+
+    The payment callback takes no token, so without this anyone could make the store hold
+    any body in memory. The body (at most ``limit`` bytes) is read here, then replayed to
+    the app; requests without a body pass straight through."""
+
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS"):
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > self.limit):
+            await self._too_large(scope, receive, send)
+            return
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.limit:
+                await self._too_large(scope, receive, send)
+                return
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        replayed = False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+    async def _too_large(self, scope: Scope, receive: Receive, send: Send) -> None:
+        response = error(413, "request_too_large", f"request bodies are limited to "
+                         f"{self.limit} bytes")  # fmt: skip
+        await response(scope, receive, send)
 
 
 def create_fastapi(settings: Settings, *, dsn: str | None = None,
@@ -252,7 +316,7 @@ def _routes(app: FastAPI, service: StoreService) -> None:
     @app.get(PREFIX, include_in_schema=False)
     @app.get(f"{PREFIX}/", include_in_schema=False)
     async def page() -> HTMLResponse:
-        return HTMLResponse((PAGE_DIR / "index.html").read_text())
+        return HTMLResponse((PAGE_DIR / "index.html").read_text(), headers=PAGE_HEADERS)
 
     @app.get(f"{PREFIX}/static/{{name}}", include_in_schema=False)
     async def static(name: str) -> FileResponse:
@@ -347,6 +411,9 @@ def _routes(app: FastAPI, service: StoreService) -> None:
         if rule["kind"] == "event" and who.role == "user":
             raise StoreError(403, "forbidden", "event rewards are claimed by the service that "
                              "saw the event")  # fmt: skip
+        if rule["kind"] != "event" and who.role == "service":
+            raise StoreError(403, "forbidden", "a service token claims only event rewards; "
+                             f"a {rule['kind']} reward is claimed by the user")  # fmt: skip
         outcome = await service.repo.claim(rule_id, user_id, body.reference, utc_now())
         return JSONResponse(jsonable({**outcome.claim, "granted": outcome.granted}),
                             status_code=201 if outcome.granted else 200)  # fmt: skip

@@ -113,15 +113,22 @@ def sign_token(secret: bytes, user_id: str, role: Role, expires_at: int) -> str:
     return f"{payload}.{_b64(_mac(secret, payload.encode()))}"
 
 
+TOKEN = re.compile(r"[A-Za-z0-9_-]{1,2048}\.[A-Za-z0-9_-]{43}")  # payload . 32-byte MAC
+SIGNATURE = re.compile(r"[0-9a-fA-F]{64}")
+
+
 def verify_token(secret: bytes, token: str, now: int) -> Principal:
-    """The token's principal; StoreError 401 when malformed, tampered with or expired."""
-    payload, dot, mac = token.partition(".")
-    if not dot or not payload or not mac:
+    """The token's principal; StoreError 401 when malformed, tampered with or expired.
+
+    Decoded strictly: base64url without padding, in its one canonical spelling (Python's
+    decoder skips foreign characters and ignores unused bits, which gave one token many
+    spellings)."""
+    if not TOKEN.fullmatch(token):
         raise StoreError(401, "invalid_token", "the bearer token is malformed")
-    try:
-        given = _unb64(mac)
-    except ValueError as exc:
-        raise StoreError(401, "invalid_token", "the bearer token is malformed") from exc
+    payload, _dot, mac = token.partition(".")
+    given = _unb64(mac)
+    if _b64(given) != mac or _b64(_unb64(payload)) != payload:
+        raise StoreError(401, "invalid_token", "the bearer token is malformed")
     if not hmac.compare_digest(given, _mac(secret, payload.encode())):
         raise StoreError(401, "invalid_token", "the bearer token's signature does not match")
     try:
@@ -154,7 +161,11 @@ def sign_payment(secret: bytes, order_id: str, payment_reference: str, amount_mi
 
 def verify_payment(secret: bytes, signature: str, order_id: str, payment_reference: str,
                    amount_minor: int, currency: str) -> None:  # fmt: skip
+    signature = signature.strip()
+    if not SIGNATURE.fullmatch(signature):
+        raise StoreError(401, "invalid_signature", "X-Payment-Signature must be 64 hex digits "
+                         "(HMAC-SHA256)")  # fmt: skip
     expected = sign_payment(secret, order_id, payment_reference, amount_minor, currency)
-    if not hmac.compare_digest(expected, signature.strip().lower()):
+    if not hmac.compare_digest(expected, signature.lower()):
         raise StoreError(401, "invalid_signature", "the payment callback's signature does "
                          "not match")  # fmt: skip

@@ -5,11 +5,17 @@ const API = "/credit-store";
 const MICRO = 1000000;
 const state = { period: "24h", metric: "credits", cursor: null, balanceSeq: null };
 
-function token() {
+// The token comes only in the URL fragment (never sent to a server, never in a Referer),
+// is kept for this tab, and is then removed from the address bar and the history.
+function takeToken() {
   const fromHash = new URLSearchParams(location.hash.slice(1)).get("token");
-  const fromQuery = new URLSearchParams(location.search).get("token");
-  const found = fromHash || fromQuery;
-  if (found) sessionStorage.setItem("creditStoreToken", found);
+  if (fromHash) {
+    sessionStorage.setItem("creditStoreToken", fromHash);
+    history.replaceState(null, "", location.pathname + location.search);
+  }
+}
+
+function token() {
   return sessionStorage.getItem("creditStoreToken");
 }
 
@@ -208,6 +214,7 @@ function switcher(id, key, reload) {
 }
 
 async function main() {
+  takeToken();
   if (!token()) {
     notice("Open this page with #token=<token> (creditledger store token USER).");
     return;

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 import time
 import urllib.error
 import urllib.request
@@ -303,3 +304,59 @@ def test_bad_input_is_a_precise_4xx(world: StoreWorld) -> None:
     for method, path, token, body, status, code in cases:
         got_status, got = world.call(method, path, token=token, body=body)
         assert (got_status, got["error"]["code"]) == (status, code), (path, body, got)
+
+
+def test_a_service_token_claims_only_event_rewards(world: StoreWorld) -> None:
+    service = world.token("forum", "service")
+    for rule in ("signup-bonus", "daily-checkin"):
+        status, body = world.call("POST", f"/rewards/{rule}/claim", token=service,
+                                  body={"user_id": "victim"})  # fmt: skip
+        assert status == 403, (rule, body)
+        assert "only event rewards" in body["error"]["message"]
+    status, _ = world.call("POST", "/rewards/forum-plan-imported/claim", token=service,
+                           body={"user_id": "victim", "reference": "imp-1"})  # fmt: skip
+    assert status == 201
+    assert [g.event_id for g in world.outbox_grants()] == [
+        "reward:forum-plan-imported:victim:imp-1"]  # fmt: skip
+
+
+def test_tokens_have_one_spelling_and_signatures_are_hex(world: StoreWorld) -> None:
+    good = world.token("alice")
+    assert world.call("GET", "/balance", token=good)[0] == 200
+    payload, mac = good.split(".")
+    # The same bytes spelt otherwise: foreign characters the lenient decoder skipped, and a
+    # last character that differs only in the bits base64 does not use.
+    last = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_".index(mac[-1])
+    sibling = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"[last ^ 1]
+    for spelling in (f"{payload}.{mac[:10]}!!{mac[10:]}", f"{payload}.{mac}==",
+                     f"{payload}.{mac[:-1]}{sibling}", f"{payload}.{mac}.x"):  # fmt: skip
+        status, body = world.call("GET", "/balance", token=spelling)
+        assert status == 401, (spelling, body)
+    _, order = world.call("POST", "/orders", token=good, body={"product_id": "starter"})
+    for signature in ("zz" * 32, "é" * 64, "abc"):
+        status, body = world.pay(order, "pay-1", signature=signature)
+        assert (status, body["error"]["code"]) == (401, "invalid_signature"), signature
+
+
+def test_request_bodies_are_limited_before_they_are_parsed(world: StoreWorld) -> None:
+    big = b'{"payment_reference": "' + b"x" * 100_000 + b'"}'
+    host, port = "127.0.0.1", world.store_port
+    path = "/credit-store/orders/o_000000000000000000000000/pay"
+    for framing in (f"Content-Length: {len(big)}", "Transfer-Encoding: chunked"):
+        body = big if "Length" in framing else (
+            f"{len(big):x}\r\n".encode() + big + b"\r\n0\r\n\r\n")  # fmt: skip
+        head = (
+            f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+            f"X-Payment-Signature: {'0' * 64}\r\n{framing}\r\nConnection: close\r\n\r\n"
+        )
+        with socket.create_connection((host, port), timeout=10) as sock:
+            sock.sendall(head.encode() + body)
+            reply = b""
+            while chunk := sock.recv(65536):
+                reply += chunk
+        assert reply.startswith(b"HTTP/1.1 413"), (framing, reply[:200])
+        assert b'"request_too_large"' in reply
+    # A body under the limit still reaches the route (and its own checks).
+    status, body = world.call("POST", "/orders", token=world.token("alice"),
+                              body={"product_id": "starter"})  # fmt: skip
+    assert status == 201, body

@@ -73,8 +73,16 @@ def test_store_page_in_chromium(world: StoreWorld, unique: str) -> None:
             page = browser.new_page(viewport={"width": 1100, "height": 1400})
             errors: list[str] = []
             page.on("pageerror", lambda exc: errors.append(str(exc)))
-            page.goto(f"{world.store_url}/#token={token}")
+            response = page.goto(f"{world.store_url}/#token={token}")
+            assert response is not None
+            headers = response.headers
+            assert "frame-ancestors 'none'" in headers["content-security-policy"]
+            assert "script-src 'self'" in headers["content-security-policy"]
+            assert headers["referrer-policy"] == "no-referrer"
             expect(page.locator("body")).to_have_attribute("data-ready", "1", timeout=15000)
+            # The token left the address bar (and the history entry) once it was read.
+            assert page.evaluate("location.hash") == ""
+            assert token not in page.evaluate("location.href")
             one_call = 10 * 6 + 20 * 5
             balance_micro = 5_000_000 - CALLS * one_call
             expect(page.locator("#balance")).to_have_text("4.99808")  # 5 - 12 x 0.00016

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from creditledger.cli import main
+from creditledger.errors import StoreError
 
 COMMANDS = [
     [],
@@ -138,3 +141,16 @@ def test_the_simulated_payment_provider_is_off_by_default_and_loopback_only(
     monkeypatch.setenv("CREDITLEDGER_STORE__SIMULATED_PROVIDER", "true")
     assert main(["store", "serve"]) == 1
     assert "anyone could pay their own orders for free" in capsys.readouterr().err
+
+
+def test_store_token_ttl_0_means_0_seconds(capsys: pytest.CaptureFixture[str]) -> None:
+    from creditledger.settings import load_settings
+    from store.domain import verify_token
+
+    secret = load_settings().store.token_secret.get_secret_value().encode()
+    assert main(["store", "token", "u-1", "--ttl-s", "0"]) == 0
+    token = capsys.readouterr().out.split()[-1]
+    with pytest.raises(StoreError) as caught:
+        verify_token(secret, token, int(time.time()))
+    assert caught.value.code == "token_expired"
+    assert main(["store", "token", "u-1", "--ttl-s", "-5"]) == 1
