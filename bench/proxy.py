@@ -1,6 +1,7 @@
 """What the LLM proxy adds to a call, against the fake upstream called directly, and LiteLLM.
 
     .venv/bin/python -m bench.proxy [--seconds 10] [--latency-ms 1000] [--litellm PATH]
+                                    [--baseline GIT_REF]
 
 For each of non-streamed and streamed chat calls, at 50 and 200 concurrent
 clients (closed loop: each client sends its next call when the last one
@@ -8,6 +9,9 @@ ends), the same load goes to the fake upstream directly, through this proxy
 (auth, billing headers, guard hold in Redis, usage, price, outbox INSERT in
 Postgres, settle), and through LiteLLM's proxy (no database) when it is
 installed. "Added" is the proxy's percentile minus the direct one.
+``--baseline REF`` also runs the proxy of another commit (a git worktree of it, same
+database, Redis and load) as target "baseline", so a change's cost is measured
+against its parent in one run, row after row, not across hours.
 
 The fake upstream waits ``--latency-ms`` before answering (1 s by default: an
 LLM call is slow, and a closed loop of 200 clients against a faster upstream
@@ -235,6 +239,12 @@ def main() -> int:
     parser.add_argument("--latency-ms", type=int, default=1000, help="fake upstream latency")
     parser.add_argument("--clients", default="50,200", help="concurrency levels")
     parser.add_argument(
+        "--baseline",
+        default="",
+        metavar="GIT_REF",
+        help="also measure the proxy of this commit (e.g. HEAD~3)",
+    )
+    parser.add_argument(
         "--litellm",
         default=shutil.which("litellm") or "",
         help="path of LiteLLM's `litellm` command ('' = skip LiteLLM)",
@@ -244,7 +254,7 @@ def main() -> int:
 
     settings = load_settings()
     workdir = Path(tempfile.mkdtemp(prefix="bench-proxy-"))
-    upstream_port, proxy_port, litellm_port = 18180, 18181, 18182
+    upstream_port, proxy_port, litellm_port, baseline_port = 18180, 18181, 18182, 18183
     world, key, env = prepare_world(settings, workdir, upstream_port, proxy_port)
     processes = Processes(workdir, env)
     spawn = processes.spawn
@@ -254,11 +264,16 @@ def main() -> int:
         wait_up(f"http://127.0.0.1:{upstream_port}/v1/models", upstream)
         proxy = spawn("proxy", [*cli, "proxy", "serve"])
         wait_up(f"http://127.0.0.1:{proxy_port}/healthz", proxy)
+        auth = f"Authorization: Bearer {key}\r\n".encode()
         targets = [
             Target("direct", upstream_port, "/v1/chat/completions", b"", False),
-            Target("creditledger", proxy_port, "/v1/chat/completions",
-                   f"Authorization: Bearer {key}\r\n".encode(), True),
+            Target("creditledger", proxy_port, "/v1/chat/completions", auth, True),
         ]  # fmt: skip
+        if args.baseline:
+            baseline = start_baseline(args.baseline, workdir, env, baseline_port)
+            processes.adopt(baseline)
+            wait_up(f"http://127.0.0.1:{baseline_port}/healthz", baseline)
+            targets.append(Target("baseline", baseline_port, "/v1/chat/completions", auth, True))
         if args.litellm:
             litellm = start_litellm(args.litellm, workdir, upstream_port, litellm_port)
             processes.adopt(litellm)
@@ -338,8 +353,25 @@ def main() -> int:
         )
     finally:
         processes.stop_all()
+        if args.baseline:
+            subprocess.run(["git", "worktree", "remove", "--force", str(workdir / "baseline")],
+                           check=False, capture_output=True)  # fmt: skip
         print(f"logs: {workdir}")
     return 0
+
+
+def start_baseline(ref: str, workdir: Path, env: dict[str, str],
+                   port: int) -> subprocess.Popen[bytes]:  # fmt: skip
+    """The proxy of commit ``ref``, from a git worktree, on ``port`` (same config otherwise)."""
+    tree = workdir / "baseline"
+    subprocess.run(["git", "worktree", "add", "--detach", str(tree), ref], check=True,
+                   capture_output=True)  # fmt: skip
+    log = (workdir / "baseline.log").open("ab")
+    return subprocess.Popen(
+        [sys.executable, "-m", "creditledger.cli", "proxy", "serve"], cwd=tree,
+        env={**env, "PYTHONPATH": str(tree), "CREDITLEDGER_PROXY__PORT": str(port)},
+        stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+    )  # fmt: skip
 
 
 if __name__ == "__main__":
