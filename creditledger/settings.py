@@ -336,11 +336,12 @@ class ProxySettings(_Section):
         "call and retries); more: 409 event_id_reused.",
     )
     event_id_memory_s: float = Field(
-        86400.0,
+        3600.0,
         gt=0,
-        description="How long Redis remembers a served event id and its fingerprint, "
-        "seconds (>= retry_window_s). Later, a reused id is still refused when its charge "
-        "is written (the outbox keeps every fingerprint), but only after the call ran.",
+        description="How long Redis remembers an event id a caller sent, with its "
+        "fingerprint (about 150 bytes per call), seconds; keep it >= retry_window_s. "
+        "Later, a reused id is still refused when its charge is written (the outbox keeps "
+        "every fingerprint), but only after the call ran.",
     )
     spool_dir: Path = Field(
         Path("~/.local/state/creditledger/spool"),

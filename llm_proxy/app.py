@@ -393,8 +393,9 @@ class ProxyApp:
         estimate = call.rule.price(TokenUsage(usage_mod.bound_prompt(call.body), output))
         started = time.perf_counter()
         try:
+            remembered = None if call.ctx.event_id_generated else call.fingerprint
             decision = await self.guard.hold(call.ctx.user_id, call.event_id, estimate,
-                                             call.fingerprint)  # fmt: skip
+                                             remembered)  # fmt: skip
         except ProxyError as exc:
             self.metrics.guard_refusals.labels(exc.code).inc()
             if exc.code == "event_id_reused":

@@ -76,7 +76,9 @@ HOLD_LUA = (
     + """
 local field = ARGV[1]
 local serves = 0
-local record = redis.call('HMGET', KEYS[3], 'fp', 'first', 'serves', 'folded')
+local remember = ARGV[6] ~= ''  -- '' = an id the proxy made up: it cannot come again
+local record = {false}
+if remember then record = redis.call('HMGET', KEYS[3], 'fp', 'first', 'serves', 'folded') end
 if record[1] then
   if record[1] ~= ARGV[6] then return {-2, '', '', ''} end
   if tonumber(ARGV[3]) - tonumber(record[2]) > tonumber(ARGV[7]) then return {-3, '', '', ''} end
@@ -107,12 +109,14 @@ if not greater(balance, held) then
   held = redis.call('HGET', KEYS[2], '#total') or '0'
   if not greater(balance, held) then return {0, balance, held, ''} end
 end
-if serves == 0 then
-  redis.call('HSET', KEYS[3], 'fp', ARGV[6], 'first', ARGV[3], 'serves', 1)
-else
-  redis.call('HINCRBY', KEYS[3], 'serves', 1)
+if remember then
+  if serves == 0 then
+    redis.call('HSET', KEYS[3], 'fp', ARGV[6], 'first', ARGV[3], 'serves', 1)
+  else
+    redis.call('HINCRBY', KEYS[3], 'serves', 1)
+  end
+  redis.call('PEXPIRE', KEYS[3], ARGV[9])
 end
-redis.call('PEXPIRE', KEYS[3], ARGV[9])
 release_hold(KEYS[2], field)
 if ARGV[2] ~= '0' then redis.call('HINCRBY', KEYS[2], '#total', ARGV[2]) end
 redis.call('HSET', KEYS[2], field, ARGV[2] .. '|' .. ARGV[4])
@@ -206,14 +210,15 @@ class CreditBalanceGuard:
         self.policy_decisions = 0
 
     async def hold(self, user_id: str, event_id: str, amount_micro: int,
-                   fingerprint: str) -> Decision:  # fmt: skip
+                   fingerprint: str | None) -> Decision:  # fmt: skip
         """Decide, and when allowed hold ``amount_micro``; raises 402, 409 or 503 if refused.
 
         ``fingerprint`` identifies the call (user, model, scene, body): the same event id is
         served again only for the same fingerprint, inside ``proxy.retry_window_s`` and at
         most ``proxy.retry_serves_max`` times in all; anything else is 409 event_id_reused
-        before the call goes upstream."""
-        decision = await self._decide(user_id, event_id, amount_micro, fingerprint)
+        before the call goes upstream. None: an id the proxy made up, not remembered (no
+        caller can send it again)."""
+        decision = await self._decide(user_id, event_id, amount_micro, fingerprint or "")
         if not decision.allowed:
             if decision.source == "policy":
                 raise ProxyError(503, "credit_check_unavailable",
