@@ -233,7 +233,9 @@ def test_postgres_then_kafka_down_loses_no_charge(world: ProxyWorld,
             continue  # the ledger tests' malformed commands share this topic
         if decoded.record["user_id"] in users:
             ours.append(decoded)
-    assert {d.record["event_id"] for d in ours} == set(succeeded), "charges lost or invented"
+    # The ledger's ids are the caller's in the calling service's namespace.
+    assert {d.record["event_id"] for d in ours} == {f"llm:billing:{e}" for e in succeeded}, \
+        "charges lost or invented"  # fmt: skip
     ledger = Ledger()
     for decoded in ours:  # copies sent twice (timeouts, re-sends) fold as duplicates
         ledger.apply(command_from_record(decoded.event_type, decoded.record), 0)
@@ -311,6 +313,7 @@ def test_proxy_killed_mid_calls_charges_each_retried_call_once(world: ProxyWorld
         for thread in threads:
             thread.join(120)
     charges = world.outbox_charges()
-    assert sorted(c.event_id for c in charges) == sorted(done), "a call charged twice or never"
+    assert sorted(c.event_id for c in charges) == sorted(f"llm:billing:{e}" for e in done), \
+        "a call charged twice or never"  # fmt: skip
     assert all(c.amount_micro == ONE_CALL for c in charges)
     assert len(done) > 40, len(done)
