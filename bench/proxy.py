@@ -362,16 +362,24 @@ def main() -> int:
 
 def start_baseline(ref: str, workdir: Path, env: dict[str, str],
                    port: int) -> subprocess.Popen[bytes]:  # fmt: skip
-    """The proxy of commit ``ref``, from a git worktree, on ``port`` (same config otherwise)."""
+    """The proxy of commit ``ref``, from a git worktree, on ``port``: the same config and
+    Redis, but a database of its own, migrated by that commit's code (a proxy refuses a
+    database with migrations it does not know)."""
     tree = workdir / "baseline"
     subprocess.run(["git", "worktree", "add", "--detach", str(tree), ref], check=True,
                    capture_output=True)  # fmt: skip
+    dsn = env["CREDITLEDGER_POSTGRES__URL"] + "_baseline"
+    with connect(load_settings(), autocommit=True) as conn:
+        conn.execute(f"DROP DATABASE IF EXISTS {DATABASE}_baseline WITH (FORCE)".encode())
+        conn.execute(f"CREATE DATABASE {DATABASE}_baseline".encode())
+    baseline_env = {**env, "PYTHONPATH": str(tree), "CREDITLEDGER_PROXY__PORT": str(port),
+                    "CREDITLEDGER_POSTGRES__URL": dsn}  # fmt: skip
     log = (workdir / "baseline.log").open("ab")
-    return subprocess.Popen(
-        [sys.executable, "-m", "creditledger.cli", "proxy", "serve"], cwd=tree,
-        env={**env, "PYTHONPATH": str(tree), "CREDITLEDGER_PROXY__PORT": str(port)},
-        stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-    )  # fmt: skip
+    cli = [sys.executable, "-m", "creditledger.cli"]
+    subprocess.run([*cli, "migrate"], cwd=tree, env=baseline_env, stdout=log,
+                   stderr=subprocess.STDOUT, check=True)  # fmt: skip
+    return subprocess.Popen([*cli, "proxy", "serve"], cwd=tree, env=baseline_env, stdout=log,
+                            stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
 
 
 if __name__ == "__main__":

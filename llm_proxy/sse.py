@@ -15,7 +15,7 @@ one (the usage, ``[DONE]``), so :meth:`SSEDecoder.close` dispatches it.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 LINE_END = re.compile(rb"\r\n|\r|\n")
 
@@ -26,9 +26,14 @@ class Event:
     event: str | None = None
     id: str | None = None
     retry: int | None = None
+    # The event's own bytes when they were framed canonically already (one ``data:``
+    # line, LF ends): passed on as they came, not rebuilt.
+    raw: bytes | None = field(default=None, compare=False, repr=False)
 
     def encode(self) -> bytes:
         """The event in the canonical framing (LF line ends), for the proxy's client."""
+        if self.raw is not None:
+            return self.raw
         head = ""
         if self.event is not None:
             head += f"event: {self.event}\n"
@@ -63,6 +68,8 @@ class SSEDecoder:
         """The events and comments completed by ``chunk``."""
         buffer = self._pending + chunk
         out: list[Item] = []
+        if b"\r" not in buffer and not self._mid_event():
+            return self._feed_blocks(buffer, out)
         start = 0
         for end in LINE_END.finditer(buffer):
             if end.group() == b"\r" and end.end() == len(buffer):
@@ -72,14 +79,39 @@ class SSEDecoder:
         self._pending = buffer[start:]
         return out
 
+    def _mid_event(self) -> bool:
+        return bool(self._data) or self._event is not None or self._id is not None \
+            or self._retry is not None  # fmt: skip
+
+    def _feed_blocks(self, buffer: bytes, out: list[Item]) -> list[Item]:
+        """The fast path for LF-only framing (what model APIs send): split at blank lines;
+        a block of one ``data:`` line is the event, passed on byte for byte; any other
+        block goes through the line rules. Same result as :meth:`_line` line by line."""
+        start = 0
+        while True:
+            end = buffer.find(b"\n\n", start)
+            if end < 0:
+                break
+            block = buffer[start:end]
+            start = end + 2
+            if block.startswith(b"data:") and b"\n" not in block:
+                value = block[6:] if block.startswith(b"data: ") else block[5:]
+                out.append(Event(value.decode("utf-8", errors="replace"), raw=block + b"\n\n"))
+                continue
+            for line in block.split(b"\n"):
+                self._line(line, out)
+            self._dispatch(out)
+        self._pending = buffer[start:]
+        return out
+
     def close(self) -> list[Item]:
         """The end of the stream: what is left, including an unterminated last event."""
         out: list[Item] = []
         pending, self._pending = self._pending, b""
-        if pending.endswith(b"\r"):
-            pending = pending[:-1]
-        if pending:
-            self._line(pending, out)
+        # Complete lines the fast path kept back with an unfinished block, then the rest.
+        for line in LINE_END.split(pending):
+            if line:
+                self._line(line, out)
         self._dispatch(out)
         return out
 
