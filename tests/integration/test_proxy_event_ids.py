@@ -159,6 +159,13 @@ def test_a_retry_after_the_window_is_refused(world: ProxyWorld) -> None:
     assert len(world.outbox_charges()) == 1
 
 
+def forget(world: ProxyWorld, event_id: str) -> None:
+    """What Redis losing the id's record looks like (its memory expired, or a restart)."""
+    client = world.redis()
+    client.delete(event_key(world.prefix, event_id))
+    client.close()
+
+
 def test_the_outbox_refuses_a_reused_id_the_guard_could_not_see(world: ProxyWorld) -> None:
     """Redis forgot the id (memory expired, or Redis was down): the call runs, but its charge
     meets the first one in the outbox, and the call is refused, not served free."""
@@ -167,9 +174,7 @@ def test_the_outbox_refuses_a_reused_id_the_guard_could_not_see(world: ProxyWorl
     world.set_balance(other, 1_000_000)
     world.client(who, **{"X-Billing-Event-Id": "forgotten"}).chat.completions.create(
         model="chat", messages=SHORT)  # fmt: skip
-    redis_client = world.redis()
-    redis_client.delete(event_key(world.prefix, "llm:billing:forgotten"))
-    redis_client.close()
+    forget(world, "llm:billing:forgotten")
     for stream in (False, True):
         client = world.client(other, **{"X-Billing-Event-Id": "forgotten"})
         if stream:
@@ -180,9 +185,7 @@ def test_the_outbox_refuses_a_reused_id_the_guard_could_not_see(world: ProxyWorl
         else:
             assert reused(refused(lambda c=client: c.chat.completions.create(
                 model="chat", messages=LONG)))  # fmt: skip
-        redis_client = world.redis()
-        redis_client.delete(event_key(world.prefix, "llm:billing:forgotten"))
-        redis_client.close()
+        forget(world, "llm:billing:forgotten")
     [charge] = world.outbox_charges()
     assert charge.user_id == who
     assert 'llm_proxy_event_id_reused_total{stage="outbox"} 2.0' in world.metrics()
