@@ -7,8 +7,11 @@ For each of non-streamed and streamed chat calls, at 50 and 200 concurrent
 clients (closed loop: each client sends its next call when the last one
 ends), the same load goes to the fake upstream directly, through this proxy
 (auth, billing headers, guard hold in Redis, usage, price, outbox INSERT in
-Postgres, settle), and through LiteLLM's proxy (no database) when it is
-installed. "Added" is the proxy's percentile minus the direct one.
+Postgres, settle), through this proxy without X-Billing-Event-Id (target
+"generated-id": the proxy makes an id up and does not remember it, so no
+fingerprint is checked or recorded in Redis: the difference to "creditledger" is
+what the event-id check costs), and through LiteLLM's proxy (no database) when it
+is installed. "Added" is the proxy's percentile minus the direct one.
 ``--baseline REF`` also runs the proxy of another commit (a git worktree of it, same
 database, Redis and load) as target "baseline", so a change's cost is measured
 against its parent in one run, row after row, not across hours.
@@ -66,7 +69,9 @@ class Target:
     port: int
     path: str  # chat completions path
     headers: bytes  # extra request headers (auth, ...)
-    billing: bool  # send a fresh X-Billing-Event-Id per call
+    billing: bool  # send the billing headers
+    event_ids: bool = True  # with billing: a fresh X-Billing-Event-Id per call (else the
+    # proxy makes one up, which it does not remember: no fingerprint record in Redis)
 
 
 def request_bytes(target: Target, stream: bool, n: int) -> tuple[bytes, bytes]:
@@ -76,8 +81,9 @@ def request_bytes(target: Target, stream: bool, n: int) -> tuple[bytes, bytes]:
         "stream": stream,
     })  # fmt: skip
     user = f"bench-u{n % USERS}"
-    billing = (f"X-Billing-User-Id: {user}\r\nX-Billing-Scene: chat\r\n"
-               f"X-Billing-Event-Id: bench-{os.getpid()}-{n}-{random.getrandbits(32)}\r\n"
+    event_id = (f"X-Billing-Event-Id: bench-{os.getpid()}-{n}-{random.getrandbits(32)}\r\n"
+                if target.event_ids else "")  # fmt: skip
+    billing = (f"X-Billing-User-Id: {user}\r\nX-Billing-Scene: chat\r\n{event_id}"
                if target.billing else "")  # fmt: skip
     head = (
         f"POST {target.path} HTTP/1.1\r\nHost: 127.0.0.1\r\n"
@@ -164,29 +170,46 @@ def start_litellm(binary: str, workdir: Path, upstream_port: int,
                             env=env, start_new_session=True)  # fmt: skip
 
 
-def guard_latency(world: Settings, calls: int = 20000) -> tuple[float, float]:
-    """p50/p99 of one guard decision (hold) against real Redis, milliseconds."""
+def guard_latency(world: Settings, calls: int = 20000) -> list[tuple[str, float, float]]:
+    """p50/p99 (ms) of one guard decision (hold) against real Redis, with the event id's
+    fingerprint checked and recorded and without (an id the proxy made up), interleaved
+    call by call so that both see the same machine; and of computing the fingerprint."""
     import redis.asyncio as aioredis
     from psycopg_pool import AsyncConnectionPool
 
+    from llm_proxy.app import call_fingerprint
+    from llm_proxy.billing import BillingContext
     from llm_proxy.guard import CreditBalanceGuard
 
-    async def run() -> list[float]:
+    async def run() -> dict[bool, list[float]]:
         client = aioredis.Redis.from_url(world.redis_url)
         pool: AsyncConnectionPool[Any] = AsyncConnectionPool(world.postgres_dsn, open=False)
         guard = CreditBalanceGuard(world, client, pool, prefix=PREFIX)
-        timings = []
+        timings: dict[bool, list[float]] = {True: [], False: []}
         for n in range(calls):
-            user, event = f"bench-u{n % USERS}", f"guard-{n}"
+            checked = n % 2 == 0
+            user, event = f"bench-u{n % USERS}", f"guard-{os.getpid()}-{n}"
             started = time.perf_counter()
-            decision = await guard.hold(user, event, 1000, f"fp-{n}")
-            timings.append((time.perf_counter() - started) * 1000)
+            decision = await guard.hold(user, event, 1000, f"fp-{n}" if checked else None)
+            timings[checked].append((time.perf_counter() - started) * 1000)
             await guard.release(user, event, decision.field)
         await client.aclose()
         return timings
 
     timings = asyncio.run(run())
-    return statistics.median(timings), pct(timings, 0.99)
+    body = request_bytes(Target("x", 0, "/", b"", True), False, 7)[1]
+    ctx = BillingContext("bench-u7", "chat", "bench-1")
+    digests = []
+    for _ in range(calls):
+        started = time.perf_counter()
+        call_fingerprint("/v1/chat/completions", ctx, "chat", body)
+        digests.append((time.perf_counter() - started) * 1000)
+    return [("guard decision (hold, Lua in Redis), fingerprint checked",
+             statistics.median(timings[True]), pct(timings[True], 0.99)),
+            ("guard decision, generated id (no fingerprint)",
+             statistics.median(timings[False]), pct(timings[False], 0.99)),
+            ("fingerprint digest of the request (in process)",
+             statistics.median(digests), pct(digests, 0.99))]  # fmt: skip
 
 
 def io_floor(world: Settings, rate_per_s: float, seconds: float) -> list[tuple[str, float, float]]:
@@ -268,6 +291,7 @@ def main() -> int:
         targets = [
             Target("direct", upstream_port, "/v1/chat/completions", b"", False),
             Target("creditledger", proxy_port, "/v1/chat/completions", auth, True),
+            Target("generated-id", proxy_port, "/v1/chat/completions", auth, True, False),
         ]  # fmt: skip
         if args.baseline:
             baseline = start_baseline(args.baseline, workdir, env, baseline_port)
@@ -340,8 +364,7 @@ def main() -> int:
             "(2 cores shared by load generator, proxy, upstream, Redis, Postgres):"
         )
         print(render_table(["target", "calls/s", "failed", "p50 ms"], rps_rows))
-        p50, p99 = guard_latency(world)
-        measures = [("guard decision (hold, Lua in Redis), back to back", p50, p99)]
+        measures = guard_latency(world)
         for clients in [int(c) for c in args.clients.split(",")]:
             measures += io_floor(world, clients * 1000 / args.latency_ms, min(args.seconds, 5))
         print()
