@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from agents.domain import Entry
+from contracts.commands import Entry
 
 
 @dataclass(frozen=True)

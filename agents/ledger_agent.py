@@ -50,17 +50,12 @@ from typing import Any
 from confluent_kafka import KafkaError, TopicPartition
 from faust.types import TP
 
+from agents.app import LedgerApp
 from agents.domain import Account, Applied, Duplicate, Limits, Seen, decide, evolve
-from agents.records import (
-    LEDGER_TOPIC,
-    REJECTED_TOPIC,
-    command_from_record,
-    entry_to_record,
-)
 from agents.state import LedgerStateTable, StateWrite
-from creditledger.errors import CodecError, CreditLedgerError
-from creditledger.settings import Settings
-from streams.app import LedgerApp
+from contracts.records import LEDGER_TOPIC, REJECTED_TOPIC, command_from_record, entry_to_record
+from kernel.errors import CodecError, CreditLedgerError
+from kernel.settings import Settings
 from streams.codec import AvroCodec
 from streams.kafka_clients import make_consumer, make_producer, partition_of
 

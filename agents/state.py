@@ -31,8 +31,8 @@ import faust
 from faust.types import TP
 
 from agents.domain import Account, Seen
-from agents.records import LEDGER_TOPIC
-from creditledger.errors import CodecError
+from contracts.records import LEDGER_TOPIC
+from kernel.errors import CodecError
 from streams.codec import AvroCodec
 
 log = logging.getLogger(__name__)

@@ -35,16 +35,16 @@ import psycopg
 from confluent_kafka import Consumer, TopicPartition
 from tqdm import tqdm
 
-from agents.domain import Charge, Command, Grant
-from agents.records import (
+from contracts.commands import Charge, Command, Grant
+from contracts.records import (
     CHARGE_TOPIC,
     GRANT_TOPIC,
     LEDGER_TOPIC,
     command_to_record,
     command_topic,
 )
-from creditledger.settings import Settings, load_settings, project_path
 from creditledger.tables import render_table
+from kernel.settings import Settings, load_settings, project_path
 from streams.codec import AvroCodec, load_codec
 from streams.kafka_clients import consumer_config, make_consumer, make_producer
 from tests.integration.ledger_harness import WorkerGroup

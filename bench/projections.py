@@ -35,17 +35,17 @@ from typing import Any
 from confluent_kafka import TopicPartition
 from tqdm import tqdm
 
-from agents.records import LEDGER_TOPIC, command_to_record, command_topic
 from bench.ledger import commands, percentile, start_group_at_end
-from creditledger.settings import Settings, load_settings, project_path
+from contracts.records import LEDGER_TOPIC, command_to_record, command_topic
+from contracts.redis_keys import balance_key
 from creditledger.tables import render_table
-from projections.db import connect
+from kernel.db import connect
+from kernel.redis import connect_redis
+from kernel.settings import Settings, load_settings, project_path
 from projections.migrate import migrate
 from projections.postgres_sink import PostgresSink
 from projections.projector import Projector
 from projections.queries import ReadModels
-from projections.redis_keys import balance_key
-from projections.redis_sink import connect_redis
 from projections.replay import ACCOUNTS_BUILD, CONSUMPTION_BUILD, Replay
 from streams import topic_admin
 from streams.codec import AvroCodec, load_codec

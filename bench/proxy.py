@@ -50,11 +50,11 @@ import orjson
 import yaml
 
 from bench.common import Processes, bench_parser, pct, run_clients
-from creditledger.settings import Settings, load_settings
 from creditledger.tables import render_table
+from kernel.db import connect
+from kernel.settings import Settings, load_settings
 from llm_proxy.auth import new_key
 from llm_proxy.fake_upstream import set_behaviour
-from projections.db import connect
 from projections.migrate import migrate
 from stack.processes import wait_http
 
@@ -117,7 +117,7 @@ def prepare_world(settings: Settings, workdir: Path, upstream_port: int,
     """A database and Redis prefix of its own, users with a large balance, a config file."""
     import redis
 
-    from projections.redis_keys import balance_key
+    from contracts.redis_keys import balance_key
 
     with connect(settings, autocommit=True) as conn:
         conn.execute(f"DROP DATABASE IF EXISTS {DATABASE} WITH (FORCE)".encode())

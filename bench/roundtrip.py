@@ -21,8 +21,8 @@ from typing import Any
 from confluent_kafka import KafkaError, TopicPartition
 from tqdm import tqdm
 
-from creditledger.settings import load_settings, project_path
 from creditledger.tables import render_table
+from kernel.settings import load_settings, project_path
 from streams import topic_admin
 from streams.codec import AvroCodec, load_codec
 from streams.examples import example_events

@@ -37,10 +37,10 @@ from bench.common import (
     wrk_available,
 )
 from bench.projections import ensure_query_data
-from creditledger.settings import load_settings
+from contracts.redis_keys import balance_key
 from creditledger.tables import render_table
-from projections.db import connect
-from projections.redis_keys import balance_key
+from kernel.db import connect
+from kernel.settings import load_settings
 from stack.processes import wait_http
 from store.domain import sign_token
 

@@ -17,9 +17,9 @@ from typing import TYPE_CHECKING
 from creditledger.cli_projections import add_projection_commands, credits, project_codec
 from creditledger.cli_proxy import add_proxy_commands
 from creditledger.cli_store import add_store_commands
-from creditledger.errors import CreditLedgerError
-from creditledger.settings import PROJECT_ROOT, Settings, load_settings, project_path
 from creditledger.tables import render_table
+from kernel.errors import CreditLedgerError
+from kernel.settings import PROJECT_ROOT, Settings, load_settings, project_path
 
 if TYPE_CHECKING:
     from stack.launcher import ServiceStatus
@@ -136,7 +136,7 @@ def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_ledger_balance(args: argparse.Namespace, settings: Settings) -> int:
     from agents import ops
-    from agents.records import LEDGER_TOPIC
+    from contracts.records import LEDGER_TOPIC
     from streams.kafka_clients import partition_of
 
     partitions = _topic_spec(args, settings)[LEDGER_TOPIC].partitions

@@ -15,8 +15,8 @@ from collections.abc import Callable
 from datetime import UTC
 from typing import TYPE_CHECKING, Any
 
-from creditledger.settings import Settings, project_path
 from creditledger.tables import render_table
+from kernel.settings import Settings, project_path
 
 if TYPE_CHECKING:
     from streams.codec import AvroCodec

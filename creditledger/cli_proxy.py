@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from creditledger.settings import Settings
+from kernel.settings import Settings
 
 
 def cmd_fake_upstream(args: argparse.Namespace, settings: Settings) -> int:
@@ -24,7 +24,7 @@ def cmd_outbox_relay(args: argparse.Namespace, settings: Settings) -> int:
     import logging
 
     from creditledger.cli_projections import stop_on_signals
-    from llm_proxy.outbox import OutboxRelay
+    from outbox.relay import OutboxRelay
     from projections.migrate import migrate
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
@@ -47,7 +47,7 @@ def cmd_outbox_relay(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_outbox_status(args: argparse.Namespace, settings: Settings) -> int:
-    from llm_proxy.outbox import OutboxRelay
+    from outbox.relay import OutboxRelay
 
     relay = OutboxRelay(settings)
     relay.start()

@@ -10,8 +10,8 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from creditledger.errors import ConfigError
-from creditledger.settings import DEV_SECRET_PREFIX, Settings, StoreSettings
+from kernel.errors import ConfigError
+from kernel.settings import DEV_SECRET_PREFIX, Settings, StoreSettings
 
 
 def cmd_store_serve(args: argparse.Namespace, settings: Settings) -> int:

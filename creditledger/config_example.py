@@ -15,11 +15,11 @@ from pydantic import BaseModel, SecretStr
 from pydantic.fields import FieldInfo
 from pydantic_core import PydanticUndefined
 
-from creditledger.settings import Settings
+from kernel.settings import Settings
 
 HEADER = """\
 # Every setting of creditledger, with its default. Generated from
-# creditledger/settings.py by `creditledger config example`; a test fails when
+# kernel/settings.py by `creditledger config example`; a test fails when
 # the two drift. Use it with CREDITLEDGER_CONFIG=path/to/copy.yaml, or override
 # one value with an environment variable: CREDITLEDGER_<SECTION>__<FIELD>
 # (e.g. CREDITLEDGER_KAFKA__LINGER_MS=0). KAFKA_BOOTSTRAP_SERVERS, DATABASE_URL

@@ -19,11 +19,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from agents import ops
-from agents.domain import Charge, Command, Entry, Grant
-from agents.records import LEDGER_TOPIC, command_to_record, command_topic
+from contracts.commands import Charge, Command, Entry, Grant
+from contracts.records import LEDGER_TOPIC, command_to_record, command_topic
 from creditledger.proxy_demo import proxy_demo
-from creditledger.settings import Settings, project_path
 from creditledger.tables import render_table
+from kernel.settings import Settings, project_path
 from stack import launcher
 from streams import topic_admin
 from streams.codec import AvroCodec, load_codec

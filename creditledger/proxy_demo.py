@@ -23,14 +23,14 @@ from typing import Any
 import openai
 import yaml
 
-from agents.domain import Grant
-from agents.records import GRANT_TOPIC, command_to_record
-from creditledger.settings import Settings, project_path
+from contracts.commands import Grant
+from contracts.records import GRANT_TOPIC, command_to_record
 from creditledger.store_demo import start_store, store_demo
 from creditledger.tables import render_table
+from kernel.settings import Settings, project_path
 from llm_proxy.auth import new_key
-from llm_proxy.price_source import merge, read_yaml
-from llm_proxy.pricing import TokenUsage
+from pricing.rules import TokenUsage
+from pricing.source import merge, read_yaml
 from stack.processes import wait_http
 from streams.codec import AvroCodec
 from streams.kafka_clients import make_producer
@@ -220,8 +220,8 @@ def proxy_demo(settings: Settings, codec: AvroCodec, run: str) -> bool:
 
 def _wait_balances(settings: Settings, users: dict[str, str], expected: dict[str, int],
                    timeout: float = 300) -> bool:  # fmt: skip
-    from projections.redis_keys import balance_key
-    from projections.redis_sink import connect_redis
+    from contracts.redis_keys import balance_key
+    from kernel.redis import connect_redis
 
     client = connect_redis(settings)
     prefix = settings.projections.redis_key_prefix

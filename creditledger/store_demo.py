@@ -18,8 +18,8 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from creditledger.settings import Settings
 from creditledger.tables import render_table
+from kernel.settings import Settings
 from stack.processes import wait_http
 from store.domain import sign_token
 from store.seed import seed

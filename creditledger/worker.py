@@ -13,7 +13,7 @@ import sys
 import time
 from types import FrameType
 
-from creditledger.settings import Settings, project_path
+from kernel.settings import Settings, project_path
 from streams import topic_admin
 from streams.topics import load_topics
 
@@ -37,8 +37,8 @@ def run_worker(settings: Settings, name: str, loglevel: str, store: str | None) 
     import faust
     import uvloop
 
+    from agents.app import build_ledger_app
     from agents.ledger_agent import register_ledger_agent
-    from streams.app import build_ledger_app
 
     # Topics first: applying is safe on every start and refuses on drift.
     spec = load_topics(project_path(settings.topics_file))

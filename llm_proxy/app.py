@@ -34,10 +34,10 @@ import redis.asyncio as aioredis
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from psycopg_pool import AsyncConnectionPool
 
-from agents.domain import Charge
+from contracts.commands import Charge
 from contracts.fields import MODEL, NAME
-from creditledger.errors import CreditLedgerError, PricingError, ProxyError
-from creditledger.settings import ModelAlias, Settings, project_path
+from kernel.errors import CreditLedgerError, PricingError, ProxyError
+from kernel.settings import ModelAlias, Settings, project_path
 from llm_proxy import sse
 from llm_proxy import usage as usage_mod
 from llm_proxy.auth import ServiceRegistry
@@ -45,10 +45,10 @@ from llm_proxy.billing import BillingContext, from_headers, ledger_event_id
 from llm_proxy.charges import ChargePath, ChargeWriter, build_charge, now_ms
 from llm_proxy.guard import CreditBalanceGuard
 from llm_proxy.metrics import ProxyMetrics
-from llm_proxy.outbox import OutboxConflict
-from llm_proxy.price_source import TABLE_QUERY, merge, read_yaml, table_rows_to_rules
-from llm_proxy.pricing import PriceBook, PriceRule, TokenUsage
 from llm_proxy.upstream import UpstreamClient, upstream_client
+from outbox.enqueue import OutboxConflict
+from pricing.rules import PriceBook, PriceRule, TokenUsage
+from pricing.source import TABLE_QUERY, merge, read_yaml, table_rows_to_rules
 from streams.codec import AvroCodec, load_codec
 
 log = logging.getLogger(__name__)

@@ -12,8 +12,8 @@ import hashlib
 import secrets
 from collections.abc import Iterable
 
-from creditledger.errors import ConfigError, ProxyError
-from creditledger.settings import ServiceKey
+from kernel.errors import ConfigError, ProxyError
+from kernel.settings import ServiceKey
 from llm_proxy.billing import SKIP_HEADER, BillingContext, header_title
 
 KEY_PREFIX = "clp-"

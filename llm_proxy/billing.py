@@ -16,7 +16,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from contracts.fields import ID
-from creditledger.errors import ProxyError
+from kernel.errors import ProxyError
 
 USER_HEADER = "x-billing-user-id"
 EVENT_HEADER = "x-billing-event-id"

@@ -7,10 +7,10 @@ rule id and version, the usage and the priced amount).
 :class:`ChargeWriter` makes it durable before the call's response completes,
 trying in order:
 
-1. the Postgres outbox (:func:`llm_proxy.outbox.enqueue_async`, with the call's
+1. the Postgres outbox (:func:`outbox.enqueue.enqueue_async`, with the call's
    fingerprint): the normal path; a relay publishes it. The same event id with the
    same fingerprint is a ``duplicate`` (a retry: nothing added); with another one it
-   is :class:`~llm_proxy.outbox.OutboxConflict`, raised to the caller;
+   is :class:`~outbox.enqueue.OutboxConflict`, raised to the caller;
 2. Kafka directly (idempotent producer, acks=all, waits for the ack) when
    Postgres is unreachable;
 3. the local spool file (fsynced) when Kafka is unreachable too; the relay
@@ -32,14 +32,14 @@ from typing import Any, Literal
 import psycopg
 from psycopg_pool import AsyncConnectionPool
 
-from agents.domain import Charge
-from agents.records import CHARGE_TOPIC, command_to_record
-from creditledger.errors import StackError
-from creditledger.settings import Settings
-from llm_proxy import spool
+from contracts.commands import Charge
+from contracts.records import CHARGE_TOPIC, command_to_record
+from kernel.errors import StackError
+from kernel.settings import Settings
 from llm_proxy.billing import BillingContext
-from llm_proxy.outbox import enqueue_async
-from llm_proxy.pricing import PriceRule, TokenUsage
+from outbox import spool
+from outbox.enqueue import enqueue_async
+from pricing.rules import PriceRule, TokenUsage
 from streams.codec import AvroCodec
 from streams.kafka_clients import make_producer
 

@@ -32,7 +32,7 @@ import openai
 from openai.types.chat import ChatCompletionMessageParam
 from pydantic import BaseModel, ValidationError
 
-from creditledger.errors import CreditLedgerError, ProxyError
+from kernel.errors import CreditLedgerError, ProxyError
 from llm_proxy.billing import (
     CONVERSATION_HEADER,
     EVENT_HEADER,

@@ -33,9 +33,9 @@ import redis.asyncio as aioredis
 from psycopg_pool import AsyncConnectionPool
 from redis.exceptions import RedisError
 
-from creditledger.errors import ProxyError
-from creditledger.settings import Settings
-from projections.redis_keys import RELEASE_HOLD_LUA, balance_key, event_key, holds_key
+from contracts.redis_keys import RELEASE_HOLD_LUA, balance_key, event_key, holds_key
+from kernel.errors import ProxyError
+from kernel.settings import Settings
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,5 @@
-"""Prometheus metrics of the proxy and the relay (one registry per process object).
+"""Prometheus metrics of the proxy (one registry per proxy object; the relay's are in
+:mod:`outbox.metrics`).
 
 Label values are bounded sets (routes, status codes, model aliases, paths):
 never a user id or an event id, which would grow the series without end.
@@ -6,7 +7,7 @@ never a user id or an event id, which would grow the series without end.
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Histogram
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
                    2.5, 5.0, 10.0, 30.0, 60.0, 120.0)  # fmt: skip
@@ -43,18 +44,3 @@ class ProxyMetrics:
                                        "event_id_reused, by where it was noticed (guard: "
                                        "before upstream; outbox: when the charge was "
                                        "written).", ["stage"], registry=r)  # fmt: skip
-
-
-class RelayMetrics:
-    def __init__(self) -> None:
-        self.registry = CollectorRegistry()
-        r = self.registry
-        self.sent = Counter("outbox_relay_sent", "Outbox events acked by Kafka.", registry=r)
-        self.failures = Counter("outbox_relay_failures", "Events Kafka did not ack (retried).",
-                                registry=r)  # fmt: skip
-        self.backlog = Gauge("outbox_backlog", "Outbox rows not yet sent.", registry=r)
-        self.spool_drained = Counter("outbox_spool_drained", "Spooled events moved into the "
-                                     "outbox.", registry=r)  # fmt: skip
-        self.spool_refused = Counter("outbox_spool_refused", "Spool lines not moved into the "
-                                     "outbox: not a charge, or an event id taken by another "
-                                     "event.", ["reason"], registry=r)  # fmt: skip

@@ -22,7 +22,7 @@ import httpx2
 import openai
 from openai._models import FinalRequestOptions
 
-from creditledger.settings import ModelAlias, ProxySettings
+from kernel.settings import ModelAlias, ProxySettings
 from llm_proxy.upstream_http import lean_http_client
 
 TemplateKey = tuple[str, str, int, tuple[tuple[str, str], ...]]

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from llm_proxy.pricing import TokenUsage
+from pricing.rules import TokenUsage
 
 # OpenAI's accounting of a chat prompt: a few tokens per message, plus the reply priming.
 TOKENS_PER_MESSAGE = 3

@@ -17,7 +17,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Generic, TypeVar
 
-from creditledger.errors import QueryError
+from kernel.errors import QueryError
 
 K = TypeVar("K")
 R = TypeVar("R")

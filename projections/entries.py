@@ -13,9 +13,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from agents.records import LEDGER_TOPIC, to_ms
 from contracts.fields import EVENT_ID, ID, MODEL, NAME, REFERENCE
-from creditledger.errors import CodecError, ProjectionError
+from contracts.records import LEDGER_TOPIC, to_ms
+from kernel.errors import CodecError, ProjectionError
 from streams.codec import AvroCodec
 
 # Column order of the staging tables (see postgres_sink.STAGE_DDL).

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import psycopg
 
-from creditledger.errors import ProjectionError
-from creditledger.settings import Settings
-from projections.db import connect
+from kernel.db import connect
+from kernel.errors import ProjectionError
+from kernel.settings import Settings
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
 FILE_PATTERN = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Literal
 
-from creditledger.errors import QueryError
+from kernel.errors import QueryError
 
 Period = Literal["24h", "7d", "30d", "all"]
 PERIODS: tuple[Period, ...] = ("24h", "7d", "30d", "all")

@@ -24,9 +24,9 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from creditledger.errors import ProjectionError
-from creditledger.settings import Settings
-from projections.db import connect
+from kernel.db import connect
+from kernel.errors import ProjectionError
+from kernel.settings import Settings
 from projections.entries import (
     AMOUNT,
     EVENT,

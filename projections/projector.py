@@ -23,8 +23,8 @@ from typing import Any, Protocol, TypeVar
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, TopicPartition
 
-from creditledger.errors import CreditLedgerError, ProjectionError, StackError
-from creditledger.settings import Settings
+from kernel.errors import CreditLedgerError, ProjectionError, StackError
+from kernel.settings import Settings
 from projections.entries import LogPosition, Row, decode_row
 from projections.progress import OFFSET, BatchPlan
 from streams.codec import AvroCodec

@@ -24,12 +24,12 @@ from typing import Any, Literal, NamedTuple
 import redis.asyncio as aioredis
 from psycopg_pool import AsyncConnectionPool
 
-from creditledger.errors import QueryError
-from creditledger.settings import Settings
+from contracts.redis_keys import balance_key
+from kernel.db import open_pool
+from kernel.errors import QueryError
+from kernel.settings import Settings
 from projections.batching import Batcher
-from projections.db import open_pool
 from projections.periods import PERIODS, Window, window
-from projections.redis_keys import balance_key
 
 MAX_USER_ID = 256
 MAX_LIMIT = 200

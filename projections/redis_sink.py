@@ -21,8 +21,16 @@ from typing import Any
 
 import redis
 
-from creditledger.errors import ProjectionError, StackError
-from creditledger.settings import Settings
+from contracts.redis_keys import (
+    MARK_FOLDED_LUA,
+    RELEASE_HOLD_LUA,
+    balance_key,
+    holds_key,
+    progress_key,
+)
+from kernel.errors import ProjectionError
+from kernel.redis import connect_redis
+from kernel.settings import Settings
 from projections.entries import (
     BALANCE,
     EVENT,
@@ -36,13 +44,6 @@ from projections.entries import (
     split_storable,
 )
 from projections.progress import BatchPlan, plan_batch
-from projections.redis_keys import (
-    MARK_FOLDED_LUA,
-    RELEASE_HOLD_LUA,
-    balance_key,
-    holds_key,
-    progress_key,
-)
 
 log = logging.getLogger(__name__)
 
@@ -103,20 +104,6 @@ for i = 1, #KEYS do
 end
 return written
 """
-
-
-def connect_redis(settings: Settings) -> redis.Redis:
-    client = redis.Redis.from_url(
-        settings.redis_url, socket_timeout=settings.redis.socket_timeout_ms / 1000,
-        socket_connect_timeout=settings.postgres.connect_timeout_s,
-    )  # fmt: skip
-    try:
-        client.ping()
-    except redis.RedisError as exc:
-        raise StackError(
-            f"cannot reach Redis: {exc}; start it with `creditledger stack up` or set REDIS_URL"
-        ) from exc
-    return client
 
 
 def _text(value: bytes | str | None) -> str:

@@ -37,9 +37,11 @@ import psycopg
 from psycopg import sql
 from tqdm import tqdm
 
-from creditledger.errors import ProjectionError
-from creditledger.settings import Settings, project_path
-from projections.db import connect
+from contracts.redis_keys import balance_key
+from kernel.db import connect
+from kernel.errors import ProjectionError
+from kernel.redis import connect_redis
+from kernel.settings import Settings, project_path
 from projections.entries import Row, split_storable
 from projections.postgres_sink import (
     ENTRY_COLUMNS,
@@ -54,8 +56,7 @@ from projections.postgres_sink import (
 )
 from projections.progress import BatchPlan, plan_batch
 from projections.projector import Projector
-from projections.redis_keys import balance_key
-from projections.redis_sink import REBUILD_LUA, connect_redis
+from projections.redis_sink import REBUILD_LUA
 from streams.codec import AvroCodec
 from streams.kafka_clients import watermarks
 

@@ -30,16 +30,16 @@ from typing import Any
 
 from confluent_kafka import KafkaException
 
-from agents.ops import read_topic
-from creditledger.settings import Settings
-from projections.db import connect
+from contracts.redis_keys import balance_pattern, progress_key
+from kernel.db import connect
+from kernel.redis import connect_redis
+from kernel.settings import Settings
 from projections.entries import LogPosition, decode_row, printable, row_problem
 from projections.model import AccountView, ReadModelFold
 from projections.postgres_sink import PROJECTION
-from projections.redis_keys import balance_pattern, progress_key
-from projections.redis_sink import connect_redis
 from streams.codec import AvroCodec
 from streams.kafka_clients import watermarks
+from streams.reading import read_topic
 from streams.topic_admin import make_admin
 
 SCAN_CHUNK = 1000

@@ -13,8 +13,8 @@ import subprocess
 import uuid
 from pathlib import Path
 
-from creditledger.errors import StackError
-from creditledger.settings import Settings
+from kernel.errors import StackError
+from kernel.settings import Settings
 from stack.processes import ServiceDir, port_open, refuse_taken_port
 
 POM = Path(__file__).resolve().parent / "kafka" / "pom.xml"

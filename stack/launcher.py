@@ -15,8 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from creditledger.errors import StackError
-from creditledger.settings import Settings
+from kernel.errors import StackError
+from kernel.settings import Settings
 from stack.kafka import KafkaService
 from stack.postgres import PostgresService
 from stack.processes import ServiceDir, wait_until

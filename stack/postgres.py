@@ -18,8 +18,8 @@ import subprocess
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
-from creditledger.errors import StackError
-from creditledger.settings import Settings
+from kernel.errors import StackError
+from kernel.settings import Settings
 from stack.processes import ServiceDir, refuse_taken_port
 
 INSTALL_HINT = "apt-get install postgresql (the launcher needs initdb and postgres)"

@@ -22,7 +22,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from creditledger.errors import StackError
+from kernel.errors import StackError
 
 LOG_TAIL_LINES = 15
 

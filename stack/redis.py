@@ -5,8 +5,8 @@ from __future__ import annotations
 import shutil
 from urllib.parse import urlsplit
 
-from creditledger.errors import StackError
-from creditledger.settings import Settings
+from kernel.errors import StackError
+from kernel.settings import Settings
 from stack.processes import ServiceDir, refuse_taken_port
 
 

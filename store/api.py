@@ -44,9 +44,9 @@ from psycopg_pool import PoolTimeout
 from redis.exceptions import RedisError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from creditledger.errors import QueryError, StackError, StoreError
-from creditledger.settings import Settings, project_path
-from llm_proxy.price_source import read_yaml
+from kernel.errors import QueryError, StackError, StoreError
+from kernel.settings import Settings, project_path
+from pricing.source import read_yaml
 from projections.queries import MAX_LIMIT, ReadModels
 from store.domain import Principal, check_user_id, sign_payment, verify_payment, verify_token
 from store.hot_reads import HotReads

@@ -20,7 +20,7 @@ from typing import Literal
 import orjson
 
 from contracts.fields import ID
-from creditledger.errors import StoreError
+from kernel.errors import StoreError
 
 Period = Literal["day", "week", "month", "lifetime"]
 Role = Literal["user", "admin", "service"]

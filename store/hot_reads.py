@@ -29,7 +29,7 @@ from psycopg_pool import PoolTimeout
 from redis.exceptions import RedisError
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from creditledger.errors import CreditLedgerError
+from kernel.errors import CreditLedgerError
 from projections.queries import MAX_LIMIT, ReadModels
 from store.domain import Principal, verify_token
 

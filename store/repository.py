@@ -28,13 +28,13 @@ import psycopg
 from psycopg.rows import dict_row
 from psycopg_pool import AsyncConnectionPool
 
-from agents.domain import Grant
-from agents.records import GRANT_TOPIC, command_to_record, to_ms
-from creditledger.errors import CreditLedgerError, StoreError
-from creditledger.settings import Settings
-from llm_proxy.outbox import enqueue_async
-from llm_proxy.price_source import TABLE_QUERY, merge, table_rows_to_rules
-from projections.db import open_pool
+from contracts.commands import Grant
+from contracts.records import GRANT_TOPIC, command_to_record, to_ms
+from kernel.db import open_pool
+from kernel.errors import CreditLedgerError, StoreError
+from kernel.settings import Settings
+from outbox.enqueue import enqueue_async
+from pricing.source import TABLE_QUERY, merge, table_rows_to_rules
 from store.domain import (
     Period,
     RewardKind,

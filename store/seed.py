@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from creditledger.settings import Settings
-from projections.db import connect
+from kernel.db import connect
+from kernel.settings import Settings
 
 CREDIT = 1_000_000  # micro-credits
 

@@ -28,8 +28,8 @@ from multiprocessing.process import BaseProcess
 from types import FrameType
 from typing import Any
 
-from creditledger.errors import StackError
-from creditledger.settings import Settings
+from kernel.errors import StackError
+from kernel.settings import Settings
 
 log = logging.getLogger(__name__)
 

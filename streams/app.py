@@ -1,7 +1,5 @@
-"""The Faust app of the ledger workers: broker settings, topics, the state table.
-
-Wiring only, no business rules: the agent that folds commands is
-``agents.ledger_agent``; this module gives it the app to run in.
+"""The Faust app the ledger workers run in: broker settings that carry the correctness
+argument, with no topic, table or business rule of its own (``agents.app`` adds those).
 
 Settings that carry the correctness argument (ARCHITECTURE.md):
 - ``processing_guarantee="at_least_once"``: Faust's exactly_once mode is not
@@ -15,39 +13,20 @@ Settings that carry the correctness argument (ARCHITECTURE.md):
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import faust
 
-from agents.records import CHARGE_TOPIC, GRANT_TOPIC, LEDGER_TOPIC
-from agents.state import LedgerStateTable
-from creditledger.settings import Settings, project_path
-from streams.codec import AvroCodec, load_codec
-from streams.topics import load_topics
-
-STATE_TABLE = "ledger-state"
+from kernel.settings import Settings
 
 
-@dataclass
-class LedgerApp:
-    app: faust.App
-    commands: Any  # faust topic over both command topics, raw bytes
-    state: LedgerStateTable
-    codec: AvroCodec
-    partitions: int
-
-
-def build_ledger_app(settings: Settings, worker_name: str, store: str | None = None,
-                     data_dir: Path | None = None) -> LedgerApp:  # fmt: skip
-    spec = load_topics(project_path(settings.topics_file))
-    partitions = spec[LEDGER_TOPIC].partitions
-    codec = load_codec(project_path(settings.schemas.avro_dir))
+def faust_app(settings: Settings, data_dir: Path, partitions: int,
+              store: str | None = None) -> faust.App:  # fmt: skip
+    """The configured app (``settings.ledger``): at-least-once, no topic declared by Faust."""
     ledger = settings.ledger
-    data_dir = data_dir or ledger.data_dir / worker_name
     data_dir.mkdir(parents=True, exist_ok=True)  # Faust makes only the last level
-    app = faust.App(
+    return faust.App(
         ledger.app_id,
         broker=f"kafka://{settings.kafka.bootstrap_servers}",
         store=store or ledger.store,
@@ -69,19 +48,9 @@ def build_ledger_app(settings: Settings, worker_name: str, store: str | None = N
         producer_acks=-1,
         producer_linger_ms=5,
     )
-    commands = app.topic(CHARGE_TOPIC, GRANT_TOPIC, key_type=bytes, value_type=bytes,
-                         key_serializer="raw", value_serializer="raw")  # fmt: skip
-    # acks=False as Faust gives its own changelogs: no stream consumes this topic,
-    # and with acks on, Faust's slow-stream detector reports it as stuck.
-    changelog = app.topic(
-        LEDGER_TOPIC, key_type=bytes, value_type=bytes, key_serializer="raw",
-        value_serializer="raw", partitions=partitions, acks=False,
-    )  # fmt: skip
-    state = LedgerStateTable(
-        app, name=STATE_TABLE, beacon=app.tables.beacon, partitions=partitions,
-        changelog_topic=changelog, key_type=bytes, value_type=bytes,
-        help="accounts and processed event_ids, folded from credit.ledger.entries",
-    )  # fmt: skip
-    state.codec = codec
-    app.tables.add(state)
-    return LedgerApp(app=app, commands=commands, state=state, codec=codec, partitions=partitions)
+
+
+def raw_topic(app: faust.App, *names: str, **options: Any) -> Any:
+    """A Faust topic of raw bytes (our Avro codec decodes, not Faust's serializers)."""
+    return app.topic(*names, key_type=bytes, value_type=bytes, key_serializer="raw",
+                     value_serializer="raw", **options)  # fmt: skip

@@ -25,12 +25,7 @@ import fastavro
 from fastavro.schema import fingerprint, to_parsing_canonical_form
 from fastavro.validation import ValidationError, validate
 
-from creditledger.errors import (
-    CodecError,
-    EncodeError,
-    MalformedMessageError,
-    UnknownSchemaError,
-)
+from kernel.errors import CodecError, EncodeError, MalformedMessageError, UnknownSchemaError
 
 MARKER = b"\xc3\x01"
 HEADER_SIZE = len(MARKER) + 8

@@ -15,8 +15,8 @@ from typing import Any
 from aiokafka.partitioner import murmur2
 from confluent_kafka import Consumer, Producer, TopicPartition
 
-from creditledger.errors import StackError
-from creditledger.settings import Settings
+from kernel.errors import StackError
+from kernel.settings import Settings
 
 PARTITIONER = "murmur2_random"
 

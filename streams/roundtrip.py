@@ -14,8 +14,8 @@ from typing import Any, cast
 
 from confluent_kafka import KafkaError, KafkaException, Message, TopicPartition
 
-from creditledger.errors import StackError
-from creditledger.settings import Settings
+from kernel.errors import StackError
+from kernel.settings import Settings
 from streams.codec import AvroCodec
 from streams.kafka_clients import make_consumer, make_producer
 

@@ -17,8 +17,8 @@ from confluent_kafka.admin import (  # type: ignore[attr-defined]  # re-exported
     NewTopic,
 )
 
-from creditledger.errors import StackError, TopicDriftError
-from creditledger.settings import Settings
+from kernel.errors import StackError, TopicDriftError
+from kernel.settings import Settings
 from streams.topics import TopicSpec, TopicsSpec, normalise_config_value
 
 

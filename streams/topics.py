@@ -13,7 +13,7 @@ from typing import Any
 
 import yaml
 
-from creditledger.errors import TopicSpecError
+from kernel.errors import TopicSpecError
 
 TOPIC_NAME = re.compile(r"^[A-Za-z0-9._-]{1,249}$")
 CLEANUP_POLICIES = {"delete", "compact", "compact,delete"}

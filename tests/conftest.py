@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from creditledger.settings import PROJECT_ROOT
+from kernel.settings import PROJECT_ROOT
 from streams.codec import AvroCodec, load_codec
 
 

@@ -11,7 +11,8 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass, field
 
-from agents.domain import Applied, Charge, Command, Entry, Grant, Ledger
+from agents.domain import Applied, Ledger
+from contracts.commands import Charge, Command, Entry, Grant
 
 T0_MS = 1_767_225_600_000  # 2026-01-01T00:00:00Z
 HOUR_MS = 3_600_000

@@ -16,8 +16,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
-from agents.domain import Charge, Command, Grant
-from agents.records import command_to_record, command_topic
+from contracts.commands import Charge, Command, Grant
+from contracts.records import command_to_record, command_topic
 from streams.codec import AvroCodec
 
 T0_MS = 1_767_225_600_000  # 2026-01-01T00:00:00Z

@@ -16,8 +16,8 @@ from typing import TYPE_CHECKING
 import pytest
 from confluent_kafka.admin import AdminClient
 
-from creditledger.errors import CreditLedgerError
-from creditledger.settings import Settings, load_settings, project_path
+from kernel.errors import CreditLedgerError
+from kernel.settings import Settings, load_settings, project_path
 from stack import launcher
 from streams import topic_admin
 from streams.topics import TopicsSpec, load_topics
@@ -107,7 +107,7 @@ def ledger_store_world(stack_settings: Settings, scratch: ScratchTopics,
                        unique: str) -> Iterator[StoreWorld]:  # fmt: skip
     """A store world on the real ledger topic, store not started yet: for the tests that
     follow a grant through a worker into the ledger."""
-    from agents.records import LEDGER_TOPIC
+    from contracts.records import LEDGER_TOPIC
     from tests.integration.store_harness import store_world  # it imports this module
 
     with store_world(stack_settings, scratch, unique, start=False,

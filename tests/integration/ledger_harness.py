@@ -20,9 +20,9 @@ from typing import Any
 
 from confluent_kafka import TopicPartition
 
-from agents.domain import Entry
-from agents.records import LEDGER_TOPIC, REJECTED_TOPIC, entry_from_record
-from creditledger.settings import Settings
+from contracts.commands import Entry
+from contracts.records import LEDGER_TOPIC, REJECTED_TOPIC, entry_from_record
+from kernel.settings import Settings
 from streams.codec import AvroCodec
 from streams.kafka_clients import make_consumer, make_producer
 from tests.workload import Message, Workload

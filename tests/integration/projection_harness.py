@@ -17,15 +17,16 @@ from urllib.parse import urlsplit, urlunsplit
 
 from confluent_kafka import TopicPartition
 
-from agents.domain import Entry
-from agents.records import LEDGER_TOPIC, entry_to_record
-from creditledger.settings import Settings, load_settings
-from projections.db import connect
+from contracts.commands import Entry
+from contracts.records import LEDGER_TOPIC, entry_to_record
+from contracts.redis_keys import balance_pattern, progress_key
+from kernel.db import connect
+from kernel.redis import connect_redis
+from kernel.settings import Settings, load_settings
 from projections.entries import LogPosition, Row, decode_row
 from projections.migrate import migrate
 from projections.postgres_sink import PROJECTION, PostgresSink
-from projections.redis_keys import balance_pattern, progress_key
-from projections.redis_sink import RedisSink, connect_redis
+from projections.redis_sink import RedisSink
 from streams.codec import AvroCodec
 from streams.kafka_clients import make_consumer, make_producer
 from tests.integration.conftest import ScratchTopics

@@ -23,13 +23,13 @@ import openai
 import redis
 import yaml
 
-from agents.domain import Charge
-from agents.records import CHARGE_TOPIC, command_from_record
-from creditledger.settings import Settings
+from contracts.commands import Charge
+from contracts.records import CHARGE_TOPIC, command_from_record
+from contracts.redis_keys import balance_key, holds_key
+from kernel.db import connect
+from kernel.settings import Settings
 from llm_proxy.auth import new_key
 from llm_proxy.fake_upstream import set_behaviour
-from projections.db import connect
-from projections.redis_keys import balance_key, holds_key
 from stack import processes
 from streams.codec import AvroCodec
 from tests.integration.conftest import ScratchTopics

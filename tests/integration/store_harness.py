@@ -15,10 +15,10 @@ import urllib.request
 from collections.abc import Iterator
 from typing import Any
 
-from agents.domain import Grant
-from agents.records import GRANT_TOPIC, command_from_record
-from creditledger.settings import Settings, project_path
-from projections.db import connect
+from contracts.commands import Grant
+from contracts.records import GRANT_TOPIC, command_from_record
+from kernel.db import connect
+from kernel.settings import Settings, project_path
 from store.domain import Role, sign_payment, sign_token
 from streams.codec import AvroCodec, load_codec
 from tests.integration.conftest import ScratchTopics

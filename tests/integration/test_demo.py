@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from creditledger.settings import Settings
+from kernel.settings import Settings
 
 
 @pytest.mark.timeout(600)

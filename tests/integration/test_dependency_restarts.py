@@ -17,13 +17,13 @@ from collections.abc import Iterator
 import openai
 import pytest
 
-from agents.ops import read_topic
-from agents.records import LEDGER_TOPIC, entry_from_record
-from creditledger.settings import Settings, project_path
-from projections.db import connect
-from projections.redis_keys import balance_key
+from contracts.records import LEDGER_TOPIC, entry_from_record
+from contracts.redis_keys import balance_key
+from kernel.db import connect
+from kernel.settings import Settings, project_path
 from stack import launcher
 from streams.codec import load_codec
+from streams.reading import read_topic
 from tests.integration.conftest import ScratchTopics
 from tests.integration.ledger_harness import WorkerGroup
 from tests.integration.proxy_harness import wait_for

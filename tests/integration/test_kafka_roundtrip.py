@@ -7,8 +7,8 @@ from datetime import UTC, datetime
 import pytest
 from confluent_kafka import TopicPartition
 
-from creditledger.errors import MalformedMessageError, UnknownSchemaError
-from creditledger.settings import Settings
+from kernel.errors import MalformedMessageError, UnknownSchemaError
+from kernel.settings import Settings
 from streams.codec import AvroCodec
 from streams.examples import example_events
 from streams.kafka_clients import make_consumer, make_producer

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from creditledger.errors import StackError
-from creditledger.settings import Settings, load_settings
+from kernel.errors import StackError
+from kernel.settings import Settings, load_settings
 from stack.processes import ServiceDir, is_alive, port_open
 from stack.redis import RedisService
 

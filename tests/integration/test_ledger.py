@@ -15,7 +15,7 @@ from collections.abc import Iterator
 import pytest
 
 from agents import ops
-from creditledger.settings import Settings
+from kernel.settings import Settings
 from streams.codec import AvroCodec
 from streams.topics import TopicsSpec
 from tests.integration.ledger_harness import Delivered, Watcher, WorkerGroup, compare, send

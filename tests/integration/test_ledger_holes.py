@@ -15,10 +15,10 @@ import pytest
 from confluent_kafka import Consumer, TopicPartition
 from faust.types import TP
 
+from agents.app import build_ledger_app
 from agents.ledger_agent import Incoming, LedgerFolder, ack_batch, register_ledger_agent
-from agents.records import GRANT_TOPIC, command_to_record
-from creditledger.settings import Settings, load_settings
-from streams.app import build_ledger_app
+from contracts.records import GRANT_TOPIC, command_to_record
+from kernel.settings import Settings, load_settings
 from streams.codec import AvroCodec
 from streams.kafka_clients import consumer_config, partition_of
 from streams.topics import TopicsSpec

@@ -8,9 +8,9 @@ from collections.abc import Callable
 import pytest
 
 from agents import ops
-from agents.records import GRANT_TOPIC, command_to_record
+from contracts.records import GRANT_TOPIC, command_to_record
 from creditledger.cli import main
-from creditledger.settings import Settings
+from kernel.settings import Settings
 from streams.codec import AvroCodec
 from tests.integration.ledger_harness import WorkerGroup, send
 from tests.unit.test_domain import grant

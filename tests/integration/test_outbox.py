@@ -12,13 +12,14 @@ from pathlib import Path
 
 import pytest
 
-from agents.domain import Grant, Ledger
-from agents.ops import read_topic
-from agents.records import CHARGE_TOPIC, command_from_record, command_to_record, command_topic
-from creditledger.settings import Settings, project_path
-from llm_proxy.outbox import enqueue
-from projections.db import connect
+from agents.domain import Ledger
+from contracts.commands import Grant
+from contracts.records import CHARGE_TOPIC, command_from_record, command_to_record, command_topic
+from kernel.db import connect
+from kernel.settings import Settings, project_path
+from outbox.enqueue import enqueue
 from streams.codec import load_codec
+from streams.reading import read_topic
 from tests.integration.conftest import ScratchTopics
 from tests.integration.projection_harness import ProjectionEnv
 from tests.projection_workload import random_command
@@ -109,7 +110,7 @@ def test_relays_killed_three_times_lose_nothing_and_the_fold_doubles_nothing(
 def test_the_spool_moves_only_charges_into_the_outbox(world: ProjectionEnv, tmp_path: Path) -> None:
     """A local user who can write spool lines must not be able to grant credits: the relay
     takes only charges from the spool, and a reused event id is refused, not swallowed."""
-    from llm_proxy import spool
+    from outbox import spool
 
     codec = world.codec
     charge = random_command(random.Random(1), "spooled-charge", "spool-u", 1)

@@ -12,7 +12,7 @@ from typing import Any
 
 import faust
 
-from creditledger.settings import Settings
+from kernel.settings import Settings
 from streams.codec import AvroCodec
 from streams.examples import example_events
 from streams.faust_codec import register_faust_codecs

@@ -10,10 +10,10 @@ from dataclasses import replace
 
 import pytest
 
-from creditledger.settings import Settings, load_settings, project_path
-from projections.db import connect
-from projections.redis_keys import balance_key, progress_key
-from projections.redis_sink import connect_redis
+from contracts.redis_keys import balance_key, progress_key
+from kernel.db import connect
+from kernel.redis import connect_redis
+from kernel.settings import Settings, load_settings, project_path
 from projections.replay import Replay
 from streams.codec import AvroCodec, load_codec
 from tests.integration.conftest import ScratchTopics

@@ -14,12 +14,12 @@ import openai
 import pytest
 from openai.types.chat import ChatCompletionMessageParam
 
-from agents.domain import Grant
-from agents.records import GRANT_TOPIC, command_to_record
-from creditledger.settings import Settings, project_path
-from llm_proxy.outbox import OutboxConflict, enqueue
-from projections.db import connect
-from projections.redis_keys import event_key
+from contracts.commands import Grant
+from contracts.records import GRANT_TOPIC, command_to_record
+from contracts.redis_keys import event_key
+from kernel.db import connect
+from kernel.settings import Settings, project_path
+from outbox.enqueue import OutboxConflict, enqueue
 from store.domain import order_grant_event_id, reward_grant_event_id
 from streams.codec import load_codec
 from tests.integration.conftest import ScratchTopics

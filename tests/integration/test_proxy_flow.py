@@ -12,23 +12,24 @@ import pytest
 import redis
 from openai.types.chat import ChatCompletionMessageParam
 
-from agents.domain import Grant, Ledger
-from agents.ops import read_topic
-from agents.records import (
+from agents.domain import Ledger
+from contracts.commands import Grant
+from contracts.records import (
     CHARGE_TOPIC,
     GRANT_TOPIC,
     LEDGER_TOPIC,
     command_from_record,
     command_to_record,
 )
-from creditledger.errors import CodecError
-from creditledger.settings import Settings, project_path
+from contracts.redis_keys import balance_key, holds_key
+from kernel.db import connect
+from kernel.errors import CodecError
+from kernel.settings import Settings, project_path
 from llm_proxy.client import LLMClient, billing_context
-from projections.db import connect
-from projections.redis_keys import balance_key, holds_key
 from stack import launcher
 from streams.codec import load_codec
 from streams.kafka_clients import make_producer
+from streams.reading import read_topic
 from tests.integration.conftest import ScratchTopics
 from tests.integration.ledger_harness import WorkerGroup
 from tests.integration.proxy_harness import ProxyWorld, wait_for

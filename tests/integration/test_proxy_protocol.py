@@ -14,7 +14,7 @@ import openai
 import pytest
 from openai.types.chat import ChatCompletionMessageParam
 
-from creditledger.settings import Settings, project_path
+from kernel.settings import Settings, project_path
 from streams.codec import load_codec
 from tests.integration.conftest import ScratchTopics
 from tests.integration.proxy_harness import ProxyWorld

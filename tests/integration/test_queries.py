@@ -8,9 +8,9 @@ from datetime import UTC, datetime
 
 import pytest
 
-from agents.records import to_ms
-from creditledger.errors import QueryError
-from creditledger.settings import Settings, load_settings, project_path
+from contracts.records import to_ms
+from kernel.errors import QueryError
+from kernel.settings import Settings, load_settings, project_path
 from projections.queries import ReadModels
 from streams.codec import load_codec
 from tests.integration.conftest import ScratchTopics

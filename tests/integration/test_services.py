@@ -5,7 +5,7 @@ from __future__ import annotations
 import psycopg
 import redis
 
-from creditledger.settings import Settings
+from kernel.settings import Settings
 
 
 def test_postgres_accepts_the_application_role(stack_settings: Settings) -> None:

@@ -15,9 +15,9 @@ from datetime import UTC, datetime, timedelta
 import pytest
 from openai.types.chat import ChatCompletionMessageParam
 
-from creditledger.errors import StoreError
-from creditledger.settings import Settings
-from projections.db import connect
+from kernel.db import connect
+from kernel.errors import StoreError
+from kernel.settings import Settings
 from store.domain import Role
 from store.repository import StoreRepository
 from tests.integration.conftest import ScratchTopics

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from projections.db import connect
+from kernel.db import connect
 from tests.integration.ledger_harness import WorkerGroup
 from tests.integration.proxy_harness import wait_for
 from tests.integration.store_harness import StoreWorld

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from creditledger.settings import Settings
+from kernel.settings import Settings
 from store.domain import Role
 from tests.integration.conftest import ScratchTopics
 from tests.integration.store_harness import StoreWorld, store_world

@@ -20,8 +20,8 @@ from typing import Any
 
 import pytest
 
-from agents.domain import Entry
-from creditledger.settings import Settings
+from contracts.commands import Entry
+from kernel.settings import Settings
 from projections.queries import ReadModels
 from store.hot_reads import HotReads
 from tests.integration.conftest import ScratchTopics

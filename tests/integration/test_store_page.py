@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 from openai.types.chat import ChatCompletionMessageParam
 
-from creditledger.settings import PROJECT_ROOT
-from projections.db import connect
+from kernel.db import connect
+from kernel.settings import PROJECT_ROOT
 from tests.integration.ledger_harness import WorkerGroup
 from tests.integration.proxy_harness import wait_for
 from tests.integration.store_harness import StoreWorld

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from creditledger.settings import Settings
+from kernel.settings import Settings
 from tests.integration.conftest import ScratchTopics
 from tests.integration.proxy_harness import free_port, wait_for
 from tests.integration.store_harness import StoreWorld, store_world

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from confluent_kafka.admin import AdminClient
 
-from creditledger.errors import TopicDriftError
+from kernel.errors import TopicDriftError
 from streams import topic_admin
 from streams.topics import TopicSpec, TopicsSpec
 from tests.integration.conftest import ScratchTopics

@@ -7,7 +7,7 @@ import asyncio
 
 import pytest
 
-from creditledger.errors import QueryError
+from kernel.errors import QueryError
 from projections.batching import Batcher
 
 

@@ -7,7 +7,7 @@ import time
 import pytest
 
 from creditledger.cli import main
-from creditledger.errors import StoreError
+from kernel.errors import StoreError
 
 COMMANDS = [
     [],
@@ -107,8 +107,8 @@ def test_store_secrets_check() -> None:
     from pydantic import SecretStr
 
     from creditledger.cli_store import check_secrets, is_loopback
-    from creditledger.errors import ConfigError
-    from creditledger.settings import StoreSettings
+    from kernel.errors import ConfigError
+    from kernel.settings import StoreSettings
 
     assert [is_loopback(h) for h in ("127.0.0.1", "127.0.0.2", "::1", "localhost")] == [True] * 4
     assert [is_loopback(h) for h in ("0.0.0.0", "10.0.0.5", "::", "store.example")] == [False] * 4
@@ -126,8 +126,8 @@ def test_the_simulated_payment_provider_is_off_by_default_and_loopback_only(
     from pydantic import SecretStr
 
     from creditledger.cli_store import check_secrets
-    from creditledger.errors import ConfigError
-    from creditledger.settings import StoreSettings
+    from kernel.errors import ConfigError
+    from kernel.settings import StoreSettings
 
     own = {"token_secret": SecretStr("t" * 32), "payment_secret": SecretStr("p" * 32)}
     assert StoreSettings().simulated_provider is False
@@ -144,7 +144,7 @@ def test_the_simulated_payment_provider_is_off_by_default_and_loopback_only(
 
 
 def test_store_token_ttl_0_means_0_seconds(capsys: pytest.CaptureFixture[str]) -> None:
-    from creditledger.settings import load_settings
+    from kernel.settings import load_settings
     from store.domain import verify_token
 
     secret = load_settings().store.token_secret.get_secret_value().encode()

@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 from faust.serializers import codecs
 
-from creditledger.errors import EncodeError, MalformedMessageError, UnknownSchemaError
+from kernel.errors import EncodeError, MalformedMessageError, UnknownSchemaError
 from streams.codec import HEADER_SIZE, MARKER, AvroCodec
 from streams.examples import example_events
 from streams.faust_codec import register_faust_codecs

@@ -6,7 +6,7 @@ import re
 
 import yaml
 
-from creditledger.settings import PROJECT_ROOT, Settings
+from kernel.settings import PROJECT_ROOT, Settings
 from streams.topics import load_topics
 
 COMPOSE = yaml.safe_load((PROJECT_ROOT / "compose.yaml").read_text())

@@ -13,10 +13,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 from agents.domain import (
     Account,
     Applied,
-    Charge,
-    Command,
     Duplicate,
-    Grant,
     Ledger,
     Limits,
     Rejected,
@@ -25,6 +22,7 @@ from agents.domain import (
     decide,
     evolve,
 )
+from contracts.commands import Charge, Command, Grant
 from tests.workload import Auditor
 
 LIMITS = Limits(max_amount_micro=10_000_000_000)

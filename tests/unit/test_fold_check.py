@@ -6,8 +6,8 @@ import dataclasses
 
 import pytest
 
-from agents.domain import Entry
 from agents.fold_check import FoldChecker
+from contracts.commands import Entry
 
 
 def entry(user: str, seq: int, amount: int, balance: int, event_id: str | None = None) -> Entry:

@@ -10,8 +10,8 @@ import yaml
 from hypothesis import given
 from hypothesis import strategies as st
 
-from creditledger.errors import PriceRuleError, PricingError
-from llm_proxy.pricing import PriceRule, TokenUsage, parse_price_rules, round_micro
+from kernel.errors import PriceRuleError, PricingError
+from pricing.rules import PriceRule, TokenUsage, parse_price_rules, round_micro
 
 RULES = yaml.safe_load("""
 - id: small

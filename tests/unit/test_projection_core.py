@@ -6,7 +6,7 @@ from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
 
-from creditledger.errors import ProjectionError, QueryError
+from kernel.errors import ProjectionError, QueryError
 from projections.entries import RAW_COLUMNS
 from projections.migrate import load_migrations
 from projections.model import ReadModelFold

@@ -11,20 +11,15 @@ from pathlib import Path
 
 import pytest
 
-from creditledger.errors import PriceRuleError, ProxyError
-from creditledger.settings import ServiceKey
-from llm_proxy import spool
+from kernel.errors import PriceRuleError, ProxyError
+from kernel.settings import ServiceKey
 from llm_proxy.auth import ServiceRegistry, hash_key, new_key
 from llm_proxy.billing import from_headers, to_headers
-from llm_proxy.client import (
-    BillingContextError,
-    billing_context,
-    billing_headers,
-    current_billing,
-)
-from llm_proxy.price_source import merge, table_rows_to_rules
-from llm_proxy.pricing import TokenUsage
+from llm_proxy.client import BillingContextError, billing_context, billing_headers, current_billing
 from llm_proxy.usage import bound_prompt, estimate_prompt, from_response, requested_output
+from outbox import spool
+from pricing.rules import TokenUsage
+from pricing.source import merge, table_rows_to_rules
 
 BASE = {"x-billing-user-id": " u-1 ", "x-billing-scene": "chat "}
 

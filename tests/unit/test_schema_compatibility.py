@@ -16,7 +16,7 @@ import avro.schema
 import pytest
 from avro.compatibility import ReaderWriterCompatibilityChecker, SchemaCompatibilityType
 
-from creditledger.settings import PROJECT_ROOT
+from kernel.settings import PROJECT_ROOT
 from streams.codec import SchemaRegistry
 
 AVRO_DIR = PROJECT_ROOT / "schemas" / "avro"

@@ -8,8 +8,8 @@ import pytest
 import yaml
 
 from creditledger.config_example import render_example
-from creditledger.errors import ConfigError
-from creditledger.settings import PROJECT_ROOT, Settings, load_settings
+from kernel.errors import ConfigError
+from kernel.settings import PROJECT_ROOT, Settings, load_settings
 
 EXAMPLE = PROJECT_ROOT / "config.example.yaml"
 
@@ -28,7 +28,7 @@ def _clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_example_file_is_generated_from_the_model() -> None:
     assert EXAMPLE.read_text() == render_example(), (
-        "config.example.yaml drifted from creditledger/settings.py; "
+        "config.example.yaml drifted from kernel/settings.py; "
         "run: .venv/bin/creditledger config example --write"
     )
 

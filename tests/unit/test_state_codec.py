@@ -5,7 +5,8 @@ from __future__ import annotations
 from datetime import UTC, datetime
 
 from agents.domain import Account, Ledger, Seen
-from agents.records import (
+from agents.state import pack_account, pack_seen, unpack_account, unpack_seen
+from contracts.records import (
     CHARGE_TOPIC,
     LEDGER_TOPIC,
     command_from_record,
@@ -16,7 +17,6 @@ from agents.records import (
     from_ms,
     to_ms,
 )
-from agents.state import pack_account, pack_seen, unpack_account, unpack_seen
 from streams.codec import AvroCodec
 from tests.unit.test_domain import charge, grant
 

@@ -6,7 +6,7 @@ from datetime import UTC, datetime
 
 import pytest
 
-from creditledger.errors import StoreError
+from kernel.errors import StoreError
 from store.domain import (
     claim_reference,
     is_active,

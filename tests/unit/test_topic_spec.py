@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from creditledger.errors import TopicSpecError
-from creditledger.settings import PROJECT_ROOT
+from kernel.errors import TopicSpecError
+from kernel.settings import PROJECT_ROOT
 from streams.topics import load_topics, normalise_config_value, parse_topics
 
 DESIGN_TOPICS = {

@@ -9,7 +9,7 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from agents.domain import Charge, Command, Entry, Grant
+from contracts.commands import Charge, Command, Entry, Grant
 
 CHARGE_TOPIC = "credit.charge.requested"
 GRANT_TOPIC = "credit.grant.requested"

@@ -25,7 +25,7 @@ from fractions import Fraction
 from itertools import pairwise
 from typing import Any, Literal
 
-from creditledger.errors import PriceRuleError, PricingError
+from kernel.errors import PriceRuleError, PricingError
 
 Rounding = Literal["ceil", "floor", "half_up"]
 ROUNDINGS: tuple[Rounding, ...] = ("ceil", "floor", "half_up")

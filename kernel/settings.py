@@ -27,7 +27,7 @@ from pydantic_settings import (
     YamlConfigSettingsSource,
 )
 
-from creditledger.errors import ConfigError
+from kernel.errors import ConfigError
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 

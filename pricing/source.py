@@ -15,8 +15,8 @@ from typing import Any
 
 import yaml
 
-from creditledger.errors import PriceRuleError
-from llm_proxy.pricing import PriceBook, parse_price_rules
+from kernel.errors import PriceRuleError
+from pricing.rules import PriceBook, parse_price_rules
 
 TABLE_QUERY = (
     "SELECT rule_id, version, effective_from, input_micro, cached_input_micro, output_micro, "

@@ -34,8 +34,8 @@ from typing import Any
 
 import psycopg
 
-from agents.records import CHARGE_TOPIC
-from llm_proxy.outbox import OutboxConflict, enqueue
+from contracts.records import CHARGE_TOPIC
+from outbox.enqueue import OutboxConflict, enqueue
 
 log = logging.getLogger(__name__)
 

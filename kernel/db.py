@@ -12,8 +12,8 @@ from typing import Any
 import psycopg
 from psycopg_pool import AsyncConnectionPool
 
-from creditledger.errors import StackError
-from creditledger.settings import Settings
+from kernel.errors import StackError
+from kernel.settings import Settings
 
 SESSION_OPTIONS = "-c TimeZone=UTC -c statement_timeout=0"
 

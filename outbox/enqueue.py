@@ -1,0 +1,82 @@
+"""One way into the outbox: :func:`enqueue`, in the writer's own transaction.
+
+Every producer of ledger commands (the proxy when a call finishes, the credit store when
+an order is paid or a reward claimed, the relay when it drains a spool) writes through
+here, so the rule holds in one place: an event id already in the outbox is a
+``duplicate`` when the event is the same (same fingerprint), and an
+:class:`OutboxConflict` when it is another event; never a silent success.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from typing import Any, Literal
+
+import psycopg
+
+from kernel.errors import CreditLedgerError
+
+log = logging.getLogger(__name__)
+
+
+# One statement: insert, or tell what the existing row under that event id stands for.
+# (The CTE's SELECT sees the table as it was before the INSERT: NULL means inserted.)
+ENQUEUE_SQL = (
+    "WITH inserted AS (INSERT INTO outbox (event_id, topic, message_key, message_value, "
+    "fingerprint) VALUES (%(event_id)s, %(topic)s, %(key)s, %(value)s, %(fingerprint)s) "
+    "ON CONFLICT (event_id) DO NOTHING RETURNING 1) "
+    "SELECT EXISTS (SELECT 1 FROM inserted), (SELECT coalesce(fingerprint, "
+    "encode(sha256(message_value), 'hex')) FROM outbox WHERE event_id = %(event_id)s)"
+)
+
+Enqueued = Literal["inserted", "duplicate"]
+
+
+class OutboxConflict(CreditLedgerError):
+    """An event id is in the outbox already, for another event: a reused id, never a retry."""
+
+    def __init__(self, event_id: str, topic: str) -> None:
+        super().__init__(f"event id {event_id!r} is in the outbox already with other "
+                         f"content ({topic}); the new event was not added")  # fmt: skip
+        self.event_id = event_id
+
+
+def value_fingerprint(value: bytes) -> str:
+    """The default fingerprint of an event: the digest of its encoded bytes."""
+    return hashlib.sha256(value).hexdigest()
+
+
+def _params(event_id: str, topic: str, key: bytes, value: bytes,
+            fingerprint: str | None) -> dict[str, Any]:  # fmt: skip
+    return {"event_id": event_id, "topic": topic, "key": key, "value": value,
+            "fingerprint": fingerprint or value_fingerprint(value)}  # fmt: skip
+
+
+def _outcome(row: Any, params: dict[str, Any]) -> Enqueued:
+    inserted, existing = row
+    if inserted:
+        return "inserted"
+    if existing == params["fingerprint"]:
+        return "duplicate"
+    log.error("outbox: event id %r reused with other content (%s); refused",
+              params["event_id"], params["topic"])  # fmt: skip
+    raise OutboxConflict(params["event_id"], params["topic"])
+
+
+def enqueue(conn: psycopg.Connection[Any], event_id: str, topic: str, key: bytes,
+            value: bytes, fingerprint: str | None = None) -> Enqueued:  # fmt: skip
+    """Add one event in the caller's transaction: ``inserted``, or ``duplicate`` when the
+    same event (same fingerprint) is there already. Raises :class:`OutboxConflict` when the
+    event id is taken by another event: that is never a silent success."""
+    params = _params(event_id, topic, key, value, fingerprint)
+    return _outcome(conn.execute(ENQUEUE_SQL, params).fetchone(), params)
+
+
+async def enqueue_async(conn: psycopg.AsyncConnection[Any], event_id: str, topic: str,
+                        key: bytes, value: bytes,
+                        fingerprint: str | None = None) -> Enqueued:  # fmt: skip
+    """:func:`enqueue` on an async connection (the proxy's and the store's)."""
+    params = _params(event_id, topic, key, value, fingerprint)
+    cursor = await conn.execute(ENQUEUE_SQL, params)
+    return _outcome(await cursor.fetchone(), params)
