@@ -8,7 +8,9 @@ integer micro-credits.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
+
+from contracts.fields import EVENT_ID, ID, MODEL, NAME, REFERENCE, FieldRule
 
 GRANT_KINDS = ("purchase", "reward", "adjustment", "refund")
 ENTRY_KINDS = ("charge", *GRANT_KINDS)
@@ -84,3 +86,45 @@ class Entry:
     usage_estimated: bool = False
     price_rule_id: str | None = None
     price_rule_version: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class EntryField:
+    """One field of a ledger entry. :data:`ENTRY_FIELDS` is the one list of them: the Avro
+    mapping (:mod:`contracts.records`), the projections' rows, their SQL column lists and
+    the field rules the projectors check all derive from it."""
+
+    name: str  # the attribute of Entry; also the column of the raw (staging) layout
+    record: str  # the field of the Avro record; also the column of ledger_entries
+    sql_type: str  # the raw column's Postgres type
+    rule: FieldRule | None = None  # a string field's rule (contracts.fields)
+    time: bool = False  # epoch ms in Entry and raw rows; timestamp-millis / timestamptz outside
+
+
+# In the order of the projections' rows (an entry's flat tuple).
+ENTRY_FIELDS: tuple[EntryField, ...] = (
+    EntryField("user_id", "user_id", "text", ID),
+    EntryField("seq", "seq", "bigint"),
+    EntryField("event_id", "event_id", "text", EVENT_ID),
+    EntryField("command_digest", "command_digest", "text"),
+    EntryField("kind", "kind", "text"),
+    EntryField("amount_micro", "amount_micro", "bigint"),
+    EntryField("balance_after_micro", "balance_after_micro", "bigint"),
+    EntryField("reference", "reference", "text", REFERENCE),
+    EntryField("scene", "scene", "text", NAME),
+    EntryField("request_id", "request_id", "text", ID),
+    EntryField("conversation_id", "conversation_id", "text", ID),
+    EntryField("model_alias", "model_alias", "text", NAME),
+    EntryField("upstream_model", "upstream_model", "text", MODEL),
+    EntryField("input_tokens", "input_tokens", "bigint"),
+    EntryField("output_tokens", "output_tokens", "bigint"),
+    EntryField("cached_tokens", "cached_tokens", "bigint"),
+    EntryField("reasoning_tokens", "reasoning_tokens", "bigint"),
+    EntryField("usage_estimated", "usage_estimated", "boolean"),
+    EntryField("price_rule_id", "price_rule_id", "text", NAME),
+    EntryField("price_rule_version", "price_rule_version", "integer"),
+    EntryField("occurred_at_ms", "occurred_at", "bigint", time=True),
+    EntryField("recorded_at_ms", "recorded_at", "bigint", time=True),
+)  # fmt: skip
+# A field added to Entry and not here (or the other way round) fails at import.
+assert {f.name for f in ENTRY_FIELDS} == {f.name for f in fields(Entry)}, "ENTRY_FIELDS != Entry"

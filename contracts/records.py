@@ -6,10 +6,11 @@ datetimes, converted here with integer arithmetic only.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from contracts.commands import Charge, Command, Entry, Grant
+from contracts.commands import ENTRY_FIELDS, Charge, Command, Entry, Grant
 
 CHARGE_TOPIC = "credit.charge.requested"
 GRANT_TOPIC = "credit.grant.requested"
@@ -78,32 +79,21 @@ def command_topic(command: Command) -> str:
     return CHARGE_TOPIC if isinstance(command, Charge) else GRANT_TOPIC
 
 
-def entry_to_record(entry: Entry) -> dict[str, Any]:
-    return {
-        "user_id": entry.user_id, "seq": entry.seq, "event_id": entry.event_id,
-        "command_digest": entry.command_digest, "kind": entry.kind,
-        "amount_micro": entry.amount_micro, "balance_after_micro": entry.balance_after_micro,
-        "reference": entry.reference, "scene": entry.scene, "request_id": entry.request_id,
-        "conversation_id": entry.conversation_id, "model_alias": entry.model_alias,
-        "upstream_model": entry.upstream_model, "input_tokens": entry.input_tokens,
-        "output_tokens": entry.output_tokens, "cached_tokens": entry.cached_tokens,
-        "reasoning_tokens": entry.reasoning_tokens, "usage_estimated": entry.usage_estimated,
-        "price_rule_id": entry.price_rule_id, "price_rule_version": entry.price_rule_version,
-        # fastavro writes an int as the timestamp-millis value itself: no datetime needed.
-        "occurred_at": entry.occurred_at_ms, "recorded_at": entry.recorded_at_ms,
-    }  # fmt: skip
+def _entry_mappers() -> tuple[Callable[[Entry], dict[str, Any]], Callable[[dict[str, Any]], Entry]]:
+    """entry_to_record and entry_from_record, generated from ENTRY_FIELDS (as dataclasses
+    generates __init__): as fast as written out by hand, and no field can be forgotten."""
+    to_items = ", ".join(f"{f.record!r}: entry.{f.name}" for f in ENTRY_FIELDS)
+    from_items = ", ".join(
+        f"{f.name}=to_ms(record[{f.record!r}])" if f.time else f"{f.name}=record[{f.record!r}]"
+        for f in ENTRY_FIELDS
+    )
+    source = (f"def entry_to_record(entry):\n    return {{{to_items}}}\n"
+              f"def entry_from_record(record):\n    return Entry({from_items})\n")  # fmt: skip
+    namespace: dict[str, Any] = {"Entry": Entry, "to_ms": to_ms}
+    exec(compile(source, "<contracts.records: ENTRY_FIELDS>", "exec"), namespace)
+    return namespace["entry_to_record"], namespace["entry_from_record"]
 
 
-def entry_from_record(record: dict[str, Any]) -> Entry:
-    return Entry(
-        user_id=record["user_id"], seq=record["seq"], event_id=record["event_id"],
-        command_digest=record["command_digest"], kind=record["kind"],
-        amount_micro=record["amount_micro"], balance_after_micro=record["balance_after_micro"],
-        occurred_at_ms=to_ms(record["occurred_at"]), recorded_at_ms=to_ms(record["recorded_at"]),
-        reference=record["reference"], scene=record["scene"], request_id=record["request_id"],
-        conversation_id=record["conversation_id"], model_alias=record["model_alias"],
-        upstream_model=record["upstream_model"], input_tokens=record["input_tokens"],
-        output_tokens=record["output_tokens"], cached_tokens=record["cached_tokens"],
-        reasoning_tokens=record["reasoning_tokens"], usage_estimated=record["usage_estimated"],
-        price_rule_id=record["price_rule_id"], price_rule_version=record["price_rule_version"],
-    )  # fmt: skip
+# fastavro writes an int as the timestamp-millis value itself: no datetime is needed on the
+# way out; on the way in, older schema versions decode into datetimes (to_ms).
+entry_to_record, entry_from_record = _entry_mappers()

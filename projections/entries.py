@@ -11,30 +11,30 @@ wrong forever, so the projector stops and names the message.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from operator import itemgetter
 from typing import Any
 
-from contracts.fields import EVENT_ID, ID, MODEL, NAME, REFERENCE
+from contracts.commands import ENTRY_FIELDS
 from contracts.records import LEDGER_TOPIC, to_ms
 from kernel.errors import CodecError, ProjectionError
 from streams.codec import AvroCodec
 
-# Column order of the staging tables (see postgres_sink.STAGE_DDL).
-RAW_COLUMNS = (
-    "user_id", "seq", "event_id", "command_digest", "kind", "amount_micro",
-    "balance_after_micro", "reference", "scene", "request_id", "conversation_id",
-    "model_alias", "upstream_model", "input_tokens", "output_tokens", "cached_tokens",
-    "reasoning_tokens", "usage_estimated", "price_rule_id", "price_rule_version",
-    "occurred_ms", "recorded_ms", "ledger_partition", "ledger_offset",
-)  # fmt: skip
-USER, SEQ, EVENT, KIND, AMOUNT, BALANCE, RECORDED_MS = 0, 1, 2, 4, 5, 6, 21
-PARTITION, OFFSET_COLUMN = 22, 23
+# A row is an entry's fields in ENTRY_FIELDS order (times as epoch ms), then where it is in
+# the ledger: the column order of the staging tables (see postgres_sink.RAW_COLUMNS_DDL).
+RAW_COLUMNS = (*(f.name for f in ENTRY_FIELDS), "ledger_partition", "ledger_offset")
+_AT = {name: index for index, name in enumerate(RAW_COLUMNS)}
+USER, SEQ, EVENT, KIND = _AT["user_id"], _AT["seq"], _AT["event_id"], _AT["kind"]
+AMOUNT, BALANCE = _AT["amount_micro"], _AT["balance_after_micro"]
+OCCURRED_MS, RECORDED_MS = _AT["occurred_at_ms"], _AT["recorded_at_ms"]
+PARTITION, OFFSET_COLUMN = _AT["ledger_partition"], _AT["ledger_offset"]
+SCENE, MODEL_ALIAS = _AT["scene"], _AT["model_alias"]
+TOKENS = tuple(_AT[n] for n in ("input_tokens", "output_tokens", "cached_tokens",
+                                "reasoning_tokens"))  # fmt: skip
 
 # The string columns an entry's field rules apply to (contracts.fields); None = not set.
-RULED_COLUMNS = (
-    (0, "user_id", ID), (2, "event_id", EVENT_ID), (7, "reference", REFERENCE),
-    (8, "scene", NAME), (9, "request_id", ID), (10, "conversation_id", ID),
-    (11, "model_alias", NAME), (12, "upstream_model", MODEL), (18, "price_rule_id", NAME),
-)  # fmt: skip
+RULED_COLUMNS = tuple((i, f.name, f.rule) for i, f in enumerate(ENTRY_FIELDS) if f.rule)
+_TIME_COLUMNS = tuple(i for i, f in enumerate(ENTRY_FIELDS) if f.time)
+_record_values = itemgetter(*(f.record for f in ENTRY_FIELDS))
 
 Row = tuple[Any, ...]
 
@@ -92,12 +92,8 @@ def decode_row(codec: AvroCodec, value: bytes | None, where: LogPosition) -> Row
             f"ledger entry at {where} does not decode ({exc.reason}): {exc}; the projection "
             "stops rather than skip a fact (check the topic with `creditledger ledger fold-check`)"
         ) from exc
-    # to_ms: older schema versions decode through the resolving reader, into datetimes.
-    return (
-        r["user_id"], r["seq"], r["event_id"], r["command_digest"], r["kind"], r["amount_micro"],
-        r["balance_after_micro"], r["reference"], r["scene"], r["request_id"],
-        r["conversation_id"], r["model_alias"], r["upstream_model"], r["input_tokens"],
-        r["output_tokens"], r["cached_tokens"], r["reasoning_tokens"], r["usage_estimated"],
-        r["price_rule_id"], r["price_rule_version"], to_ms(r["occurred_at"]),
-        to_ms(r["recorded_at"]), where.partition, where.offset,
-    )  # fmt: skip
+    values = _record_values(r)
+    if any(type(values[i]) is not int for i in _TIME_COLUMNS):
+        # Older schema versions decode through the resolving reader, into datetimes.
+        values = tuple(to_ms(v) if i in _TIME_COLUMNS else v for i, v in enumerate(values))
+    return (*values, where.partition, where.offset)

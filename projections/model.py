@@ -8,7 +8,19 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from projections.entries import Row
+from projections.entries import (
+    AMOUNT,
+    BALANCE,
+    KIND,
+    MODEL_ALIAS,
+    OCCURRED_MS,
+    RECORDED_MS,
+    SCENE,
+    SEQ,
+    TOKENS,
+    USER,
+    Row,
+)
 
 HOUR_MS = 3_600_000
 
@@ -41,9 +53,10 @@ class ReadModelFold:
     consumption: dict[ConsumptionKey, ConsumptionFigures] = field(default_factory=dict)
 
     def add(self, row: Row) -> None:
-        (user, seq, _event, _digest, kind, amount, balance_after, _ref, scene, _req, _conv,
-         model, _upstream, input_t, output_t, cached_t, reasoning_t, _est, _rule, _ver,
-         occurred_ms, recorded_ms, _partition, _offset) = row  # fmt: skip
+        user, seq, kind, amount = row[USER], row[SEQ], row[KIND], row[AMOUNT]
+        balance_after, recorded_ms = row[BALANCE], row[RECORDED_MS]
+        occurred_ms, model, scene = row[OCCURRED_MS], row[MODEL_ALIAS], row[SCENE]
+        input_t, output_t, cached_t, reasoning_t = (row[i] for i in TOKENS)
         account = self.accounts.setdefault(user, AccountView())
         if seq > account.seq:
             account.seq, account.balance_micro = seq, balance_after

@@ -24,6 +24,7 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
+from contracts.commands import ENTRY_FIELDS
 from kernel.db import connect
 from kernel.errors import ProjectionError
 from kernel.settings import Settings
@@ -49,30 +50,16 @@ RETRIES = 5
 
 # The raw layout of an entry: times as integer milliseconds. Shared by the
 # live staging table and replay's bulk-load table.
-RAW_COLUMN_TYPES = (
-    "text", "bigint", "text", "text", "text", "bigint", "bigint", "text", "text", "text",
-    "text", "text", "text", "bigint", "bigint", "bigint", "bigint", "boolean", "text",
-    "integer", "bigint", "bigint", "integer", "bigint",
-)  # fmt: skip
+RAW_COLUMN_TYPES = (*(f.sql_type for f in ENTRY_FIELDS), "integer", "bigint")
 RAW_COLUMNS_DDL = ", ".join(f"{c} {t}" for c, t in zip(RAW_COLUMNS, RAW_COLUMN_TYPES, strict=True))
 
 # From the raw layout to ledger_entries' columns. Milliseconds become
 # timestamptz by integer interval arithmetic (no float on the way).
-ENTRY_SELECT = """
-    user_id, seq, event_id, command_digest, kind, amount_micro, balance_after_micro,
-    reference, scene, request_id, conversation_id, model_alias, upstream_model,
-    input_tokens, output_tokens, cached_tokens, reasoning_tokens, usage_estimated,
-    price_rule_id, price_rule_version,
-    timestamptz 'epoch' + occurred_ms * interval '1 millisecond',
-    timestamptz 'epoch' + recorded_ms * interval '1 millisecond',
-    ledger_partition, ledger_offset
-"""
-ENTRY_COLUMNS = """
-    user_id, seq, event_id, command_digest, kind, amount_micro, balance_after_micro,
-    reference, scene, request_id, conversation_id, model_alias, upstream_model,
-    input_tokens, output_tokens, cached_tokens, reasoning_tokens, usage_estimated,
-    price_rule_id, price_rule_version, occurred_at, recorded_at, ledger_partition, ledger_offset
-"""
+ENTRY_SELECT = ", ".join(
+    [f"timestamptz 'epoch' + {f.name} * interval '1 millisecond'" if f.time else f.name
+     for f in ENTRY_FIELDS] + ["ledger_partition", "ledger_offset"]
+)  # fmt: skip
+ENTRY_COLUMNS = ", ".join([f.record for f in ENTRY_FIELDS] + ["ledger_partition", "ledger_offset"])
 # The UTC hour of an occurred_at, whatever the session's time zone.
 HOUR_OF = "date_trunc('hour', {col} AT TIME ZONE 'UTC') AT TIME ZONE 'UTC'"
 

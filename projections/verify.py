@@ -34,7 +34,16 @@ from contracts.redis_keys import balance_pattern, progress_key
 from kernel.db import connect
 from kernel.redis import connect_redis
 from kernel.settings import Settings
-from projections.entries import LogPosition, decode_row, printable, row_problem
+from projections.entries import (
+    BALANCE,
+    RECORDED_MS,
+    SEQ,
+    USER,
+    LogPosition,
+    decode_row,
+    printable,
+    row_problem,
+)
 from projections.model import AccountView, ReadModelFold
 from projections.postgres_sink import PROJECTION
 from streams.codec import AvroCodec
@@ -176,7 +185,7 @@ def verify(
         report.entries_read += 1
         problem = row_problem(row)
         if problem is not None:  # quarantined by the projectors, not stored
-            report.differences.append(Difference("ledger", "quarantined", printable(row[0], 60),
+            report.differences.append(Difference("ledger", "quarantined", printable(row[USER], 60),
                                                  str(where), "storable", problem))  # fmt: skip
             continue
         if pg is not None and record.offset < pg.progress.get(record.partition, 0):
@@ -184,7 +193,7 @@ def verify(
         if record.offset < redis_progress.get(record.partition, 0):
             redis_fold.add(row)
         elif redis:
-            later[(row[0], row[1])] = (row[6], row[21])
+            later[(row[USER], row[SEQ])] = (row[BALANCE], row[RECORDED_MS])
     if pg is not None:
         _compare_postgres(pg_fold, pg, report)
     if redis:
