@@ -95,13 +95,33 @@ class ProxyError(CreditLedgerError):
 
 
 class StoreError(CreditLedgerError):
-    """A credit-store request is refused; carries the HTTP status and a stable error code."""
+    """A credit-store request is refused: a stable error code and a message. The kind of
+    refusal is the subclass; the HTTP API maps kinds to statuses (``store.api``)."""
 
-    def __init__(self, status: int, code: str, message: str) -> None:
+    def __init__(self, code: str, message: str) -> None:
         super().__init__(message)
-        self.status = status
         self.code = code
         self.message = message
 
     def body(self) -> dict[str, object]:
         return {"error": {"code": self.code, "message": self.message}}
+
+
+class StoreInvalid(StoreError):
+    """What was asked for is malformed or breaks a rule of the store."""
+
+
+class StoreUnauthenticated(StoreError):
+    """The caller is not known: no token, or one that is malformed, forged or expired."""
+
+
+class StoreForbidden(StoreError):
+    """The caller is known and may not do this."""
+
+
+class StoreNotFound(StoreError):
+    """The thing asked for does not exist (or is not the caller's to see)."""
+
+
+class StoreConflict(StoreError):
+    """The request contradicts the state it meets (an order already paid, a cap reached)."""

@@ -37,20 +37,39 @@ from typing import Annotated, Any, Literal
 
 import orjson
 import psycopg
-from fastapi import Depends, FastAPI, Header, Query, Request
+from fastapi import APIRouter, Depends, FastAPI, Header, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
 from psycopg_pool import PoolTimeout
 from redis.exceptions import RedisError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from kernel.errors import QueryError, StackError, StoreError
+from kernel.errors import (
+    QueryError,
+    StackError,
+    StoreConflict,
+    StoreError,
+    StoreForbidden,
+    StoreInvalid,
+    StoreNotFound,
+    StoreUnauthenticated,
+)
 from kernel.settings import Settings, project_path
 from pricing.source import read_yaml
 from projections.queries import MAX_LIMIT, ReadModels
-from store.domain import Principal, check_user_id, sign_payment, verify_payment, verify_token
+from store.domain import (
+    Principal,
+    check_product,
+    check_user_id,
+    check_window,
+    sign_payment,
+    verify_payment,
+    verify_token,
+)
 from store.hot_reads import HotReads
+from store.orders import Order, Payment
 from store.repository import StoreRepository, decimal_text, utc_now
+from store.rewards import check_rule, may_claim
 from store.schemas import (
     OrderCreate,
     OrderId,
@@ -142,11 +161,17 @@ class StoreService:
                 log.warning("order sweep failed (%s); trying again", exc)
             await asyncio.sleep(self.settings.store.fulfil_interval_s)
 
-    async def pay(self, order_id: str, callback: PaymentCallback) -> dict[str, Any]:
-        outcome = await self.repo.record_payment(order_id, callback.payment_reference,
-                                                 callback.amount_minor, callback.currency,
-                                                 utc_now())  # fmt: skip
-        if outcome.newly_paid or outcome.order["status"] == "paid":
+    async def own_order(self, who: Principal, order_id: str) -> Order:
+        """The order if ``who`` may see it (its owner, or an admin); else not found."""
+        order = await self.repo.order(order_id)
+        if order is None or (order.user_id != who.user_id and who.role != "admin"):
+            raise StoreNotFound("order_not_found", f"no order {order_id!r}")
+        return order
+
+    async def pay(self, order_id: str, callback: PaymentCallback) -> Order:
+        payment = Payment(callback.payment_reference, callback.amount_minor, callback.currency)
+        outcome = await self.repo.record_payment(order_id, payment, utc_now())
+        if outcome.newly_paid or outcome.order.status == "paid":
             delay = self.settings.store.fulfil_delay_ms
             if delay:  # fault injection (tests): a crash here must not lose the grant
                 await asyncio.sleep(delay / 1000)
@@ -257,10 +282,22 @@ def create_fastapi(settings: Settings, *, dsn: str | None = None,
     return app
 
 
+# How the store's kinds of refusal (kernel.errors) read in HTTP: the domain knows no status.
+STATUS_OF: dict[type[StoreError], int] = {
+    StoreInvalid: 400, StoreUnauthenticated: 401, StoreForbidden: 403, StoreNotFound: 404,
+    StoreConflict: 409,
+}  # fmt: skip
+
+
+def status_of(exc: StoreError) -> int:
+    # A bare StoreError has no kind: a bug of ours, not the client's fault.
+    return next((status for kind, status in STATUS_OF.items() if isinstance(exc, kind)), 500)
+
+
 def _errors(app: FastAPI) -> None:
     @app.exception_handler(StoreError)
     async def store_error(_: Request, exc: StoreError) -> JSONResponse:
-        return error(exc.status, exc.code, exc.message)
+        return error(status_of(exc), exc.code, exc.message)
 
     @app.exception_handler(QueryError)
     async def query_error(_: Request, exc: QueryError) -> JSONResponse:
@@ -288,10 +325,10 @@ async def principal(
 ) -> Principal:
     # async: FastAPI runs a plain ``def`` dependency in a worker thread, a hop per request.
     if not authorization:
-        raise StoreError(401, "missing_token", "send 'Authorization: Bearer <token>'")
+        raise StoreUnauthenticated("missing_token", "send 'Authorization: Bearer <token>'")
     scheme, _, token = authorization.partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
-        raise StoreError(401, "invalid_token", "the Authorization header must be "
+        raise StoreUnauthenticated("invalid_token", "the Authorization header must be "
                          "'Bearer <token>'")  # fmt: skip
     service: StoreService = request.app.state.service
     return verify_token(service.secret, token.strip(), int(time.time()))
@@ -299,7 +336,7 @@ async def principal(
 
 async def admin(who: Annotated[Principal, Depends(principal)]) -> Principal:
     if who.role != "admin":
-        raise StoreError(403, "forbidden", "this needs an admin token")
+        raise StoreForbidden("forbidden", "this needs an admin token")
     return who
 
 
@@ -311,79 +348,115 @@ PeriodQ = Annotated[Literal["24h", "7d", "30d", "all"], Query()]
 
 
 def _routes(app: FastAPI, service: StoreService) -> None:
-    # -- the page --------------------------------------------------------------------------
+    """Every route, by who calls it: the page, users (and services, admins acting for
+    them), the payment provider, admins, and the retired token store's forwarding."""
+    app.include_router(_page_router())
+    app.include_router(_user_router(service))
+    app.include_router(_payment_router(service))
+    app.include_router(_admin_router(service))
+    app.include_router(_old_world_router())
 
-    @app.get(PREFIX, include_in_schema=False)
-    @app.get(f"{PREFIX}/", include_in_schema=False)
+
+def _page_router() -> APIRouter:
+    """The store page: plain HTML and JS, with its security headers."""
+    router = APIRouter()
+
+    @router.get(PREFIX, include_in_schema=False)
+    @router.get(f"{PREFIX}/", include_in_schema=False)
     async def page() -> HTMLResponse:
         return HTMLResponse((PAGE_DIR / "index.html").read_text(), headers=PAGE_HEADERS)
 
-    @app.get(f"{PREFIX}/static/{{name}}", include_in_schema=False)
+    @router.get(f"{PREFIX}/static/{{name}}", include_in_schema=False)
     async def static(name: str) -> FileResponse:
         files = {"app.js": "text/javascript", "style.css": "text/css"}
         if name not in files:
-            raise StoreError(404, "not_found", f"no file {name!r}")
+            raise StoreNotFound("not_found", f"no file {name!r}")
         return FileResponse(PAGE_DIR / name, media_type=files[name])
 
-    # -- what a user sees ------------------------------------------------------------------
+    return router
 
-    @app.get(f"{PREFIX}/balance", summary="The caller's balance snapshot")
+
+def _user_router(service: StoreService) -> APIRouter:
+    """What a token's holder sees and does for itself: balance, consumption, ledger,
+    products, orders, rewards (a service or an admin claims for others)."""
+    router = APIRouter()
+
+    @router.get(f"{PREFIX}/balance", summary="The caller's balance snapshot")
     async def balance(who: Who) -> Any:
         return fast_json(await service.reads.balance(who.user_id))
 
-    @app.get(f"{PREFIX}/consumption", summary="Credits and tokens used over a period")
+    @router.get(f"{PREFIX}/consumption", summary="Credits and tokens used over a period")
     async def consumption(who: Who, period: PeriodQ = "24h") -> Any:
         return fast_json(await service.reads.consumption(who.user_id, period))
 
-    @app.get(f"{PREFIX}/ledger", summary="The caller's ledger history, newest first")
+    @router.get(f"{PREFIX}/ledger", summary="The caller's ledger history, newest first")
     async def ledger(who: Who, cursor: Cursor = None, limit: Limit = 20) -> Any:
         return fast_json(await service.reads.history(who.user_id, cursor=cursor, limit=limit))
 
-    @app.get(f"{PREFIX}/products", summary="Credit packs on sale now")
+    @router.get(f"{PREFIX}/products", summary="Credit packs on sale now")
     async def products(who: Who) -> Any:
         return jsonable(await service.repo.products(utc_now()))
 
-    @app.post(f"{PREFIX}/orders", status_code=201, summary="Order a pack (price frozen now)")
+    @router.post(f"{PREFIX}/orders", status_code=201, summary="Order a pack (price frozen now)")
     async def create_order(who: Who, body: OrderCreate) -> Any:
         return jsonable(await service.repo.create_order(who.user_id, body.product_id,
                                                         utc_now()))  # fmt: skip
 
-    @app.get(f"{PREFIX}/orders", summary="The caller's orders, newest first")
+    @router.get(f"{PREFIX}/orders", summary="The caller's orders, newest first")
     async def orders(who: Who, limit: Limit = 20) -> Any:
         return jsonable(await service.repo.orders(who.user_id, limit))
 
-    async def own_order(who: Principal, order_id: str) -> dict[str, Any]:
-        order = await service.repo.order(order_id)
-        if order is None or (order["user_id"] != who.user_id and who.role != "admin"):
-            raise StoreError(404, "order_not_found", f"no order {order_id!r}")
-        return order
-
-    @app.get(f"{PREFIX}/orders/{{order_id}}", summary="One of the caller's orders")
+    @router.get(f"{PREFIX}/orders/{{order_id}}", summary="One of the caller's orders")
     async def order(who: Who, order_id: OrderId) -> Any:
-        return jsonable(await own_order(who, order_id))
+        return jsonable(await service.own_order(who, order_id))
 
-    @app.post(f"{PREFIX}/orders/{{order_id}}/cancel", summary="Cancel an unpaid order")
+    @router.post(f"{PREFIX}/orders/{{order_id}}/cancel", summary="Cancel an unpaid order")
     async def cancel(who: Who, order_id: OrderId) -> Any:
         return jsonable(await service.repo.cancel_order(who.user_id, order_id, utc_now()))
 
-    @app.post(f"{PREFIX}/orders/{{order_id}}/pay",
-              summary="Payment provider callback (signed), idempotent by payment")  # fmt: skip
+    @router.get(f"{PREFIX}/rewards", summary="Reward rules active now")
+    async def rewards(who: Who) -> Any:
+        now = utc_now()
+        return jsonable([r for r in await service.repo.reward_rules()
+                         if r["active_from"] <= now
+                         and (r["active_until"] is None or r["active_until"] > now)])  # fmt: skip
+
+    @router.post(f"{PREFIX}/rewards/{{rule_id}}/claim",
+                 summary="Claim a reward, once per rule, user and period")  # fmt: skip
+    async def claim(who: Who, rule_id: RuleId, body: RewardClaim | None = None) -> Any:
+        body = body or RewardClaim()
+        user_id = body.user_id or who.user_id
+        rule = await service.repo.reward_rule(rule_id)
+        may_claim(who, rule.kind, user_id)
+        outcome = await service.repo.claim(rule, user_id, body.reference, utc_now())
+        return JSONResponse(jsonable({**outcome.claim, "granted": outcome.granted}),
+                            status_code=201 if outcome.granted else 200)  # fmt: skip
+
+    return router
+
+
+def _payment_router(service: StoreService) -> APIRouter:
+    """The payment provider's signed callback, and the simulated provider (loopback only)."""
+    router = APIRouter()
+
+    @router.post(f"{PREFIX}/orders/{{order_id}}/pay",
+                 summary="Payment provider callback (signed), idempotent by payment")  # fmt: skip
     async def pay(order_id: OrderId, body: PaymentCallback,
                   x_payment_signature: Annotated[str, Header(max_length=200)]) -> Any:  # fmt: skip
         verify_payment(service.payment_secret, x_payment_signature, order_id,
                        body.payment_reference, body.amount_minor, body.currency)  # fmt: skip
         return jsonable(await service.pay(order_id, body))
 
-    @app.post(f"{PREFIX}/simulated-provider/orders/{{order_id}}/checkout",
-              summary="The simulated payment provider: pays and signs")  # fmt: skip
+    @router.post(f"{PREFIX}/simulated-provider/orders/{{order_id}}/checkout",
+                 summary="The simulated payment provider: pays and signs")  # fmt: skip
     async def simulated_checkout(who: Who, order_id: OrderId) -> Any:
         if not service.settings.store.simulated_provider:
-            raise StoreError(404, "not_found", "the simulated payment provider is off")
-        order = await own_order(who, order_id)
+            raise StoreNotFound("not_found", "the simulated payment provider is off")
+        order = await service.own_order(who, order_id)
         callback = PaymentCallback(
             payment_reference=f"sim_{order_id}",
-            amount_minor=order["price_minor"],
-            currency=order["currency"],
+            amount_minor=order.price_minor,
+            currency=order.currency,
         )
         signature = sign_payment(service.payment_secret, order_id, callback.payment_reference,
                                  callback.amount_minor, callback.currency)  # fmt: skip
@@ -391,95 +464,72 @@ def _routes(app: FastAPI, service: StoreService) -> None:
                        callback.amount_minor, callback.currency)  # fmt: skip
         return jsonable(await service.pay(order_id, callback))
 
-    @app.get(f"{PREFIX}/rewards", summary="Reward rules active now")
-    async def rewards(who: Who) -> Any:
-        now = utc_now()
-        return jsonable([r for r in await service.repo.reward_rules()
-                         if r["active_from"] <= now
-                         and (r["active_until"] is None or r["active_until"] > now)])  # fmt: skip
+    return router
 
-    @app.post(f"{PREFIX}/rewards/{{rule_id}}/claim",
-              summary="Claim a reward, once per rule, user and period")  # fmt: skip
-    async def claim(who: Who, rule_id: RuleId, body: RewardClaim | None = None) -> Any:
-        body = body or RewardClaim()
-        user_id = body.user_id or who.user_id
-        if user_id != who.user_id and who.role == "user":
-            raise StoreError(403, "forbidden", "a user claims rewards only for itself")
-        rule = await service.repo.reward_rule(rule_id)
-        if rule is None:
-            raise StoreError(404, "reward_rule_not_found", f"no reward rule {rule_id!r}")
-        if rule["kind"] == "event" and who.role == "user":
-            raise StoreError(403, "forbidden", "event rewards are claimed by the service that "
-                             "saw the event")  # fmt: skip
-        if rule["kind"] != "event" and who.role == "service":
-            raise StoreError(403, "forbidden", "a service token claims only event rewards; "
-                             f"a {rule['kind']} reward is claimed by the user")  # fmt: skip
-        outcome = await service.repo.claim(rule_id, user_id, body.reference, utc_now())
-        return JSONResponse(jsonable({**outcome.claim, "granted": outcome.granted}),
-                            status_code=201 if outcome.granted else 200)  # fmt: skip
 
-    # -- admin -----------------------------------------------------------------------------
+def _admin_router(service: StoreService) -> APIRouter:
+    """Admin tokens only: any user's data, products, price rules, reward rules."""
+    router = APIRouter()
 
-    @app.get(f"{PREFIX}/admin/users/{{user_id}}/ledger", summary="Any user's ledger (admin)")
+    @router.get(f"{PREFIX}/admin/users/{{user_id}}/ledger", summary="Any user's ledger (admin)")
     async def user_ledger(_: Admin, user_id: UserId, cursor: Cursor = None,
                           limit: Limit = 20) -> Any:  # fmt: skip
         check_user_id(user_id)
         return jsonable(await service.reads.history(user_id, cursor=cursor, limit=limit))
 
-    @app.get(f"{PREFIX}/admin/users/{{user_id}}/balance", summary="Any user's balance (admin)")
+    @router.get(f"{PREFIX}/admin/users/{{user_id}}/balance", summary="Any user's balance (admin)")
     async def user_balance(_: Admin, user_id: UserId) -> Any:
         return jsonable(await service.reads.balance(user_id))
 
-    @app.get(f"{PREFIX}/admin/products", summary="Every product, on sale or not (admin)")
+    @router.get(f"{PREFIX}/admin/products", summary="Every product, on sale or not (admin)")
     async def all_products(_: Admin) -> Any:
         return jsonable(await service.repo.products(None, include_inactive=True))
 
-    @app.put(f"{PREFIX}/admin/products/{{product_id}}", summary="Create or change a product")
+    @router.put(f"{PREFIX}/admin/products/{{product_id}}", summary="Create or change a product")
     async def put_product(_: Admin, product_id: ProductId, body: ProductPut) -> Any:
-        if body.price_minor > body.original_price_minor:
-            raise StoreError(400, "invalid_product", "price_minor may not exceed "
-                             "original_price_minor (a discount shows as both)")  # fmt: skip
+        check_product(body.price_minor, body.original_price_minor)
         fields = _windowed(body)
         return jsonable(await service.repo.put_product({**fields, "product_id": product_id}))
 
-    @app.get(f"{PREFIX}/admin/price-rules", summary="Every price rule version in the database")
+    @router.get(f"{PREFIX}/admin/price-rules", summary="Every price rule version in the database")
     async def price_rules(_: Admin) -> Any:
         return jsonable(await service.repo.price_rule_versions())
 
-    @app.post(f"{PREFIX}/admin/price-rules/{{rule_id}}/versions", status_code=201,
-              summary="Add the next version of a price rule, active from a time")  # fmt: skip
+    @router.post(f"{PREFIX}/admin/price-rules/{{rule_id}}/versions", status_code=201,
+                 summary="Add the next version of a price rule, active from a time")  # fmt: skip
     async def add_price_version(_: Admin, rule_id: RuleId, body: PriceVersionCreate) -> Any:
         now = utc_now()
         row = await service.repo.add_price_rule_version(rule_id, body.as_fields(now),
                                                         service.file_rules, now)  # fmt: skip
         return jsonable(row)
 
-    @app.get(f"{PREFIX}/admin/reward-rules", summary="Every reward rule (admin)")
+    @router.get(f"{PREFIX}/admin/reward-rules", summary="Every reward rule (admin)")
     async def reward_rules(_: Admin) -> Any:
         return jsonable(await service.repo.reward_rules())
 
-    @app.put(f"{PREFIX}/admin/reward-rules/{{rule_id}}", summary="Create or change a reward rule")
+    @router.put(f"{PREFIX}/admin/reward-rules/{{rule_id}}",
+                summary="Create or change a reward rule")  # fmt: skip
     async def put_reward_rule(_: Admin, rule_id: RuleId, body: RewardRulePut) -> Any:
-        if (body.kind == "event") != (body.trigger_event is not None):
-            raise StoreError(400, "invalid_reward_rule", "trigger_event is required for "
-                             "kind 'event' and only allowed there")  # fmt: skip
-        if body.kind == "signup" and (body.period != "lifetime" or body.cap_per_period != 1):
-            raise StoreError(400, "invalid_reward_rule", "a signup reward is once per "
-                             "lifetime: period 'lifetime', cap_per_period 1")  # fmt: skip
+        check_rule(body.kind, body.period, body.cap_per_period, body.trigger_event)
         fields = _windowed(body)
         return jsonable(await service.repo.put_reward_rule({**fields, "rule_id": rule_id}))
 
-    @app.delete(f"{PREFIX}/admin/reward-rules/{{rule_id}}",
-                summary="End a reward rule now (claims made stay)")  # fmt: skip
+    @router.delete(f"{PREFIX}/admin/reward-rules/{{rule_id}}",
+                   summary="End a reward rule now (claims made stay)")  # fmt: skip
     async def end_reward_rule(_: Admin, rule_id: RuleId) -> Any:
         return jsonable(await service.repo.end_reward_rule(rule_id, utc_now()))
 
-    # -- the old world ---------------------------------------------------------------------
+    return router
 
-    @app.api_route("/token-store", methods=["GET", "POST", "PUT", "DELETE", "PATCH"],
-                   include_in_schema=False)  # fmt: skip
-    @app.api_route("/token-store/{rest:path}", methods=["GET", "POST", "PUT", "DELETE", "PATCH"],
-                   include_in_schema=False)  # fmt: skip
+
+def _old_world_router() -> APIRouter:
+    """The retired /token-store: 410 with the successor's location."""
+    router = APIRouter()
+
+    @router.api_route("/token-store", methods=["GET", "POST", "PUT", "DELETE", "PATCH"],
+                      include_in_schema=False)  # fmt: skip
+    @router.api_route("/token-store/{rest:path}", methods=["GET", "POST", "PUT", "DELETE", "PATCH"],
+                      include_in_schema=False)  # fmt: skip
     async def token_store_gone(rest: str = "") -> JSONResponse:
         return JSONResponse(
             {"error": {"code": "gone", "message": "the token store is retired: balances, "
@@ -488,11 +538,12 @@ def _routes(app: FastAPI, service: StoreService) -> None:
             headers={"Link": f'<{PREFIX}>; rel="successor-version"'},
         )  # fmt: skip
 
+    return router
+
 
 def _windowed(body: ProductPut | RewardRulePut) -> dict[str, Any]:
     """The body's fields with its active window checked; no ``active_from``: always was."""
     fields = body.model_dump()
     fields["active_from"] = body.active_from or datetime(1970, 1, 1, tzinfo=UTC)
-    if body.active_until is not None and body.active_until <= fields["active_from"]:
-        raise StoreError(400, "invalid_window", "active_until must be after active_from")
+    check_window(fields["active_from"], body.active_until)
     return fields

@@ -20,7 +20,7 @@ from typing import Literal
 import orjson
 
 from contracts.fields import ID
-from kernel.errors import StoreError
+from kernel.errors import StoreInvalid, StoreUnauthenticated
 
 Period = Literal["day", "week", "month", "lifetime"]
 Role = Literal["user", "admin", "service"]
@@ -33,7 +33,7 @@ REFERENCE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:@/-]{0,199}$")
 def check_user_id(user_id: str) -> str:
     """The one id rule (:data:`contracts.fields.ID`), as the proxy and the fold check it."""
     if not ID.ok(user_id):
-        raise StoreError(400, "invalid_user_id", f"a user id is {ID.description}")
+        raise StoreInvalid("invalid_user_id", f"a user id is {ID.description}")
     return user_id
 
 
@@ -59,14 +59,14 @@ def claim_reference(kind: RewardKind, period: Period, at: datetime,
     cap per period limits how many events count."""
     if kind == "event":
         if not event_reference:
-            raise StoreError(400, "reference_required", "an event reward needs the triggering "
+            raise StoreInvalid("reference_required", "an event reward needs the triggering "
                              "event's id as 'reference'")  # fmt: skip
         if not REFERENCE.fullmatch(event_reference):
-            raise StoreError(400, "invalid_reference", "a reference is 1-200 characters of "
+            raise StoreInvalid("invalid_reference", "a reference is 1-200 characters of "
                              "letters, digits and _ . : @ / -")  # fmt: skip
         return event_reference
     if event_reference:
-        raise StoreError(400, "unexpected_reference", f"a {kind} reward is once per period "
+        raise StoreInvalid("unexpected_reference", f"a {kind} reward is once per period "
                          "and takes no reference")  # fmt: skip
     start = period_start(period, at)
     return "lifetime" if period == "lifetime" else f"{period}:{start.date().isoformat()}"
@@ -82,6 +82,18 @@ def reward_grant_event_id(rule_id: str, user_id: str, reference: str) -> str:
 
 def is_active(at: datetime, active_from: datetime, active_until: datetime | None) -> bool:
     return active_from <= at and (active_until is None or at < active_until)
+
+
+def check_window(active_from: datetime, active_until: datetime | None) -> None:
+    """A product's or a reward rule's active window: ``until`` (exclusive) after ``from``."""
+    if active_until is not None and active_until <= active_from:
+        raise StoreInvalid("invalid_window", "active_until must be after active_from")
+
+
+def check_product(price_minor: int, original_price_minor: int) -> None:
+    if price_minor > original_price_minor:
+        raise StoreInvalid("invalid_product", "price_minor may not exceed "
+                           "original_price_minor (a discount shows as both)")  # fmt: skip
 
 
 # -- bearer tokens ---------------------------------------------------------------------------
@@ -118,29 +130,31 @@ SIGNATURE = re.compile(r"[0-9a-fA-F]{64}")
 
 
 def verify_token(secret: bytes, token: str, now: int) -> Principal:
-    """The token's principal; StoreError 401 when malformed, tampered with or expired.
+    """The token's principal; StoreUnauthenticated when malformed, tampered with or expired.
 
     Decoded strictly: base64url without padding, in its one canonical spelling (Python's
     decoder skips foreign characters and ignores unused bits, which gave one token many
     spellings)."""
     if not TOKEN.fullmatch(token):
-        raise StoreError(401, "invalid_token", "the bearer token is malformed")
+        raise StoreUnauthenticated("invalid_token", "the bearer token is malformed")
     payload, _dot, mac = token.partition(".")
     given = _unb64(mac)
     if _b64(given) != mac or _b64(_unb64(payload)) != payload:
-        raise StoreError(401, "invalid_token", "the bearer token is malformed")
+        raise StoreUnauthenticated("invalid_token", "the bearer token is malformed")
     if not hmac.compare_digest(given, _mac(secret, payload.encode())):
-        raise StoreError(401, "invalid_token", "the bearer token's signature does not match")
+        raise StoreUnauthenticated("invalid_token", "the bearer token's signature does not match")
     try:
         claims = orjson.loads(_unb64(payload))
         user_id, role, expires_at = claims["sub"], claims["role"], claims["exp"]
     except (ValueError, KeyError, TypeError) as exc:
-        raise StoreError(401, "invalid_token", "the bearer token's payload is malformed") from exc
+        raise StoreUnauthenticated(
+            "invalid_token", "the bearer token's payload is malformed"
+        ) from exc
     if role not in ("user", "admin", "service") or not isinstance(expires_at, int) \
             or not isinstance(user_id, str):  # fmt: skip
-        raise StoreError(401, "invalid_token", "the bearer token's payload is malformed")
+        raise StoreUnauthenticated("invalid_token", "the bearer token's payload is malformed")
     if expires_at <= now:
-        raise StoreError(401, "token_expired", "the bearer token has expired")
+        raise StoreUnauthenticated("token_expired", "the bearer token has expired")
     return Principal(user_id, role, expires_at)
 
 
@@ -163,9 +177,9 @@ def verify_payment(secret: bytes, signature: str, order_id: str, payment_referen
                    amount_minor: int, currency: str) -> None:  # fmt: skip
     signature = signature.strip()
     if not SIGNATURE.fullmatch(signature):
-        raise StoreError(401, "invalid_signature", "X-Payment-Signature must be 64 hex digits "
+        raise StoreUnauthenticated("invalid_signature", "X-Payment-Signature must be 64 hex digits "
                          "(HMAC-SHA256)")  # fmt: skip
     expected = sign_payment(secret, order_id, payment_reference, amount_minor, currency)
     if not hmac.compare_digest(expected, signature.lower()):
-        raise StoreError(401, "invalid_signature", "the payment callback's signature does "
+        raise StoreUnauthenticated("invalid_signature", "the payment callback's signature does "
                          "not match")  # fmt: skip

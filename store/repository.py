@@ -5,15 +5,16 @@ the outbox (migration 0002) in the same transaction as the state change, with an
 event id derived from the order or the claim, so no crash can lose a grant or
 make two:
 
-- a payment moves an order to ``paid`` (idempotent by payment reference; the
-  row lock serialises concurrent callbacks);
+- orders change only through the pure transitions of :mod:`store.orders`, on the
+  order as loaded under its row lock: a payment moves it to ``paid`` (idempotent
+  by payment reference; the lock serialises concurrent callbacks);
 - fulfilment then writes the grant and moves the order to ``fulfilled`` in one
   transaction. A crash between the two leaves a ``paid`` order, which the
   fulfiller sweep (:meth:`StoreRepository.fulfil_pending`) finishes; the
   outbox's unique event id makes a second attempt add nothing;
 - a reward claim inserts its row (unique by rule, user, reference), bumps the
-  per-period counter only while under the cap, and writes the grant, all in
-  one transaction.
+  per-period counter (read under its row lock; :func:`store.rewards.check_claim`
+  decides) and writes the grant, all in one transaction.
 """
 
 from __future__ import annotations
@@ -25,48 +26,30 @@ from decimal import Decimal
 from typing import Any
 
 import psycopg
+from psycopg import AsyncCursor
 from psycopg.rows import dict_row
 from psycopg_pool import AsyncConnectionPool
 
 from contracts.commands import Grant
-from contracts.records import GRANT_TOPIC, command_to_record, to_ms
+from contracts.records import GRANT_TOPIC, command_to_record
 from kernel.db import open_pool
-from kernel.errors import CreditLedgerError, StoreError
+from kernel.errors import CreditLedgerError, StoreConflict, StoreInvalid, StoreNotFound
 from kernel.settings import Settings
 from outbox.enqueue import enqueue_async
 from pricing.source import TABLE_QUERY, merge, table_rows_to_rules
-from store.domain import (
-    Period,
-    RewardKind,
-    claim_reference,
-    is_active,
-    order_grant_event_id,
-    period_start,
-    reward_grant_event_id,
-)
+from store import orders as transition
+from store.orders import ORDER_FIELDS, Order, Payment, PayOutcome
+from store.rewards import RULE_FIELDS, RewardRule, check_claim, plan_claim
 from streams.codec import AvroCodec
 
 Row = dict[str, Any]
 
-ORDER_COLUMNS = (
-    "order_id, user_id, product_id, credits_micro, price_minor, currency, status, "
-    "payment_reference, grant_event_id, created_at, expires_at, paid_at, fulfilled_at, "
-    "cancelled_at"
-)
+ORDER_COLUMNS = ", ".join(ORDER_FIELDS)
 PRODUCT_COLUMNS = (
     "product_id, name, credits_micro, original_price_minor, price_minor, currency, "
     "active_from, active_until, sort_order"
 )
-RULE_COLUMNS = (
-    "rule_id, kind, description, amount_micro, cap_per_period, period, trigger_event, "
-    "active_from, active_until, updated_at"
-)
-
-
-@dataclass(frozen=True)
-class PaymentOutcome:
-    order: Row
-    newly_paid: bool
+RULE_COLUMNS = ", ".join(RULE_FIELDS)
 
 
 @dataclass(frozen=True)
@@ -142,9 +125,9 @@ class StoreRepository:
         assert row is not None
         return row
 
-    # -- orders ----------------------------------------------------------------------------
+    # -- orders: load under the row lock, one pure transition (store.orders), save --------
 
-    async def create_order(self, user_id: str, product_id: str, now: datetime) -> Row:
+    async def create_order(self, user_id: str, product_id: str, now: datetime) -> Order:
         """A new order at the product's current price, frozen from here on."""
         order_id = "o_" + secrets.token_hex(12)
         expires = now + timedelta(seconds=self.settings.store.order_ttl_s)
@@ -157,88 +140,81 @@ class StoreRepository:
             (order_id, user_id, now, expires, product_id, now, now),
         )  # fmt: skip
         if row is None:
-            raise StoreError(404, "product_not_found", f"no product {product_id!r} on sale now")
-        return row
+            raise StoreNotFound("product_not_found", f"no product {product_id!r} on sale now")
+        return Order.from_row(row)
 
-    async def order(self, order_id: str) -> Row | None:
-        return await self._one(f"SELECT {ORDER_COLUMNS} FROM orders WHERE order_id = %s",
-                               (order_id,))  # fmt: skip
+    async def order(self, order_id: str) -> Order | None:
+        row = await self._one(f"SELECT {ORDER_COLUMNS} FROM orders WHERE order_id = %s",
+                              (order_id,))  # fmt: skip
+        return None if row is None else Order.from_row(row)
 
-    async def orders(self, user_id: str, limit: int) -> list[Row]:
-        return await self._all(f"SELECT {ORDER_COLUMNS} FROM orders WHERE user_id = %s "
+    async def orders(self, user_id: str, limit: int) -> list[Order]:
+        rows = await self._all(f"SELECT {ORDER_COLUMNS} FROM orders WHERE user_id = %s "
                                "ORDER BY created_at DESC, order_id DESC LIMIT %s",
                                (user_id, limit))  # fmt: skip
+        return [Order.from_row(row) for row in rows]
 
-    async def cancel_order(self, user_id: str, order_id: str, now: datetime) -> Row:
-        row = await self._one(
-            f"UPDATE orders SET status = 'cancelled', cancelled_at = %s WHERE order_id = %s "
-            f"AND user_id = %s AND status = 'created' RETURNING {ORDER_COLUMNS}",
-            (now, order_id, user_id),
+    @staticmethod
+    async def _locked(cursor: AsyncCursor[Row], order_id: str, *,
+                      paid_only: bool = False) -> Order | None:  # fmt: skip
+        """The order under its row lock (``paid_only``: a paid order nobody else holds)."""
+        where = "AND status = 'paid' FOR UPDATE SKIP LOCKED" if paid_only else "FOR UPDATE"
+        await cursor.execute(f"SELECT {ORDER_COLUMNS} FROM orders WHERE order_id = %s {where}",
+                             (order_id,))  # fmt: skip
+        row = await cursor.fetchone()
+        return None if row is None else Order.from_row(row)
+
+    @staticmethod
+    async def _save(cursor: AsyncCursor[Row], order: Order) -> None:
+        """What a transition may change (the rest of an order never changes)."""
+        await cursor.execute(
+            "UPDATE orders SET status = %s, payment_reference = %s, grant_event_id = %s, "
+            "paid_at = %s, fulfilled_at = %s, cancelled_at = %s WHERE order_id = %s",
+            (order.status, order.payment_reference, order.grant_event_id, order.paid_at,
+             order.fulfilled_at, order.cancelled_at, order.order_id),
         )  # fmt: skip
-        if row is not None:
-            return row
-        existing = await self.order(order_id)
-        if existing is None or existing["user_id"] != user_id:
-            raise StoreError(404, "order_not_found", f"no order {order_id!r}")
-        raise StoreError(409, "order_not_cancellable",
-                         f"order {order_id!r} is {existing['status']}; only a created order "
-                         "can be cancelled")  # fmt: skip
 
-    async def record_payment(self, order_id: str, payment_reference: str, amount_minor: int,
-                             currency: str, now: datetime) -> PaymentOutcome:  # fmt: skip
-        """Mark the order paid, once: a repeated callback finds it paid by the same payment."""
+    async def cancel_order(self, user_id: str, order_id: str, now: datetime) -> Order:
         async with self.pool.connection() as conn, conn.transaction():
             cursor = conn.cursor(row_factory=dict_row)
-            await cursor.execute(f"SELECT {ORDER_COLUMNS} FROM orders WHERE order_id = %s "
-                                 "FOR UPDATE", (order_id,))  # fmt: skip
-            order = await cursor.fetchone()
+            order = await self._locked(cursor, order_id)
             if order is None:
-                raise StoreError(404, "order_not_found", f"no order {order_id!r}")
-            if (order["price_minor"], order["currency"]) != (amount_minor, currency):
-                raise StoreError(409, "amount_mismatch", f"order {order_id!r} costs "
-                                 f"{order['price_minor']} {order['currency']}, the payment "
-                                 f"says {amount_minor} {currency}")  # fmt: skip
-            if order["status"] in ("paid", "fulfilled"):
-                if order["payment_reference"] == payment_reference:
-                    return PaymentOutcome(order, newly_paid=False)
-                raise StoreError(409, "already_paid", f"order {order_id!r} was paid by another "
-                                 "payment; refund this one")  # fmt: skip
-            if order["status"] == "cancelled":
-                raise StoreError(409, "order_cancelled", f"order {order_id!r} was cancelled; "
-                                 "refund this payment")  # fmt: skip
-            try:
-                await cursor.execute(
-                    f"UPDATE orders SET status = 'paid', payment_reference = %s, paid_at = %s "
-                    f"WHERE order_id = %s RETURNING {ORDER_COLUMNS}",
-                    (payment_reference, now, order_id),
-                )  # fmt: skip
-            except psycopg.errors.UniqueViolation as exc:
-                raise StoreError(409, "payment_reused", f"payment {payment_reference!r} "
-                                 "already paid another order") from exc  # fmt: skip
-            paid = await cursor.fetchone()
-            assert paid is not None
-            return PaymentOutcome(paid, newly_paid=True)
+                raise StoreNotFound("order_not_found", f"no order {order_id!r}")
+            cancelled = transition.cancel(order, user_id, now)
+            await self._save(cursor, cancelled)
+            return cancelled
+
+    async def record_payment(self, order_id: str, payment: Payment,
+                             now: datetime) -> PayOutcome:  # fmt: skip
+        """Mark the order paid, once: a repeated callback finds it paid by the same payment.
+        The row lock serialises concurrent callbacks of one order; the unique payment
+        reference refuses one payment for two orders."""
+        async with self.pool.connection() as conn, conn.transaction():
+            cursor = conn.cursor(row_factory=dict_row)
+            order = await self._locked(cursor, order_id)
+            if order is None:
+                raise StoreNotFound("order_not_found", f"no order {order_id!r}")
+            outcome = transition.pay(order, payment, now)
+            if outcome.newly_paid:
+                try:
+                    await self._save(cursor, outcome.order)
+                except psycopg.errors.UniqueViolation as exc:
+                    raise StoreConflict("payment_reused", f"payment {payment.reference!r} "
+                                        "already paid another order") from exc  # fmt: skip
+            return outcome
 
     async def fulfil(self, order_id: str) -> bool:
-        """Write the paid order's grant to the outbox and mark it fulfilled; False if not paid."""
+        """Write the paid order's grant to the outbox and mark it fulfilled, in one
+        transaction; False if the order is not paid (or another fulfiller holds it)."""
         async with self.pool.connection() as conn, conn.transaction():
             cursor = conn.cursor(row_factory=dict_row)
-            await cursor.execute(f"SELECT {ORDER_COLUMNS} FROM orders WHERE order_id = %s "
-                                 "AND status = 'paid' FOR UPDATE SKIP LOCKED",
-                                 (order_id,))  # fmt: skip
-            order = await cursor.fetchone()
+            order = await self._locked(cursor, order_id, paid_only=True)
             if order is None:
                 return False
-            event_id = order_grant_event_id(order_id)
-            grant = Grant(event_id=event_id, user_id=order["user_id"], kind="purchase",
-                          amount_micro=order["credits_micro"], reference=order_id,
-                          note=f"product {order['product_id']}",
-                          occurred_at_ms=to_ms(order["paid_at"]),
-                          producer=self.settings.store.producer_name)  # fmt: skip
+            fulfilled, grant = transition.fulfil(order, self.settings.store.producer_name,
+                                             utc_now())  # fmt: skip
             await self._enqueue_grant(conn, grant)
-            await cursor.execute("UPDATE orders SET status = 'fulfilled', grant_event_id = %s, "
-                                 "fulfilled_at = now() WHERE order_id = %s",
-                                 (event_id, order_id))  # fmt: skip
+            await self._save(cursor, fulfilled)
             return True
 
     async def fulfil_pending(self, limit: int = 100) -> int:
@@ -250,21 +226,32 @@ class StoreRepository:
             done += await self.fulfil(row["order_id"])
         return done
 
-    async def expire_orders(self, now: datetime) -> int:
-        async with self.pool.connection() as conn:
-            cursor = await conn.execute(
-                "UPDATE orders SET status = 'expired' WHERE status = 'created' AND "
-                "expires_at <= %s", (now,))  # fmt: skip
-            return int(cursor.rowcount)
+    async def expire_orders(self, now: datetime, limit: int = 1000) -> int:
+        """Expire created orders past their time (up to ``limit`` per sweep)."""
+        async with self.pool.connection() as conn, conn.transaction():
+            cursor = conn.cursor(row_factory=dict_row)
+            await cursor.execute(
+                f"SELECT {ORDER_COLUMNS} FROM orders WHERE status = 'created' AND "
+                "expires_at <= %s ORDER BY expires_at LIMIT %s FOR UPDATE SKIP LOCKED",
+                (now, limit))  # fmt: skip
+            loaded = [Order.from_row(row) for row in await cursor.fetchall()]
+            expired = [o.order_id for o in loaded if transition.expire(o, now) is not None]
+            if expired:
+                await cursor.execute("UPDATE orders SET status = 'expired' WHERE order_id = "
+                                     "ANY(%s)", (expired,))  # fmt: skip
+            return len(expired)
 
     # -- rewards ---------------------------------------------------------------------------
 
     async def reward_rules(self) -> list[Row]:
         return await self._all(f"SELECT {RULE_COLUMNS} FROM reward_rules ORDER BY rule_id")
 
-    async def reward_rule(self, rule_id: str) -> Row | None:
-        return await self._one(f"SELECT {RULE_COLUMNS} FROM reward_rules WHERE rule_id = %s",
-                               (rule_id,))  # fmt: skip
+    async def reward_rule(self, rule_id: str) -> RewardRule:
+        row = await self._one(f"SELECT {RULE_COLUMNS} FROM reward_rules WHERE rule_id = %s",
+                              (rule_id,))  # fmt: skip
+        if row is None:
+            raise StoreNotFound("reward_rule_not_found", f"no reward rule {rule_id!r}")
+        return RewardRule.from_row(row)
 
     async def put_reward_rule(self, rule: Row) -> Row:
         row = await self._one(
@@ -288,55 +275,46 @@ class StoreRepository:
             f" updated_at = now() WHERE rule_id = %s RETURNING {RULE_COLUMNS}", (now, rule_id),
         )  # fmt: skip
         if row is None:
-            raise StoreError(404, "reward_rule_not_found", f"no reward rule {rule_id!r}")
+            raise StoreNotFound("reward_rule_not_found", f"no reward rule {rule_id!r}")
         return row
 
-    async def claim(self, rule_id: str, user_id: str, event_reference: str | None,
+    async def claim(self, rule: RewardRule, user_id: str, event_reference: str | None,
                     at: datetime) -> ClaimOutcome:  # fmt: skip
-        rule = await self.reward_rule(rule_id)
-        if rule is None:
-            raise StoreError(404, "reward_rule_not_found", f"no reward rule {rule_id!r}")
-        kind: RewardKind = rule["kind"]
-        period: Period = rule["period"]
-        reference = claim_reference(kind, period, at, event_reference)
-        event_id = reward_grant_event_id(rule_id, user_id, reference)
-        start = period_start(period, at)
+        """Claim ``rule`` for ``user_id``: the claim, its counter and its grant in one
+        transaction; a claim made before is the answer, whatever happened to the rule."""
+        plan = plan_claim(rule, user_id, event_reference, at, self.settings.store.producer_name)
+        key = (rule.rule_id, user_id, plan.period_start)
         async with self.pool.connection() as conn, conn.transaction():
             cursor = conn.cursor(row_factory=dict_row)
-            # A claim that exists is the answer, whatever happened to the rule since.
             await cursor.execute(
                 "INSERT INTO reward_claims (rule_id, user_id, reference, period_start, "
                 "amount_micro, event_id, claimed_at) VALUES (%s, %s, %s, %s, %s, %s, %s) "
                 "ON CONFLICT (rule_id, user_id, reference) DO NOTHING RETURNING *",
-                (rule_id, user_id, reference, start, rule["amount_micro"], event_id, at),
+                (rule.rule_id, user_id, plan.reference, plan.period_start, rule.amount_micro,
+                 plan.grant.event_id, at),
             )  # fmt: skip
             claim = await cursor.fetchone()
             if claim is None:
                 await cursor.execute("SELECT * FROM reward_claims WHERE rule_id = %s AND "
                                      "user_id = %s AND reference = %s",
-                                     (rule_id, user_id, reference))  # fmt: skip
+                                     (rule.rule_id, user_id, plan.reference))  # fmt: skip
                 existing = await cursor.fetchone()
-                assert existing is not None
+                assert existing is not None, "a claim that conflicts exists"
                 return ClaimOutcome(existing, granted=False)
-            if not is_active(at, rule["active_from"], rule["active_until"]):
-                raise StoreError(409, "reward_inactive", f"reward rule {rule_id!r} is not "
-                                 "active now")  # fmt: skip
-            await cursor.execute(
-                "INSERT INTO reward_counters (rule_id, user_id, period_start, claimed) VALUES "
-                "(%s, %s, %s, 1) ON CONFLICT (rule_id, user_id, period_start) DO UPDATE SET "
-                "claimed = reward_counters.claimed + 1 WHERE reward_counters.claimed < %s "
-                "RETURNING claimed", (rule_id, user_id, start, rule["cap_per_period"]),
-            )  # fmt: skip
-            if await cursor.fetchone() is None:
-                # Leaving the block with an exception rolls the claim row back too.
-                cap = rule["cap_per_period"]
-                raise StoreError(409, "reward_cap_reached", f"reward {rule_id!r} was claimed "
-                                 f"{cap} time(s) this {period} already")  # fmt: skip
-            grant = Grant(event_id=event_id, user_id=user_id, kind="reward",
-                          amount_micro=rule["amount_micro"], reference=f"{rule_id}:{reference}",
-                          note=rule["description"] or None, occurred_at_ms=to_ms(at),
-                          producer=self.settings.store.producer_name)  # fmt: skip
-            await self._enqueue_grant(conn, grant)
+            # The counter under its row lock: concurrent claims of one user and period
+            # take turns, so the cap holds. Raising rolls the claim row back too.
+            await cursor.execute("INSERT INTO reward_counters (rule_id, user_id, period_start, "
+                                 "claimed) VALUES (%s, %s, %s, 0) ON CONFLICT DO NOTHING",
+                                 key)  # fmt: skip
+            await cursor.execute("SELECT claimed FROM reward_counters WHERE rule_id = %s AND "
+                                 "user_id = %s AND period_start = %s FOR UPDATE", key)  # fmt: skip
+            counter = await cursor.fetchone()
+            assert counter is not None, "the counter row was just ensured"
+            check_claim(rule, at, counter["claimed"])
+            await cursor.execute("UPDATE reward_counters SET claimed = claimed + 1 WHERE "
+                                 "rule_id = %s AND user_id = %s AND period_start = %s",
+                                 key)  # fmt: skip
+            await self._enqueue_grant(conn, plan.grant)
             return ClaimOutcome(claim, granted=True)
 
     # -- price rules -----------------------------------------------------------------------
@@ -354,7 +332,7 @@ class StoreRepository:
         The new version is checked the way the proxy will read it (merged with the YAML
         file), so a version the proxy would refuse is never stored."""
         if fields["effective_from"] < now - timedelta(seconds=5):
-            raise StoreError(400, "effective_in_past", "effective_from is in the past: a new "
+            raise StoreInvalid("effective_in_past", "effective_from is in the past: a new "
                              "version may not change the price of calls already made")  # fmt: skip
         async with self.pool.connection() as conn, conn.transaction():
             # One writer per rule at a time, so versions stay gap-free.
@@ -374,7 +352,7 @@ class StoreRepository:
             try:
                 merge(file_rules, table_rows_to_rules([*rows, new_row]))
             except CreditLedgerError as exc:
-                raise StoreError(400, "invalid_price_rule", str(exc)) from exc
+                raise StoreInvalid("invalid_price_rule", str(exc)) from exc
             cursor2 = conn.cursor(row_factory=dict_row)
             await cursor2.execute(
                 "INSERT INTO price_rules (rule_id, version, effective_from, input_micro, "

@@ -209,7 +209,8 @@ def test_reward_periods_and_active_windows_at_their_boundaries(world: StoreWorld
 
             async def granted(rule: str, at: datetime, ref: str | None = None) -> bool | str:
                 try:
-                    return (await repo.claim(rule, "carol", ref, at)).granted
+                    loaded = await repo.reward_rule(rule)
+                    return (await repo.claim(loaded, "carol", ref, at)).granted
                 except StoreError as exc:
                     return exc.code
 

@@ -6,7 +6,7 @@ from datetime import UTC, datetime
 
 import pytest
 
-from kernel.errors import StoreError
+from kernel.errors import StoreError, StoreUnauthenticated
 from store.domain import (
     claim_reference,
     is_active,
@@ -63,7 +63,7 @@ def test_tokens_round_trip_and_refuse_tampering_and_expiry() -> None:
     for bad, code in cases.items():
         with pytest.raises(StoreError) as caught:
             verify_token(SECRET, bad, 2000)
-        assert (caught.value.status, caught.value.code) == (401, code)
+        assert (type(caught.value), caught.value.code) == (StoreUnauthenticated, code)
     with pytest.raises(StoreError):
         verify_token(b"other-secret", token, 1999)
 
