@@ -177,9 +177,9 @@ def guard_latency(world: Settings, calls: int = 20000) -> list[tuple[str, float,
     import redis.asyncio as aioredis
     from psycopg_pool import AsyncConnectionPool
 
-    from llm_proxy.app import call_fingerprint
     from llm_proxy.billing import BillingContext
     from llm_proxy.guard import CreditBalanceGuard
+    from llm_proxy.wire import call_fingerprint
 
     async def run() -> dict[bool, list[float]]:
         client = aioredis.Redis.from_url(world.redis_url)

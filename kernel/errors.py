@@ -125,3 +125,12 @@ class StoreNotFound(StoreError):
 
 class StoreConflict(StoreError):
     """The request contradicts the state it meets (an order already paid, a cap reached)."""
+
+
+class OutboxConflict(CreditLedgerError):
+    """An event id is in the outbox already, for another event: a reused id, never a retry."""
+
+    def __init__(self, event_id: str, topic: str) -> None:
+        super().__init__(f"event id {event_id!r} is in the outbox already with other "
+                         f"content ({topic}); the new event was not added")  # fmt: skip
+        self.event_id = event_id

@@ -1,11 +1,9 @@
 """From a finished call to a durable ``credit.charge.requested`` event.
 
-:func:`build_charge` is pure: usage + price rule + billing context -> the
-domain ``Charge`` (the fold never looks anything up, so the event carries the
-rule id and version, the usage and the priced amount).
-
-:class:`ChargeWriter` makes it durable before the call's response completes,
-trying in order:
+The charge is built by the call (:func:`llm_proxy.call.build_charge`: it carries the
+rule id and version, the usage and the priced amount, so the fold never looks anything
+up). :class:`ChargeWriter`, the call's ``ChargeSink``, makes it durable before the
+call's response completes, trying in order:
 
 1. the Postgres outbox (:func:`outbox.enqueue.enqueue_async`, with the call's
    fingerprint): the normal path; a relay publishes it. The same event id with the
@@ -25,9 +23,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-import time
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import psycopg
 from psycopg_pool import AsyncConnectionPool
@@ -36,32 +33,13 @@ from contracts.commands import Charge
 from contracts.records import CHARGE_TOPIC, command_to_record
 from kernel.errors import StackError
 from kernel.settings import Settings
-from llm_proxy.billing import BillingContext
+from llm_proxy.ports import ChargePath
 from outbox import spool
 from outbox.enqueue import enqueue_async
-from pricing.rules import PriceRule, TokenUsage
 from streams.codec import AvroCodec
 from streams.kafka_clients import make_producer
 
 log = logging.getLogger(__name__)
-
-ChargePath = Literal["outbox", "duplicate", "kafka", "spool"]
-
-
-def build_charge(ctx: BillingContext, *, event_id: str, model_alias: str, upstream_model: str,
-                 usage: TokenUsage, estimated: bool, rule: PriceRule, occurred_at_ms: int,
-                 producer: str) -> Charge:  # fmt: skip
-    """``event_id`` is the ledger's (namespaced, see :func:`billing.ledger_event_id`)."""
-    return Charge(
-        event_id=event_id, user_id=ctx.user_id, scene=ctx.scene,
-        request_id=ctx.request_id, conversation_id=ctx.conversation_id,
-        model_alias=model_alias, upstream_model=upstream_model,
-        input_tokens=usage.input_tokens, output_tokens=usage.output_tokens,
-        cached_tokens=usage.cached_tokens, reasoning_tokens=usage.reasoning_tokens,
-        usage_estimated=estimated, price_rule_id=rule.rule_id,
-        price_rule_version=rule.version, amount_micro=rule.price(usage),
-        occurred_at_ms=occurred_at_ms, producer=producer,
-    )  # fmt: skip
 
 
 @dataclass
@@ -161,7 +139,3 @@ class ChargeWriter:
 
 class KafkaUnavailable(StackError):
     """Kafka did not ack a directly produced charge."""
-
-
-def now_ms() -> int:
-    return int(time.time() * 1000)

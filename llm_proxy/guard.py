@@ -25,8 +25,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import psycopg
 import redis.asyncio as aioredis
@@ -36,10 +35,10 @@ from redis.exceptions import RedisError
 from contracts.redis_keys import RELEASE_HOLD_LUA, balance_key, event_key, holds_key
 from kernel.errors import ProxyError
 from kernel.settings import Settings
+from llm_proxy.ports import Decision
 
 log = logging.getLogger(__name__)
 
-Source = Literal["redis", "postgres", "policy", "skipped"]
 
 # Signed decimal strings compared exactly (Lua numbers are doubles).
 COMPARE_LUA = """
@@ -159,21 +158,6 @@ release_hold(KEYS[1], ARGV[1])
 return 1
 """
 )
-
-
-@dataclass(frozen=True, slots=True)
-class Decision:
-    allowed: bool
-    source: Source
-    balance_micro: int | None = None
-    held_micro: int | None = None
-    field: str | None = None  # the holds field this call's hold lives in (Redis only)
-
-    @property
-    def available_micro(self) -> int | None:
-        if self.balance_micro is None:
-            return None
-        return self.balance_micro - (self.held_micro or 0)
 
 
 def _int(value: Any) -> int:

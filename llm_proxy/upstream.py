@@ -1,4 +1,5 @@
-"""The upstream client: the ``openai`` SDK's async client, with its request template cached.
+"""The upstream port of a call (:class:`SdkUpstream`): the ``openai`` SDK's async client,
+with its request template cached, and its errors mapped to what the client gets.
 
 The proxy forwards bytes it already has (``content=``), to the same URL with the
 same headers, call after call. The SDK rebuilds that request from scratch each
@@ -16,14 +17,19 @@ request.
 from __future__ import annotations
 
 import os
+from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
 import httpx2
 import openai
 from openai._models import FinalRequestOptions
 
+from kernel.errors import ProxyError
 from kernel.settings import ModelAlias, ProxySettings
+from llm_proxy.metrics import ProxyMetrics
+from llm_proxy.ports import UpstreamBroke
 from llm_proxy.upstream_http import lean_http_client
+from llm_proxy.wire import UPSTREAM_PATHS
 
 TemplateKey = tuple[str, str, int, tuple[tuple[str, str], ...]]
 
@@ -99,3 +105,91 @@ def upstream_client(alias: ModelAlias, proxy: ProxySettings) -> UpstreamClient:
         timeout=httpx2.Timeout(proxy.upstream_timeout_s, connect=proxy.upstream_connect_timeout_s),
         max_retries=proxy.upstream_max_retries, http_client=http_client,
     )  # fmt: skip
+
+
+class SdkAnswer:
+    """An upstream answer read through httpx (the SDK's transport); a broken read is
+    :class:`~llm_proxy.ports.UpstreamBroke`, whatever the transport called it."""
+
+    __slots__ = ("_response",)
+
+    def __init__(self, response: httpx2.Response) -> None:
+        self._response = response
+
+    @property
+    def headers(self) -> Mapping[str, str]:
+        return self._response.headers
+
+    async def read(self) -> bytes:
+        try:
+            return await self._response.aread()
+        except httpx2.HTTPError as exc:
+            raise UpstreamBroke(str(exc)) from exc
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        try:
+            async for chunk in self._response.aiter_bytes():
+                yield chunk
+        except httpx2.HTTPError as exc:
+            raise UpstreamBroke(str(exc)) from exc
+
+    async def close(self) -> None:
+        await self._response.aclose()
+
+
+class SdkUpstream:
+    """The call's Upstream port: one SDK client per model alias, its errors as ProxyError."""
+
+    def __init__(self, clients: dict[str, UpstreamClient], metrics: ProxyMetrics) -> None:
+        self.clients = clients
+        self.metrics = metrics
+
+    async def post(self, alias: ModelAlias, route: str, body: bytes) -> SdkAnswer:
+        model = alias.alias
+        try:
+            response: httpx2.Response = await self.clients[model].post(
+                UPSTREAM_PATHS[route], cast_to=httpx2.Response, content=body, stream=True,
+                options={"headers": {"Content-Type": "application/json"}},
+            )  # fmt: skip
+            return SdkAnswer(response)
+        except openai.APIStatusError as exc:
+            self.metrics.upstream_errors.labels(model, str(exc.status_code)).inc()
+            raise status_error(exc) from exc
+        except openai.APITimeoutError as exc:
+            self.metrics.upstream_errors.labels(model, "timeout").inc()
+            raise ProxyError(504, "upstream_timeout", "upstream did not answer in time",
+                             kind="server_error") from exc  # fmt: skip
+        except openai.APIConnectionError as exc:
+            self.metrics.upstream_errors.labels(model, "connection").inc()
+            raise ProxyError(502, "upstream_unreachable", "upstream could not be reached",
+                             kind="server_error") from exc  # fmt: skip
+
+    async def close(self) -> None:
+        for client in self.clients.values():
+            await client.close()
+
+
+def status_error(exc: openai.APIStatusError) -> ProxyError:
+    """Upstream's refusal as the client sees it: a 429 (the client's SDK backs off by
+    Retry-After and retries) and the client's own mistakes (a bad parameter) pass through
+    with what upstream said; anything else is a 502."""
+    passed = {k: v for k in ("retry-after", "retry-after-ms", "x-request-id")
+              if (v := exc.response.headers.get(k))}  # fmt: skip
+    if exc.status_code == 429:
+        return _passthrough(exc, "rate_limit_exceeded", passed)
+    if 400 <= exc.status_code < 500 and exc.status_code not in (401, 403):
+        return _passthrough(exc, "upstream_rejected", passed)
+    return ProxyError(502, "upstream_error", f"upstream answered {exc.status_code}",
+                      kind="server_error", headers=passed)  # fmt: skip
+
+
+def _passthrough(exc: openai.APIStatusError, default_code: str,
+                 headers: dict[str, str]) -> ProxyError:  # fmt: skip
+    body = exc.body if isinstance(exc.body, dict) else {}
+    error = body.get("error", body) if isinstance(body, dict) else {}
+    error = error if isinstance(error, dict) else {}
+    message, code, kind = error.get("message"), error.get("code"), error.get("type")
+    return ProxyError(exc.status_code, str(code or default_code),
+                      str(message or f"upstream refused the request ({exc.status_code})"),
+                      param=error.get("param"), headers=headers,
+                      kind=str(kind or "invalid_request_error"))  # fmt: skip

@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 import psycopg
 
-from kernel.errors import CreditLedgerError
+from kernel.errors import OutboxConflict
 
 log = logging.getLogger(__name__)
 
@@ -31,15 +31,6 @@ ENQUEUE_SQL = (
 )
 
 Enqueued = Literal["inserted", "duplicate"]
-
-
-class OutboxConflict(CreditLedgerError):
-    """An event id is in the outbox already, for another event: a reused id, never a retry."""
-
-    def __init__(self, event_id: str, topic: str) -> None:
-        super().__init__(f"event id {event_id!r} is in the outbox already with other "
-                         f"content ({topic}); the new event was not added")  # fmt: skip
-        self.event_id = event_id
 
 
 def value_fingerprint(value: bytes) -> str:

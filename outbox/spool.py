@@ -35,7 +35,8 @@ from typing import Any
 import psycopg
 
 from contracts.records import CHARGE_TOPIC
-from outbox.enqueue import OutboxConflict, enqueue
+from kernel.errors import OutboxConflict
+from outbox.enqueue import enqueue
 
 log = logging.getLogger(__name__)
 

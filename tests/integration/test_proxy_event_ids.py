@@ -18,8 +18,9 @@ from contracts.commands import Grant
 from contracts.records import GRANT_TOPIC, command_to_record
 from contracts.redis_keys import event_key
 from kernel.db import connect
+from kernel.errors import OutboxConflict
 from kernel.settings import Settings, project_path
-from outbox.enqueue import OutboxConflict, enqueue
+from outbox.enqueue import enqueue
 from store.domain import order_grant_event_id, reward_grant_event_id
 from streams.codec import load_codec
 from tests.integration.conftest import ScratchTopics
