@@ -22,7 +22,7 @@ import hashlib
 from dataclasses import dataclass, field
 from typing import Literal
 
-from contracts.commands import GRANT_KINDS, LONG_MAX, LONG_MIN, Charge, Command, Entry
+from contracts.commands import GRANT_KINDS, LONG_MAX, LONG_MIN, Charge, Command, Entry, Grant
 from contracts.fields import EVENT_ID, ID, field_problems
 
 RejectReason = Literal["malformed", "unknown_schema", "idempotency_conflict", "invalid"]
@@ -181,54 +181,44 @@ def decide(
             command.user_id,
         )
     if isinstance(command, Charge):
-        amount = -command.amount_micro
-        balance_after = account.balance_micro + amount
-        if balance_after < LONG_MIN:
-            return Rejected("invalid", "balance would underflow a 64-bit integer",
-                            command.event_id, command.user_id)  # fmt: skip
-        return Applied(
-            Entry(
-                user_id=command.user_id,
-                seq=account.seq + 1,
-                event_id=command.event_id,
-                command_digest=digest,
-                kind="charge",
-                amount_micro=amount,
-                balance_after_micro=balance_after,
-                occurred_at_ms=command.occurred_at_ms,
-                recorded_at_ms=recorded_at_ms,
-                scene=command.scene,
-                request_id=command.request_id,
-                conversation_id=command.conversation_id,
-                model_alias=command.model_alias,
-                upstream_model=command.upstream_model,
-                input_tokens=command.input_tokens,
-                output_tokens=command.output_tokens,
-                cached_tokens=command.cached_tokens,
-                reasoning_tokens=command.reasoning_tokens,
-                usage_estimated=command.usage_estimated,
-                price_rule_id=command.price_rule_id,
-                price_rule_version=command.price_rule_version,
-            )
-        )
+        return _apply_charge(account, command, digest, recorded_at_ms)
+    return _apply_grant(account, command, digest, recorded_at_ms)
+
+
+def _apply_charge(account: Account, command: Charge, digest: str,
+                  recorded_at_ms: int) -> Outcome:  # fmt: skip
+    """A charge is post-paid: applied in full, even into debt (only a 64-bit underflow,
+    which could not be written, refuses it)."""
+    amount = -command.amount_micro
+    balance_after = account.balance_micro + amount
+    if balance_after < LONG_MIN:
+        return Rejected("invalid", "balance would underflow a 64-bit integer",
+                        command.event_id, command.user_id)  # fmt: skip
+    return Applied(Entry(
+        user_id=command.user_id, seq=account.seq + 1, event_id=command.event_id,
+        command_digest=digest, kind="charge", amount_micro=amount,
+        balance_after_micro=balance_after, occurred_at_ms=command.occurred_at_ms,
+        recorded_at_ms=recorded_at_ms, scene=command.scene, request_id=command.request_id,
+        conversation_id=command.conversation_id, model_alias=command.model_alias,
+        upstream_model=command.upstream_model, input_tokens=command.input_tokens,
+        output_tokens=command.output_tokens, cached_tokens=command.cached_tokens,
+        reasoning_tokens=command.reasoning_tokens, usage_estimated=command.usage_estimated,
+        price_rule_id=command.price_rule_id, price_rule_version=command.price_rule_version,
+    ))  # fmt: skip
+
+
+def _apply_grant(account: Account, command: Grant, digest: str,
+                 recorded_at_ms: int) -> Outcome:  # fmt: skip
     balance_after = account.balance_micro + command.amount_micro
     if balance_after > LONG_MAX:
         return Rejected("invalid", "balance would overflow a 64-bit integer",
                         command.event_id, command.user_id)  # fmt: skip
-    return Applied(
-        Entry(
-            user_id=command.user_id,
-            seq=account.seq + 1,
-            event_id=command.event_id,
-            command_digest=digest,
-            kind=command.kind,
-            amount_micro=command.amount_micro,
-            balance_after_micro=balance_after,
-            occurred_at_ms=command.occurred_at_ms,
-            recorded_at_ms=recorded_at_ms,
-            reference=command.reference,
-        )
-    )
+    return Applied(Entry(
+        user_id=command.user_id, seq=account.seq + 1, event_id=command.event_id,
+        command_digest=digest, kind=command.kind, amount_micro=command.amount_micro,
+        balance_after_micro=balance_after, occurred_at_ms=command.occurred_at_ms,
+        recorded_at_ms=recorded_at_ms, reference=command.reference,
+    ))  # fmt: skip
 
 
 def evolve(account: Account, entry: Entry) -> Account:

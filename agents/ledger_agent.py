@@ -44,7 +44,7 @@ import asyncio
 import logging
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from confluent_kafka import KafkaError, TopicPartition
@@ -53,6 +53,7 @@ from faust.types import TP
 from agents.app import LedgerApp
 from agents.domain import Account, Applied, Duplicate, Limits, Seen, decide, evolve
 from agents.state import LedgerStateTable, StateWrite
+from contracts.commands import Command
 from contracts.records import LEDGER_TOPIC, REJECTED_TOPIC, command_from_record, entry_to_record
 from kernel.errors import CodecError, CreditLedgerError
 from kernel.settings import Settings
@@ -107,6 +108,34 @@ class FoldStats:
             f"{self.gap_filled} recovered from input holes; "
             f"{rate:,.0f} commands/s while busy"
         )
+
+
+@dataclass
+class Batch:
+    """One batch's working state: the accounts and event ids it folded so far (the state
+    table learns them only once Kafka acked them), and what Kafka acked."""
+
+    accounts: dict[tuple[int, str], Account] = field(default_factory=dict)
+    seen: dict[str, Seen] = field(default_factory=dict)
+    writes: list[StateWrite] = field(default_factory=list)
+    # The state only needs, per partition, the highest acked ledger offset (its
+    # persisted offset); one shared callback records it.
+    acked_max: dict[int, int] = field(default_factory=dict)
+    acked: int = 0
+    failures: list[KafkaError] = field(default_factory=list)
+
+    def entry_delivered(self, err: KafkaError | None, msg: Any) -> None:
+        if err is not None:
+            self.failures.append(err)
+            return
+        self.acked += 1
+        partition, offset = msg.partition(), msg.offset()
+        if offset > self.acked_max.get(partition, -1):
+            self.acked_max[partition] = offset
+
+    def letter_delivered(self, err: KafkaError | None, _msg: Any) -> None:
+        if err is not None:
+            self.failures.append(err)
 
 
 class LedgerFolder:
@@ -213,96 +242,91 @@ class LedgerFolder:
         items = self.with_holes_filled([Incoming.from_faust(event) for event in events])
         producer = self._producer
         assert producer is not None, "LedgerFolder.start() first"
-        accounts: dict[tuple[int, str], Account] = {}
-        seen: dict[str, Seen] = {}
-        writes: list[StateWrite] = []
-        # The state only needs, per partition, the highest acked ledger offset
-        # (its persisted offset); one shared callback records it.
-        acked_max: dict[int, int] = {}
-        acked_count = [0]
-        failures: list[KafkaError] = []
-        codec, state, limits = self.codec, self.state, self.limits
-
-        def entry_delivered(err: KafkaError | None, msg: Any) -> None:
-            if err is not None:
-                failures.append(err)
-                return
-            acked_count[0] += 1
-            partition, offset = msg.partition(), msg.offset()
-            if offset > acked_max.get(partition, -1):
-                acked_max[partition] = offset
-
-        def dead_letter_delivered(err: KafkaError | None, _msg: Any) -> None:
-            if err is not None:
-                failures.append(err)
-
+        batch = Batch()
         for index, message in enumerate(items):
-            partition = message.partition
-            try:
-                decoded = codec.decode(message.value, plain_times=True)
-            except CodecError as exc:
-                self._dead_letter(message, exc.reason, str(exc), None, None, dead_letter_delivered)
-                continue
-            if decoded.event_type != message.topic:
-                self._dead_letter(
-                    message, "invalid",
-                    f"a {decoded.event_type} event on topic {message.topic}",
-                    decoded.record.get("event_id"), decoded.record.get("user_id"),
-                    dead_letter_delivered,
-                )  # fmt: skip
-                continue
-            command = command_from_record(message.topic, decoded.record)
-            home = self._home_partition(command.user_id)
-            if home != partition:
-                # The state is kept per partition: an account split over two
-                # partitions would get two seq counters. Refuse, loudly.
-                self._dead_letter(
-                    message, "invalid",
-                    f"user {command.user_id!r} belongs on partition {home}, the command came on "
-                    f"{partition}: its producer does not use the murmur2 partitioner",
-                    command.event_id, command.user_id, dead_letter_delivered,
-                )  # fmt: skip
-                continue
-            key = (partition, command.user_id)
-            account = accounts.get(key)
-            if account is None:
-                account = state.account(partition, command.user_id)
-            first = seen.get(command.event_id) or state.seen(partition, command.event_id)
-            # The message's own timestamp: a redelivered command decides identically.
-            outcome = decide(account, first, command, limits, message.timestamp_ms)
-            if isinstance(outcome, Applied):
-                entry = outcome.entry
-                value = codec.encode(LEDGER_TOPIC, entry_to_record(entry), checked=False)
-                producer.produce(LEDGER_TOPIC, key=entry.user_id.encode(), value=value,
-                                 partition=partition, on_delivery=entry_delivered)  # fmt: skip
-                accounts[key] = evolve(account, entry)
-                seen[entry.event_id] = Seen(entry.user_id, entry.seq, entry.command_digest)
-                writes.append(StateWrite(partition, 0, entry.user_id, entry.seq,
-                                         entry.balance_after_micro, entry.event_id,
-                                         entry.command_digest))  # fmt: skip
-                self.stats.applied += 1
-            elif isinstance(outcome, Duplicate):
-                self.stats.duplicates += 1
-            else:
-                self._dead_letter(message, outcome.reason, outcome.detail, outcome.event_id,
-                                  outcome.user_id, dead_letter_delivered)  # fmt: skip
+            command = self._command_of(message, batch)
+            if command is not None:
+                self._fold_one(message, command, batch)
             if index % 500 == 499:
                 producer.poll(0)  # serve delivery reports now and then, not per message
-
-        remaining = producer.flush(self.settings.ledger.flush_timeout_s)
-        if remaining or failures or acked_count[0] != len(writes):
-            raise FoldError(
-                f"{remaining} ledger/DLQ messages unacknowledged after "
-                f"{self.settings.ledger.flush_timeout_s} s, {len(failures)} failed "
-                f"({failures[:3]}); exiting without committing the batch"
-            )
-        state.apply_entries(writes, trusted=True, offsets=acked_max)
+        self._make_durable(batch)
         self.stats.batches += 1
         self.stats.commands += len(items)
         self.stats.busy_s += time.monotonic() - started
         if time.monotonic() - self._last_stats > STATS_EVERY_S:
             self._last_stats = time.monotonic()
             log.info("ledger fold: %s", self.stats.line())
+
+    def _command_of(self, message: Incoming, batch: Batch) -> Command | None:
+        """The message's command, or None once it went to the DLQ (it does not decode, is
+        on the wrong topic, or on a partition that is not its user's)."""
+        try:
+            decoded = self.codec.decode(message.value, plain_times=True)
+        except CodecError as exc:
+            self._dead_letter(message, exc.reason, str(exc), None, None, batch.letter_delivered)
+            return None
+        if decoded.event_type != message.topic:
+            self._dead_letter(
+                message, "invalid", f"a {decoded.event_type} event on topic {message.topic}",
+                decoded.record.get("event_id"), decoded.record.get("user_id"),
+                batch.letter_delivered,
+            )  # fmt: skip
+            return None
+        command = command_from_record(message.topic, decoded.record)
+        home = self._home_partition(command.user_id)
+        if home != message.partition:
+            # The state is kept per partition: an account split over two
+            # partitions would get two seq counters. Refuse, loudly.
+            self._dead_letter(
+                message, "invalid",
+                f"user {command.user_id!r} belongs on partition {home}, the command came on "
+                f"{message.partition}: its producer does not use the murmur2 partitioner",
+                command.event_id, command.user_id, batch.letter_delivered,
+            )  # fmt: skip
+            return None
+        return command
+
+    def _fold_one(self, message: Incoming, command: Command, batch: Batch) -> None:
+        """Decide one command against the state as this batch left it, and produce what
+        comes out: an entry (acked later, with the batch), nothing, or a dead letter."""
+        partition = message.partition
+        key = (partition, command.user_id)
+        account = batch.accounts.get(key)
+        if account is None:
+            account = self.state.account(partition, command.user_id)
+        first = batch.seen.get(command.event_id) or self.state.seen(partition, command.event_id)
+        # The message's own timestamp: a redelivered command decides identically.
+        outcome = decide(account, first, command, self.limits, message.timestamp_ms)
+        if isinstance(outcome, Applied):
+            entry = outcome.entry
+            value = self.codec.encode(LEDGER_TOPIC, entry_to_record(entry), checked=False)
+            self._producer.produce(LEDGER_TOPIC, key=entry.user_id.encode(), value=value,
+                                   partition=partition,
+                                   on_delivery=batch.entry_delivered)  # fmt: skip
+            batch.accounts[key] = evolve(account, entry)
+            batch.seen[entry.event_id] = Seen(entry.user_id, entry.seq, entry.command_digest)
+            batch.writes.append(StateWrite(partition, 0, entry.user_id, entry.seq,
+                                           entry.balance_after_micro, entry.event_id,
+                                           entry.command_digest))  # fmt: skip
+            self.stats.applied += 1
+        elif isinstance(outcome, Duplicate):
+            self.stats.duplicates += 1
+        else:
+            self._dead_letter(message, outcome.reason, outcome.detail, outcome.event_id,
+                              outcome.user_id, batch.letter_delivered)  # fmt: skip
+
+    def _make_durable(self, batch: Batch) -> None:
+        """Wait for Kafka to ack every entry and dead letter of the batch, then apply the
+        acked entries to the state; anything not acked is a FoldError (no commit)."""
+        timeout_s = self.settings.ledger.flush_timeout_s
+        remaining = self._producer.flush(timeout_s)
+        if remaining or batch.failures or batch.acked != len(batch.writes):
+            raise FoldError(
+                f"{remaining} ledger/DLQ messages unacknowledged after {timeout_s} s, "
+                f"{len(batch.failures)} failed ({batch.failures[:3]}); exiting without "
+                "committing the batch"
+            )
+        self.state.apply_entries(batch.writes, trusted=True, offsets=batch.acked_max)
 
     def _home_partition(self, user_id: str) -> int:
         """Where murmur2 puts this user (what every producer of ours computes)."""

@@ -12,7 +12,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from creditledger.cli_projections import add_projection_commands, credits, project_codec
 from creditledger.cli_proxy import add_proxy_commands
@@ -222,7 +222,20 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _stack_commands(commands)
+    _config_commands(commands)
+    _topics_commands(commands)
+    _worker_command(commands)
+    _ledger_commands(commands)
+    _demo_command(commands)
+    add_projection_commands(commands)
+    add_proxy_commands(commands)
+    add_store_commands(commands)
+    return parser
 
+
+def _stack_commands(commands: Any) -> None:
+    """stack up|down|status: the local services."""
     stack = commands.add_parser(
         "stack",
         help="start/stop the local Kafka, Postgres and Redis (no Docker)",
@@ -248,6 +261,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = stack_commands.add_parser("status", help="show each service; exit 3 unless all answer")
     p.set_defaults(handler=cmd_stack_status)
 
+
+def _config_commands(commands: Any) -> None:
+    """config show|example: the settings."""
     config = commands.add_parser("config", help="inspect the settings")
     config_commands = config.add_subparsers(dest="action", required=True, metavar="ACTION")
     p = config_commands.add_parser("show", help="print the effective settings (secrets masked)")
@@ -258,6 +274,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--write", action="store_true", help="rewrite config.example.yaml in place")
     p.set_defaults(handler=cmd_config_example)
 
+
+def _topics_commands(commands: Any) -> None:
+    """topics apply|plan: the broker against topics.yaml."""
     topics = commands.add_parser(
         "topics",
         help="make Kafka's topics match topics.yaml",
@@ -277,6 +296,9 @@ def build_parser() -> argparse.ArgumentParser:
         )
         p.set_defaults(handler=handler)
 
+
+def _worker_command(commands: Any) -> None:
+    """worker: one ledger worker."""
     p = commands.add_parser(
         "worker",
         help="run a ledger worker: fold commands into credit.ledger.entries",
@@ -304,6 +326,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(handler=cmd_worker)
 
+
+def _ledger_commands(commands: Any) -> None:
+    """ledger balance|fold-check|dlq: ops on the ledger."""
     ledger = commands.add_parser(
         "ledger",
         help="inspect the ledger: balance, fold-check, dead letters",
@@ -354,6 +379,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="only say what would be sent")
     p.set_defaults(handler=cmd_dlq_redrive)
 
+
+def _demo_command(commands: Any) -> None:
+    """demo: the main job's first steps."""
     p = commands.add_parser(
         "demo",
         help="stack up, topics apply, and a round trip of every event type through Kafka",
@@ -363,11 +391,6 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     p.set_defaults(handler=cmd_demo)
-
-    add_projection_commands(commands)
-    add_proxy_commands(commands)
-    add_store_commands(commands)
-    return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -195,6 +195,13 @@ def cmd_read(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def add_projection_commands(commands: Any) -> None:
+    """migrate, project, replay, verify and read: the read models' commands."""
+    _build_commands(commands)
+    _verify_command(commands)
+    _read_commands(commands)
+
+
+def _build_commands(commands: Any) -> None:
     p = commands.add_parser(
         "migrate", help="apply the Postgres migrations (idempotent)",
         description="Apply every pending projections/migrations/NNNN_*.sql in order, each in "
@@ -230,6 +237,8 @@ def add_projection_commands(commands: Any) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(handler=cmd_replay)
 
+
+def _verify_command(commands: Any) -> None:
     p = commands.add_parser(
         "verify", help="fold the ledger and compare with Postgres and Redis; exit 1 on a diff",
         description=(
@@ -257,6 +266,8 @@ def add_projection_commands(commands: Any) -> None:
     )
     p.set_defaults(handler=cmd_verify)
 
+
+def _read_commands(commands: Any) -> None:
     read = commands.add_parser(
         "read", help="query the read models: balance, consumption, history",
         description="What the credit-store API shows, from the command line.",
