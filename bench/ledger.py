@@ -47,7 +47,7 @@ from creditledger.tables import render_table
 from kernel.settings import Settings, load_settings, project_path
 from streams.codec import AvroCodec, load_codec
 from streams.kafka_clients import consumer_config, make_consumer, make_producer
-from tests.integration.ledger_harness import WorkerGroup
+from testbed.ledger import WorkerGroup
 
 T0_MS = 1_767_225_600_000
 

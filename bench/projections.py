@@ -51,8 +51,8 @@ from streams import topic_admin
 from streams.codec import AvroCodec, load_codec
 from streams.kafka_clients import make_consumer, make_producer
 from streams.topics import TopicSpec, TopicsSpec
-from tests.integration.ledger_harness import WorkerGroup
-from tests.integration.projection_harness import with_database
+from testbed.ledger import WorkerGroup
+from testbed.world import with_database
 
 T0_MS = 1_767_225_600_000
 HOUR_MS = 3_600_000

@@ -116,16 +116,108 @@ class ServiceDir:
         pid = self.running_pid()
         if pid is None:
             return False
-        _signal_group(pid, first_signal)
+        signal_group(pid, first_signal)
         deadline = time.monotonic() + timeout_s
         while is_alive(pid) and time.monotonic() < deadline:
             time.sleep(0.1)
         # Whatever is left in the group (a stuck JVM, orphaned backends) goes now.
-        _signal_group(pid, signal.SIGKILL)
+        signal_group(pid, signal.SIGKILL)
         while is_alive(pid) and time.monotonic() < deadline + 5:
             time.sleep(0.05)
         self.pid_file.unlink(missing_ok=True)
         return True
+
+
+class ProcessGroup:
+    """Child processes of one owner (a test, a benchmark, a demo), each in a session of its
+    own with its output appended to ``<logdir>/<name>.log``, so that stopping or killing
+    one ends its whole process group (a supervisor's children, a server's workers) and
+    nothing outlives the owner."""
+
+    def __init__(self, logdir: Path, env: dict[str, str] | None = None) -> None:
+        self.logdir = logdir
+        self.env = env
+        self.processes: dict[str, subprocess.Popen[bytes]] = {}
+        logdir.mkdir(parents=True, exist_ok=True)
+
+    def log(self, name: str) -> Path:
+        return self.logdir / f"{name}.log"
+
+    def start(self, name: str, argv: Sequence[str], *,
+              env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:  # fmt: skip
+        """Start ``argv`` as ``name`` (a name already running is an error: stop it first)."""
+        running = self.processes.get(name)
+        if running is not None and running.poll() is None:
+            raise StackError(f"{name} is running already (pid {running.pid})")
+        self.logdir.mkdir(parents=True, exist_ok=True)
+        with self.log(name).open("ab") as log:
+            process = subprocess.Popen(list(argv), stdin=subprocess.DEVNULL, stdout=log,
+                                       stderr=subprocess.STDOUT, env=env or self.env,
+                                       start_new_session=True)  # fmt: skip
+        self.processes[name] = process
+        return process
+
+    def adopt(self, name: str, process: subprocess.Popen[bytes]) -> None:
+        """A process started elsewhere (in a session of its own) that this group now ends."""
+        self.processes[name] = process
+
+    def alive(self, name: str) -> bool:
+        process = self.processes.get(name)
+        return process is not None and process.poll() is None
+
+    def kill(self, name: str) -> None:
+        """SIGKILL to the whole group: no shutdown hook, no final commit, no flush."""
+        self._end(self.processes[name], 0.0)
+
+    def stop(self, name: str, timeout_s: float = 30) -> None:
+        """SIGTERM to the group, then SIGKILL to what is left after ``timeout_s``."""
+        self._end(self.processes[name], timeout_s)
+
+    def stop_all(self, timeout_s: float = 30) -> None:
+        """Stop every process, all signalled at once (a slow one delays only itself)."""
+        for process in self.processes.values():
+            if process.returncode is None:
+                signal_group(process.pid, signal.SIGTERM)
+        deadline = time.monotonic() + timeout_s
+        for process in self.processes.values():
+            self._end(process, max(0.0, deadline - time.monotonic()))
+
+    @staticmethod
+    def _end(process: subprocess.Popen[bytes], timeout_s: float) -> None:
+        if process.returncode is not None:
+            return  # reaped before: its pid may belong to a stranger by now
+        if timeout_s > 0:
+            signal_group(process.pid, signal.SIGTERM)
+            _exited(process.pid, timeout_s)
+        # The leader is not reaped yet (a zombie at most), so its pid is still its group's
+        # and cannot be reused: whatever is left in the group goes now.
+        signal_group(process.pid, signal.SIGKILL)
+        process.wait(timeout=30)
+
+    def tail(self, name: str, lines: int = 40) -> str:
+        try:
+            text = self.log(name).read_text(errors="replace")
+        except FileNotFoundError:
+            return "(no log)"
+        return "\n".join(text.splitlines()[-lines:])
+
+    def tails(self, lines: int = 15) -> str:
+        """The last lines of every process's log, for a failing assertion's message."""
+        return "\n".join(f"--- {name}\n{self.tail(name, lines)}" for name in self.processes)
+
+
+def _exited(pid: int, timeout_s: float) -> bool:
+    """Wait until our child ``pid`` has exited, without reaping it; False on timeout."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            if os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None:
+                return True
+        except ChildProcessError:
+            return True
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
 
 
 def wait_until(probe: Callable[[], bool], timeout_s: float) -> bool:
@@ -186,7 +278,8 @@ def _owns(pid: int, marker: str) -> bool:
     return marker in cmdline and is_alive(pid)
 
 
-def _signal_group(pid: int, sig: int) -> None:
+def signal_group(pid: int, sig: int) -> None:
+    """``sig`` to the process group led by ``pid`` (or to ``pid`` alone if it leads none)."""
     try:
         os.killpg(pid, sig)
     except ProcessLookupError:

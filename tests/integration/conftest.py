@@ -21,9 +21,10 @@ from kernel.settings import Settings, load_settings, project_path
 from stack import launcher
 from streams import topic_admin
 from streams.topics import TopicsSpec, load_topics
+from testbed.topics import ScratchTopics
 
 if TYPE_CHECKING:
-    from tests.integration.store_harness import StoreWorld
+    from testbed.store import StoreWorld
 
 HOW_TO_START = (
     "Start the stack with `.venv/bin/creditledger stack up` (see README), or point the "
@@ -68,33 +69,6 @@ def unique() -> str:
     return uuid.uuid4().hex[:10]
 
 
-class ScratchTopics:
-    """Creates uniquely named topics for one test and deletes them afterwards."""
-
-    def __init__(self, admin: AdminClient, unique: str) -> None:
-        self.admin = admin
-        self.unique = unique
-        self.names: list[str] = []
-
-    def name(self, label: str) -> str:
-        name = f"test.{label}.{self.unique}"
-        self.names.append(name)
-        return name
-
-    def create(self, label: str, partitions: int, **config: str) -> str:
-        from streams.topics import TopicSpec
-
-        name = self.name(label)
-        spec = TopicsSpec(
-            topics={name: TopicSpec(name, partitions, 1, dict(config))}, co_partitioned={}
-        )
-        topic_admin.apply(self.admin, spec, timeout_s=30)
-        return name
-
-    def cleanup(self) -> None:
-        topic_admin.delete(self.admin, self.names, timeout_s=30)
-
-
 @pytest.fixture
 def scratch(admin: AdminClient, unique: str) -> Iterator[ScratchTopics]:
     topics = ScratchTopics(admin, unique)
@@ -108,7 +82,7 @@ def ledger_store_world(stack_settings: Settings, scratch: ScratchTopics,
     """A store world on the real ledger topic, store not started yet: for the tests that
     follow a grant through a worker into the ledger."""
     from contracts.records import LEDGER_TOPIC
-    from tests.integration.store_harness import store_world  # it imports this module
+    from testbed.store import store_world
 
     with store_world(stack_settings, scratch, unique, start=False,
                      ledger_topic=LEDGER_TOPIC) as world:  # fmt: skip

@@ -24,10 +24,10 @@ from kernel.settings import Settings, project_path
 from stack import launcher
 from streams.codec import load_codec
 from streams.reading import read_topic
-from tests.integration.conftest import ScratchTopics
-from tests.integration.ledger_harness import WorkerGroup
-from tests.integration.proxy_harness import wait_for
-from tests.integration.store_harness import StoreWorld, store_world
+from testbed.ledger import WorkerGroup
+from testbed.proxy import wait_for
+from testbed.store import StoreWorld, store_world
+from testbed.topics import ScratchTopics
 from tests.integration.test_proxy_flow import GRANT, ONE_CALL, PROMPT, grant
 
 pytestmark = pytest.mark.integration

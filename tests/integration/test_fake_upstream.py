@@ -11,7 +11,7 @@ import pytest
 
 from llm_proxy.fake_upstream import set_behaviour
 from stack.processes import wait_http
-from tests.integration.proxy_harness import free_port
+from testbed.proxy import free_port
 
 KEY = "sk-fake-upstream-test"
 

@@ -13,7 +13,7 @@ from streams.codec import AvroCodec
 from streams.examples import example_events
 from streams.kafka_clients import make_consumer, make_producer
 from streams.roundtrip import round_trip
-from tests.integration.conftest import ScratchTopics
+from testbed.topics import ScratchTopics
 
 
 def test_every_event_type_round_trips(

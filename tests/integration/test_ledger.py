@@ -18,8 +18,8 @@ from agents import ops
 from kernel.settings import Settings
 from streams.codec import AvroCodec
 from streams.topics import TopicsSpec
-from tests.integration.ledger_harness import Delivered, Watcher, WorkerGroup, compare, send
-from tests.workload import Workload, build_workload
+from testbed.ledger import Delivered, Watcher, WorkerGroup, compare, send
+from testbed.workload import Workload, build_workload
 
 WAIT_S = 300
 

@@ -22,9 +22,9 @@ from kernel.settings import Settings, load_settings
 from streams.codec import AvroCodec
 from streams.kafka_clients import consumer_config, partition_of
 from streams.topics import TopicsSpec
-from tests.integration.ledger_harness import send
+from testbed.ledger import send
+from testbed.workload import Message
 from tests.unit.test_domain import grant
-from tests.workload import Message
 
 
 @pytest.fixture

@@ -12,9 +12,9 @@ from contracts.records import GRANT_TOPIC, command_to_record
 from creditledger.cli import main
 from kernel.settings import Settings
 from streams.codec import AvroCodec
-from tests.integration.ledger_harness import WorkerGroup, send
+from testbed.ledger import WorkerGroup, send
+from testbed.workload import Message
 from tests.unit.test_domain import grant
-from tests.workload import Message
 
 
 def _entries_for(settings: Settings, codec: AvroCodec, user: str) -> list[object]:

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import random
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -20,30 +18,23 @@ from kernel.settings import Settings, project_path
 from outbox.enqueue import enqueue
 from streams.codec import load_codec
 from streams.reading import read_topic
-from tests.integration.conftest import ScratchTopics
-from tests.integration.projection_harness import ProjectionEnv
-from tests.projection_workload import random_command
-from tests.workload import Auditor
+from testbed.topics import ScratchTopics
+from testbed.workload import Auditor, random_command
+from testbed.world import World
 
 pytestmark = pytest.mark.integration
 
 
 @pytest.fixture
-def world(stack_settings: Settings, scratch: ScratchTopics, unique: str) -> Iterator[ProjectionEnv]:
+def world(stack_settings: Settings, scratch: ScratchTopics, unique: str) -> Iterator[World]:
     codec = load_codec(project_path(stack_settings.schemas.avro_dir))
-    env = ProjectionEnv(stack_settings, scratch, unique, codec)
+    env = World(stack_settings, scratch, unique, codec)
     yield env
     env.cleanup()
 
 
-def start_relay(world: ProjectionEnv, name: str) -> subprocess.Popen[bytes]:
-    log = (world.logdir / f"{name}.log").open("ab")
-    return subprocess.Popen([sys.executable, "-m", "creditledger.cli", "outbox", "relay"],
-                            env=world.env(), stdout=log, stderr=subprocess.STDOUT)  # fmt: skip
-
-
 def test_relays_killed_three_times_lose_nothing_and_the_fold_doubles_nothing(
-    world: ProjectionEnv,
+    world: World,
 ) -> None:
     seed = random.randrange(2**32)
     rng = random.Random(seed)
@@ -54,31 +45,40 @@ def test_relays_killed_three_times_lose_nothing_and_the_fold_doubles_nothing(
     for command in commands:
         auditor.apply(command)
 
-    def write() -> None:
-        with connect(world.settings) as conn:
-            for start in range(0, len(commands), 100):
-                for command in commands[start : start + 100]:
-                    value = world.codec.encode(command_topic(command), command_to_record(command))
-                    assert enqueue(conn, command.event_id, world.topic,
-                                   command.user_id.encode(), value)  # fmt: skip
-                conn.commit()
-                time.sleep(0.01)
-            # A retried call with the same event_id adds nothing.
-            first = commands[0]
-            again = world.codec.encode(command_topic(first), command_to_record(first))
-            assert not enqueue(conn, first.event_id, world.topic, first.user_id.encode(), again)
-            conn.commit()
+    failed: list[BaseException] = []  # the writer thread's failure fails the test
 
-    relays = {"a": start_relay(world, "relay-a"), "b": start_relay(world, "relay-b")}
+    def write() -> None:
+        try:
+            with connect(world.settings) as conn:
+                for start in range(0, len(commands), 100):
+                    for command in commands[start : start + 100]:
+                        value = world.codec.encode(command_topic(command),
+                                                   command_to_record(command))  # fmt: skip
+                        assert enqueue(conn, command.event_id, world.topic,
+                                       command.user_id.encode(), value) == "inserted"  # fmt: skip
+                    conn.commit()
+                    time.sleep(0.01)
+                # A retried call with the same event_id adds nothing.
+                first = commands[0]
+                again = world.codec.encode(command_topic(first), command_to_record(first))
+                assert enqueue(conn, first.event_id, world.topic, first.user_id.encode(),
+                               again) == "duplicate"  # fmt: skip
+                conn.commit()
+        except BaseException as exc:
+            failed.append(exc)
+
+    world.start_relay("relay-a")
+    world.start_relay("relay-b")
     writer = threading.Thread(target=write)
     writer.start()
     try:
         for _round in range(3):
             time.sleep(rng.uniform(0.3, 1.0))
-            relays["a"].kill()
-            relays["a"].wait(10)
-            relays["a"] = start_relay(world, "relay-a")
+            world.kill("relay-a")
+            world.start_relay("relay-a")
         writer.join()
+        if failed:
+            raise failed[0]
         deadline = time.monotonic() + 120
         while True:
             with connect(world.settings) as conn:
@@ -90,9 +90,7 @@ def test_relays_killed_three_times_lose_nothing_and_the_fold_doubles_nothing(
             )
             time.sleep(0.2)
     finally:
-        for process in relays.values():
-            process.terminate()
-            process.wait(30)
+        world.stop_all()
 
     sent = [world.codec.decode(record.value) for record in read_topic(world.settings, world.topic)]
     ids = [decoded.record["event_id"] for decoded in sent]
@@ -107,7 +105,7 @@ def test_relays_killed_three_times_lose_nothing_and_the_fold_doubles_nothing(
         1 for c in commands if command_topic(c) == CHARGE_TOPIC)  # fmt: skip
 
 
-def test_the_spool_moves_only_charges_into_the_outbox(world: ProjectionEnv, tmp_path: Path) -> None:
+def test_the_spool_moves_only_charges_into_the_outbox(world: World, tmp_path: Path) -> None:
     """A local user who can write spool lines must not be able to grant credits: the relay
     takes only charges from the spool, and a reused event id is refused, not swallowed."""
     from outbox import spool

@@ -18,7 +18,7 @@ from streams.examples import example_events
 from streams.faust_codec import register_faust_codecs
 from streams.kafka_clients import make_producer
 from streams.topics import TopicsSpec
-from tests.integration.conftest import ScratchTopics
+from testbed.topics import ScratchTopics
 
 USERS = [f"user-{n}" for n in range(1000)]
 EVENT_TYPE = "credit.charge.requested"

@@ -16,9 +16,9 @@ from kernel.redis import connect_redis
 from kernel.settings import Settings, load_settings, project_path
 from projections.replay import Replay
 from streams.codec import AvroCodec, load_codec
-from tests.integration.conftest import ScratchTopics
-from tests.integration.projection_harness import ProjectionEnv
-from tests.projection_workload import EntryWorkload, build_entries
+from testbed.topics import ScratchTopics
+from testbed.workload import EntryWorkload, build_entries
+from testbed.world import World
 
 pytestmark = pytest.mark.integration
 
@@ -30,13 +30,13 @@ def codec(stack_settings: Settings) -> AvroCodec:
 
 @pytest.fixture
 def world(stack_settings: Settings, scratch: ScratchTopics, unique: str,
-          codec: AvroCodec) -> Iterator[ProjectionEnv]:  # fmt: skip
-    env = ProjectionEnv(stack_settings, scratch, unique, codec)
+          codec: AvroCodec) -> Iterator[World]:  # fmt: skip
+    env = World(stack_settings, scratch, unique, codec)
     yield env
     env.cleanup()
 
 
-def assert_equals_auditor(world: ProjectionEnv, workload: EntryWorkload, seed: int) -> None:
+def assert_equals_auditor(world: World, workload: EntryWorkload, seed: int) -> None:
     auditor = workload.auditor
     accounts = world.accounts()
     assert accounts == auditor.accounts, (
@@ -50,12 +50,12 @@ def assert_equals_auditor(world: ProjectionEnv, workload: EntryWorkload, seed: i
 
 
 def test_live_projection_equals_auditor_and_redelivery_changes_nothing(
-    world: ProjectionEnv,
+    world: World,
 ) -> None:
     seed = random.randrange(2**32)
     workload = build_entries(seed, world.unique, commands=6000, users=300)
-    world.start("postgres")
-    world.start("redis")
+    world.start_projector("postgres")
+    world.start_projector("redis")
     half = len(workload.entries) // 2
     world.produce(workload.entries[:half])
     world.produce(workload.entries[half:])
@@ -77,19 +77,19 @@ def test_live_projection_equals_auditor_and_redelivery_changes_nothing(
     client = connect_redis(world.settings)
     client.delete(progress_key(world.prefix, world.topic))
     client.close()
-    world.start("postgres")
-    world.start("redis")
+    world.start_projector("postgres")
+    world.start_projector("redis")
     world.wait_caught_up()
     assert world.checksums() == before, f"seed {seed}: redelivery changed the tables"
     assert_equals_auditor(world, workload, seed)
 
 
-def test_projectors_killed_three_times_mid_batch_still_end_equal(world: ProjectionEnv) -> None:
+def test_projectors_killed_three_times_mid_batch_still_end_equal(world: World) -> None:
     seed = random.randrange(2**32)
     rng = random.Random(seed)
     workload = build_entries(seed, world.unique, commands=30_000, users=1_000)
-    world.start("postgres")
-    world.start("redis")
+    world.start_projector("postgres")
+    world.start_projector("redis")
     chunks = [workload.entries[i : i + 2000] for i in range(0, len(workload.entries), 2000)]
 
     def send_all() -> None:
@@ -104,7 +104,7 @@ def test_projectors_killed_three_times_mid_batch_still_end_equal(world: Projecti
             world.kill(sink)
         time.sleep(rng.uniform(0.0, 0.3))
         for sink in ("postgres", "redis"):
-            world.start(sink)
+            world.start_projector(sink)
     producer.join()
     world.wait_caught_up()
     assert_equals_auditor(world, workload, seed)
@@ -112,12 +112,12 @@ def test_projectors_killed_three_times_mid_batch_still_end_equal(world: Projecti
     assert result.returncode == 0, f"seed {seed}: {result.stdout}{result.stderr}"
 
 
-def test_replay_on_a_live_system_is_byte_identical_and_resumable(world: ProjectionEnv) -> None:
+def test_replay_on_a_live_system_is_byte_identical_and_resumable(world: World) -> None:
     seed = random.randrange(2**32)
     workload = build_entries(seed, world.unique, commands=12_000, users=500)
     first, second = workload.entries[:8000], workload.entries[8000:]
-    world.start("postgres")
-    world.start("redis")
+    world.start_projector("postgres")
+    world.start_projector("redis")
     world.produce(first)
     world.wait_caught_up()
 
@@ -158,12 +158,12 @@ def test_replay_on_a_live_system_is_byte_identical_and_resumable(world: Projecti
 
 
 def test_verify_passes_then_catches_a_corrupted_row_and_a_stale_snapshot(
-    world: ProjectionEnv,
+    world: World,
 ) -> None:
     seed = random.randrange(2**32)
     workload = build_entries(seed, world.unique, commands=3000, users=100)
-    world.start("postgres")
-    world.start("redis")
+    world.start_projector("postgres")
+    world.start_projector("redis")
     world.produce(workload.entries)
     world.wait_caught_up()
     world.stop_all()
@@ -201,7 +201,7 @@ def test_verify_passes_then_catches_a_corrupted_row_and_a_stale_snapshot(
 
 
 def test_an_entry_no_read_model_can_store_is_quarantined_and_the_rest_goes_on(
-    world: ProjectionEnv,
+    world: World,
 ) -> None:
     """Entries folded before the field rules (or by a buggy producer of the ledger topic):
     a 10 KB user id, a NUL in a user id, a normal user with a NUL in a reference. Each is
@@ -222,8 +222,8 @@ def test_an_entry_no_read_model_can_store_is_quarantined_and_the_rest_goes_on(
                 balance_after_micro=last.balance_after_micro + 5),
     ]  # fmt: skip
     half = len(workload.entries) // 2
-    world.start("postgres")
-    world.start("redis")
+    world.start_projector("postgres")
+    world.start_projector("redis")
     world.produce(workload.entries[:half] + bad + workload.entries[half:])
     world.wait_caught_up()  # nobody is stuck behind the bad entries
     assert_equals_auditor(world, workload, seed)
@@ -242,11 +242,11 @@ def test_an_entry_no_read_model_can_store_is_quarantined_and_the_rest_goes_on(
     assert_equals_auditor(world, workload, seed)
 
 
-def test_verify_fails_on_a_stalled_projector(world: ProjectionEnv) -> None:
+def test_verify_fails_on_a_stalled_projector(world: World) -> None:
     seed = random.randrange(2**32)
     workload = build_entries(seed, world.unique, commands=500, users=20)
-    world.start("postgres")
-    world.start("redis")
+    world.start_projector("postgres")
+    world.start_projector("redis")
     world.produce(workload.entries[:250])
     world.wait_caught_up()
     world.kill("postgres")  # dead: the entries after it are never applied

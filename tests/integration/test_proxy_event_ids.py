@@ -23,8 +23,8 @@ from kernel.settings import Settings, project_path
 from outbox.enqueue import enqueue
 from store.domain import order_grant_event_id, reward_grant_event_id
 from streams.codec import load_codec
-from tests.integration.conftest import ScratchTopics
-from tests.integration.proxy_harness import ProxyWorld
+from testbed.proxy import ProxyWorld
+from testbed.topics import ScratchTopics
 
 pytestmark = pytest.mark.integration
 

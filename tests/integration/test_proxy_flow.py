@@ -30,9 +30,9 @@ from stack import launcher
 from streams.codec import load_codec
 from streams.kafka_clients import make_producer
 from streams.reading import read_topic
-from tests.integration.conftest import ScratchTopics
-from tests.integration.ledger_harness import WorkerGroup
-from tests.integration.proxy_harness import ProxyWorld, wait_for
+from testbed.ledger import WorkerGroup
+from testbed.proxy import ProxyWorld, wait_for
+from testbed.topics import ScratchTopics
 
 pytestmark = pytest.mark.integration
 

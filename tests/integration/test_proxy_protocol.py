@@ -16,8 +16,8 @@ from openai.types.chat import ChatCompletionMessageParam
 
 from kernel.settings import Settings, project_path
 from streams.codec import load_codec
-from tests.integration.conftest import ScratchTopics
-from tests.integration.proxy_harness import ProxyWorld
+from testbed.proxy import ProxyWorld
+from testbed.topics import ScratchTopics
 
 pytestmark = pytest.mark.integration
 

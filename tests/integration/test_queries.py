@@ -13,8 +13,8 @@ from kernel.errors import QueryError
 from kernel.settings import Settings, load_settings, project_path
 from projections.queries import ReadModels
 from streams.codec import load_codec
-from tests.integration.conftest import ScratchTopics
-from tests.integration.projection_harness import ProjectionEnv, Writer
+from testbed.topics import ScratchTopics
+from testbed.world import World, Writer
 
 pytestmark = pytest.mark.integration
 
@@ -26,14 +26,14 @@ def at(text: str) -> int:
 
 
 @pytest.fixture
-def world(stack_settings: Settings, scratch: ScratchTopics, unique: str) -> Iterator[ProjectionEnv]:
+def world(stack_settings: Settings, scratch: ScratchTopics, unique: str) -> Iterator[World]:
     codec = load_codec(project_path(stack_settings.schemas.avro_dir))
-    env = ProjectionEnv(stack_settings, scratch, unique, codec, partitions=1)
+    env = World(stack_settings, scratch, unique, codec, partitions=1)
     yield env
     env.cleanup()
 
 
-def test_consumption_periods_at_their_boundaries(world: ProjectionEnv) -> None:
+def test_consumption_periods_at_their_boundaries(world: World) -> None:
     w = Writer(world.settings, world.topic, world.codec)
     user = "period-user"
     w.apply([
@@ -90,7 +90,7 @@ def test_consumption_periods_at_their_boundaries(world: ProjectionEnv) -> None:
     asyncio.run(run())
 
 
-def test_history_pages_return_every_entry_exactly_once(world: ProjectionEnv) -> None:
+def test_history_pages_return_every_entry_exactly_once(world: World) -> None:
     w = Writer(world.settings, world.topic, world.codec)
     user = "pager"
     w.apply([w.entry(user, 1_000 + n, at("2026-03-01T00:00:00") + n) for n in range(57)])
@@ -131,7 +131,7 @@ def test_history_pages_return_every_entry_exactly_once(world: ProjectionEnv) -> 
     asyncio.run(run())
 
 
-def test_balance_from_redis_and_from_postgres_when_redis_is_down(world: ProjectionEnv) -> None:
+def test_balance_from_redis_and_from_postgres_when_redis_is_down(world: World) -> None:
     w = Writer(world.settings, world.topic, world.codec)
     w.apply([w.entry("payer", 5_000_000, at("2026-03-01T00:00:00"), kind="purchase"),
              w.entry("payer", 1_234, at("2026-03-01T01:00:00"))])  # fmt: skip
@@ -153,7 +153,7 @@ def test_balance_from_redis_and_from_postgres_when_redis_is_down(world: Projecti
     asyncio.run(run(redis_down, "postgres"))
 
 
-def test_reads_batched_together_equal_each_read_alone(world: ProjectionEnv) -> None:
+def test_reads_batched_together_equal_each_read_alone(world: World) -> None:
     """Concurrent reads share queries (``projections.batching``); each user still gets
     exactly their own figures and pages, as when read alone, duplicates and empty users
     included."""

@@ -20,8 +20,8 @@ from kernel.errors import StoreError
 from kernel.settings import Settings
 from store.domain import Role
 from store.repository import StoreRepository
-from tests.integration.conftest import ScratchTopics
-from tests.integration.store_harness import StoreWorld, store_world
+from testbed.store import StoreWorld, store_world
+from testbed.topics import ScratchTopics
 
 pytestmark = pytest.mark.integration
 

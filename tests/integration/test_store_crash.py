@@ -10,9 +10,9 @@ import time
 import pytest
 
 from kernel.db import connect
-from tests.integration.ledger_harness import WorkerGroup
-from tests.integration.proxy_harness import wait_for
-from tests.integration.store_harness import StoreWorld
+from testbed.ledger import WorkerGroup
+from testbed.proxy import wait_for
+from testbed.store import StoreWorld
 
 pytestmark = pytest.mark.integration
 

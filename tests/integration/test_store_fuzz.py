@@ -12,8 +12,8 @@ import pytest
 
 from kernel.settings import Settings
 from store.domain import Role
-from tests.integration.conftest import ScratchTopics
-from tests.integration.store_harness import StoreWorld, store_world
+from testbed.store import StoreWorld, store_world
+from testbed.topics import ScratchTopics
 
 pytestmark = pytest.mark.integration
 

@@ -24,10 +24,10 @@ from contracts.commands import Entry
 from kernel.settings import Settings
 from projections.queries import ReadModels
 from store.hot_reads import HotReads
-from tests.integration.conftest import ScratchTopics
-from tests.integration.projection_harness import Writer
-from tests.integration.proxy_harness import free_port
-from tests.integration.store_harness import TOKEN_SECRET, StoreWorld, store_world
+from testbed.proxy import free_port
+from testbed.store import TOKEN_SECRET, StoreWorld, store_world
+from testbed.topics import ScratchTopics
+from testbed.world import Writer
 
 pytestmark = pytest.mark.integration
 

@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 
 from kernel.settings import Settings
-from tests.integration.conftest import ScratchTopics
-from tests.integration.proxy_harness import free_port, wait_for
-from tests.integration.store_harness import StoreWorld, store_world
+from testbed.proxy import free_port, wait_for
+from testbed.store import StoreWorld, store_world
+from testbed.topics import ScratchTopics
 
 pytestmark = pytest.mark.integration
 

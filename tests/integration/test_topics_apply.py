@@ -8,7 +8,7 @@ from confluent_kafka.admin import AdminClient
 from kernel.errors import TopicDriftError
 from streams import topic_admin
 from streams.topics import TopicSpec, TopicsSpec
-from tests.integration.conftest import ScratchTopics
+from testbed.topics import ScratchTopics
 
 TIMEOUT_S = 30
 

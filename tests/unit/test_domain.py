@@ -23,7 +23,7 @@ from agents.domain import (
     evolve,
 )
 from contracts.commands import Charge, Command, Grant
-from tests.workload import Auditor
+from testbed.workload import Auditor
 
 LIMITS = Limits(max_amount_micro=10_000_000_000)
 T0 = 1_767_225_600_000  # 2026-01-01T00:00:00Z in ms

@@ -1,4 +1,5 @@
-"""A credit-store world per test: a proxy world (own database, Redis prefix, fake upstream)
+"""A credit-store world: a proxy world's database, Redis prefix and configuration (the
+store reads the price rules file and the ledger's read models) without its fake upstream,
 plus a real ``creditledger store serve`` process on the same database.
 
 Requests go over real HTTP with urllib, so the tests see exactly what a browser
@@ -21,8 +22,8 @@ from kernel.db import connect
 from kernel.settings import Settings, project_path
 from store.domain import Role, sign_payment, sign_token
 from streams.codec import AvroCodec, load_codec
-from tests.integration.conftest import ScratchTopics
-from tests.integration.proxy_harness import ProxyWorld, free_port, wait_http
+from testbed.proxy import ProxyWorld, free_port, wait_http
+from testbed.topics import ScratchTopics
 
 TOKEN_SECRET = "test-token-secret"
 PAYMENT_SECRET = "test-payment-secret"
@@ -31,6 +32,7 @@ PAYMENT_SECRET = "test-payment-secret"
 class StoreWorld(ProxyWorld):
     def __init__(self, stack_settings: Settings, scratch: ScratchTopics, unique: str,
                  codec: AvroCodec, **kwargs: Any) -> None:  # fmt: skip
+        kwargs.setdefault("upstream", False)  # the store calls no model
         super().__init__(stack_settings, scratch, unique, codec, **kwargs)
         self.store_port = free_port()
         self.store_url = f"http://127.0.0.1:{self.store_port}/credit-store"

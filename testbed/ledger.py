@@ -1,15 +1,15 @@
-"""Run ledger workers as real processes, send a workload, and watch what they write.
+"""Ledger workers as real processes, a workload sent to them, and what they wrote.
 
-Each test gets its own Faust app id (its own consumer group) and its own state
-folders, so tests never share a worker's state. The topics are the real ones;
-a test only looks at the users and keys of its own workload.
+Each user of a :class:`WorkerGroup` gets its own Faust app id (its own consumer group)
+and its own state folders. The topics are the real ones; a :class:`Watcher` keeps only
+the users and keys of its own workload, and :func:`compare` holds that against the
+workload's auditor.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -23,21 +23,29 @@ from confluent_kafka import TopicPartition
 from contracts.commands import Entry
 from contracts.records import LEDGER_TOPIC, REJECTED_TOPIC, entry_from_record
 from kernel.settings import Settings
+from stack.processes import ProcessGroup
 from streams.codec import AvroCodec
 from streams.kafka_clients import make_consumer, make_producer
-from tests.workload import Message, Workload
+from testbed.workload import Message, Workload
+
+CLI = (sys.executable, "-m", "creditledger.cli")
 
 
 class WorkerGroup:
-    """Ledger worker processes sharing one consumer group."""
+    """Ledger worker processes sharing one consumer group (its own app id and state
+    folders, so tests never share a worker's state); the topics are the real ones."""
 
     def __init__(self, unique: str, settings: Settings) -> None:
         self.extra_env: dict[str, str] = {}
         self.unique = unique
         self.root = Path(f"/tmp/creditledger-test-{unique}")
         self.settings = settings
-        self.processes: dict[str, subprocess.Popen[bytes]] = {}
+        self.parts = ProcessGroup(self.root)
         self.starts: dict[str, int] = {}
+
+    @property
+    def processes(self) -> dict[str, subprocess.Popen[bytes]]:
+        return self.parts.processes
 
     def env(self) -> dict[str, str]:
         env = dict(os.environ)
@@ -52,45 +60,28 @@ class WorkerGroup:
         return env
 
     def log(self, name: str) -> Path:
-        return self.root / f"{name}.log"
+        return self.parts.log(name)
 
     def start(self, name: str, *, supervised: bool = False) -> None:
         """Start a worker; unsupervised (the fold itself) unless ``supervised``, so that a
         fold that dies by itself shows as a dead process."""
-        self.root.mkdir(parents=True, exist_ok=True)
         self.starts[name] = self.starts.get(name, 0) + 1
-        log = self.log(name).open("ab")
         mode = [] if supervised else ["--no-supervise"]
-        self.processes[name] = subprocess.Popen(
-            [sys.executable, "-m", "creditledger.cli", "worker", "--name", name,
-             "--loglevel", "info", *mode],
-            env=self.env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-        )  # fmt: skip
-        log.close()
+        self.parts.start(name, [*CLI, "worker", "--name", name, "--loglevel", "info", *mode],
+                         env=self.env())  # fmt: skip
 
     def kill(self, name: str) -> None:
         """SIGKILL: no shutdown hook, no final commit, no flush."""
-        process = self.processes[name]
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait(timeout=30)
+        self.parts.kill(name)
 
     def alive(self, name: str) -> bool:
-        return self.processes[name].poll() is None
+        return self.parts.alive(name)
 
     def stop_all(self) -> None:
-        for name, process in self.processes.items():
-            if process.poll() is None:
-                os.killpg(process.pid, signal.SIGTERM)
-                try:
-                    process.wait(timeout=30)
-                except subprocess.TimeoutExpired:
-                    self.kill(name)
+        self.parts.stop_all()
 
     def tail(self, name: str, lines: int = 30) -> str:
-        try:
-            return "\n".join(self.log(name).read_text(errors="replace").splitlines()[-lines:])
-        except FileNotFoundError:
-            return "(no log)"
+        return self.parts.tail(name, lines)
 
     def cleanup(self) -> None:
         self.stop_all()

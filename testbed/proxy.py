@@ -1,4 +1,5 @@
-"""A proxy world per test: its own database and Redis prefix, a fake upstream, a real proxy.
+"""A proxy world: a :class:`~testbed.world.World` with the proxy's configuration (models,
+price rules, service keys), a fake upstream and a real proxy, started on demand.
 
 The proxy runs as a real process (``creditledger proxy serve``) configured by
 a YAML file written here, so tests talk to it through the official ``openai``
@@ -8,12 +9,9 @@ SDK exactly as a service would, and can SIGKILL it.
 from __future__ import annotations
 
 import json
-import os
 import random
-import signal
 import socket
 import subprocess
-import sys
 import time
 import urllib.request
 from pathlib import Path
@@ -32,8 +30,8 @@ from llm_proxy.auth import new_key
 from llm_proxy.fake_upstream import set_behaviour
 from stack import processes
 from streams.codec import AvroCodec
-from tests.integration.conftest import ScratchTopics
-from tests.integration.projection_harness import ProjectionEnv
+from testbed.topics import ScratchTopics
+from testbed.world import World
 
 # Prices of the test rule: 10 micro-credits per input token, 20 per output token.
 PRICE_RULES = [{"id": "test-chat", "versions": [{
@@ -69,28 +67,25 @@ def wait_http(url: str, process: subprocess.Popen[bytes], log: Path, timeout: fl
         raise AssertionError(f"{url} {state}:\n{log.read_text(errors='replace')[-3000:]}")
 
 
-def wait_for(what: str, check: object, timeout: float, world: ProxyWorld) -> None:
+def wait_for(what: str, check: object, timeout: float, world: World) -> None:
     """Poll ``check`` until true; on timeout fail with the world's process logs."""
     deadline = time.monotonic() + timeout
     while not check():  # type: ignore[operator]
         if time.monotonic() > deadline:
-            logs = "\n".join(f"--- {n}\n{world.log_tail(n)}" for n in world.processes)
-            raise AssertionError(f"{what} not reached in {timeout} s\n{logs}")
+            raise AssertionError(f"{what} not reached in {timeout} s\n{world.log_tail(lines=40)}")
         time.sleep(0.1)
 
 
-class ProxyWorld:
+class ProxyWorld(World):
+    """``upstream``: start the fake upstream now (a store world needs none)."""
+
     def __init__(self, stack_settings: Settings, scratch: ScratchTopics, unique: str,
                  codec: AvroCodec, *, output_tokens: int = 5,
                  ledger_topic: str | None = None,
                  proxy_settings: dict[str, Any] | None = None,
-                 chat_alias: dict[str, Any] | None = None) -> None:  # fmt: skip
-        self.env_world = ProjectionEnv(stack_settings, scratch, unique, codec)
-        self.codec = codec
-        self.unique = unique
-        self.prefix = self.env_world.prefix
-        self.dsn = self.env_world.dsn
-        self.logdir = self.env_world.logdir
+                 chat_alias: dict[str, Any] | None = None,
+                 upstream: bool = True) -> None:  # fmt: skip
+        super().__init__(stack_settings, scratch, unique, codec)
         self.key, key_hash = new_key()
         self.ops_key, ops_hash = new_key()
         self.upstream_port = free_port()
@@ -98,6 +93,19 @@ class ProxyWorld:
         self.upstream = f"http://127.0.0.1:{self.upstream_port}"
         self.base_url = f"http://127.0.0.1:{self.port}/v1"
         self.spool_dir = self.logdir / "spool"
+        self.output_tokens = output_tokens
+        self._write_config(key_hash, ops_hash, proxy_settings, chat_alias)
+        if ledger_topic:
+            self.extra_env["CREDITLEDGER_PROJECTIONS__LEDGER_TOPIC"] = ledger_topic
+        if upstream:
+            try:
+                self.start_upstream()
+            except BaseException:
+                self.cleanup()  # no process or database outlives a failed set-up
+                raise
+
+    def _write_config(self, key_hash: str, ops_hash: str, proxy_settings: dict[str, Any] | None,
+                      chat_alias: dict[str, Any] | None) -> None:  # fmt: skip
         rules = self.logdir / "price_rules.yaml"
         rules.write_text(yaml.safe_dump({"price_rules": PRICE_RULES}))
         model = {"upstream_base_url": f"{self.upstream}/v1", "price_rule": "test-chat",
@@ -119,65 +127,21 @@ class ProxyWorld:
         config["proxy"].update(proxy_settings or {})
         self.config = self.logdir / "config.yaml"
         self.config.write_text(yaml.safe_dump(config))
-        self.extra_env = {"CREDITLEDGER_CONFIG": str(self.config)}
-        if ledger_topic:
-            self.extra_env["CREDITLEDGER_PROJECTIONS__LEDGER_TOPIC"] = ledger_topic
-        self.processes: dict[str, subprocess.Popen[bytes]] = {}
-        try:
-            self.start_process("upstream", "fake-upstream", "--port", str(self.upstream_port),
-                               "--output-tokens", str(output_tokens))  # fmt: skip
-            wait_http(f"{self.upstream}/_fake/behaviour", self.processes["upstream"],
-                      self.logdir / "upstream.log")  # fmt: skip
-        except BaseException:
-            self.cleanup()  # no process or database outlives a failed set-up
-            raise
+        self.extra_env["CREDITLEDGER_CONFIG"] = str(self.config)
 
-    # -- processes -------------------------------------------------------------------------
-
-    def env(self) -> dict[str, str]:
-        env = self.env_world.env()
-        env.update(self.extra_env)
-        return env
+    # -- parts -----------------------------------------------------------------------------
 
     def start_process(self, name: str, *args: str) -> subprocess.Popen[bytes]:
-        log = (self.logdir / f"{name}.log").open("ab")
-        process = subprocess.Popen([sys.executable, "-m", "creditledger.cli", *args],
-                                   env=self.env(), stdout=log, stderr=subprocess.STDOUT,
-                                   start_new_session=True)  # fmt: skip
-        log.close()
-        self.processes[name] = process
-        return process
+        return self.start(name, *args)
+
+    def start_upstream(self) -> None:
+        process = self.start("upstream", "fake-upstream", "--port", str(self.upstream_port),
+                             "--output-tokens", str(self.output_tokens))  # fmt: skip
+        wait_http(f"{self.upstream}/_fake/behaviour", process, self.parts.log("upstream"))
 
     def start_proxy(self) -> None:
-        process = self.start_process("proxy", "proxy", "serve")
-        wait_http(f"http://127.0.0.1:{self.port}/healthz", process, self.logdir / "proxy.log")
-
-    def start_relay(self, name: str = "relay") -> None:
-        self.start_process(name, "outbox", "relay", "--metrics-port", "0")
-
-    def kill(self, name: str) -> None:
-        process = self.processes[name]
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait(timeout=30)
-
-    def stop(self, name: str) -> None:
-        process = self.processes[name]
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGTERM)
-            try:
-                process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.kill(name)
-
-    def log_tail(self, name: str, lines: int = 40) -> str:
-        path = self.logdir / f"{name}.log"
-        text = path.read_text(errors="replace") if path.exists() else "(no log)"
-        return "\n".join(text.splitlines()[-lines:])
-
-    def cleanup(self) -> None:
-        for name in list(self.processes):
-            self.stop(name)
-        self.env_world.cleanup()
+        process = self.start("proxy", "proxy", "serve")
+        wait_http(f"http://127.0.0.1:{self.port}/healthz", process, self.parts.log("proxy"))
 
     # -- clients ---------------------------------------------------------------------------
 
@@ -203,13 +167,13 @@ class ProxyWorld:
 
     def set_balance(self, user: str, balance_micro: int, seq: int = 1) -> None:
         """Write the user's snapshot as the Redis projector would (tests of the guard alone)."""
-        client = redis.Redis.from_url(self.env_world.settings.redis_url)
+        client = redis.Redis.from_url(self.settings.redis_url)
         snapshot = {"balance_micro": balance_micro, "seq": seq, "updated_at_ms": 0}
         client.hset(balance_key(self.prefix, user), mapping=snapshot)  # type: ignore[arg-type]
         client.close()
 
     def holds(self, user: str) -> dict[str, str]:
-        client = redis.Redis.from_url(self.env_world.settings.redis_url, decode_responses=True)
+        client = redis.Redis.from_url(self.settings.redis_url, decode_responses=True)
         try:
             found: dict[str, str] = client.hgetall(holds_key(self.prefix, user))  # type: ignore[assignment]
             return found
@@ -217,7 +181,7 @@ class ProxyWorld:
             client.close()
 
     def redis(self) -> redis.Redis:
-        return redis.Redis.from_url(self.env_world.settings.redis_url, decode_responses=True)
+        return redis.Redis.from_url(self.settings.redis_url, decode_responses=True)
 
     def upstream_calls(self) -> int:
         """How many calls the fake upstream has answered (or begun answering)."""
@@ -225,7 +189,7 @@ class ProxyWorld:
             return int(json.loads(r.read())["calls"])
 
     def outbox_charges(self) -> list[Charge]:
-        with connect(self.env_world.settings) as conn:
+        with connect(self.settings) as conn:
             rows = conn.execute("SELECT topic, message_value FROM outbox ORDER BY id").fetchall()
         charges = []
         for topic, value in rows:
@@ -236,5 +200,5 @@ class ProxyWorld:
             charges.append(command)
         return charges
 
-    def env_settings(self) -> Any:
-        return self.env_world.settings
+    def env_settings(self) -> Settings:
+        return self.settings

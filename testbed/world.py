@@ -1,13 +1,15 @@
-"""One isolated read-model world per test: a Postgres database, a ledger topic, a Redis prefix.
+"""One isolated world per test or run: a Postgres database, a ledger topic, a Redis prefix,
+and the environment that points every part at them.
 
-Projectors run as real processes (``creditledger project ...``) pointed at
-that world by environment variables, so a test can SIGKILL them.
+Parts are started à la carte as real processes in the world's :class:`ProcessGroup`
+(``start_projector``, ``start_relay``, or any ``creditledger`` command with
+:meth:`World.start`), so a test can SIGKILL them; :class:`Writer` applies entries
+through the real sinks without Kafka, for tests of what reads the read models.
 """
 
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -27,9 +29,12 @@ from projections.entries import LogPosition, Row, decode_row
 from projections.migrate import migrate
 from projections.postgres_sink import PROJECTION, PostgresSink
 from projections.redis_sink import RedisSink
+from stack.processes import ProcessGroup
 from streams.codec import AvroCodec
 from streams.kafka_clients import make_consumer, make_producer
-from tests.integration.conftest import ScratchTopics
+from testbed.topics import ScratchTopics
+
+CLI = (sys.executable, "-m", "creditledger.cli")
 
 READ_MODELS = ("ledger_entries", "accounts", "consumption_hourly")
 ORDER = {
@@ -44,7 +49,7 @@ def with_database(url: str, database: str) -> str:
     return urlunsplit(parts._replace(path=f"/{database}"))
 
 
-class ProjectionEnv:
+class World:
     def __init__(self, stack_settings: Settings, scratch: ScratchTopics, unique: str,
                  codec: AvroCodec, partitions: int = 6) -> None:  # fmt: skip
         self.unique = unique
@@ -66,9 +71,13 @@ class ProjectionEnv:
         self.settings = load_settings(**self.overrides)
         self.stack_settings = stack_settings
         migrate(self.settings)
-        self.processes: dict[str, subprocess.Popen[bytes]] = {}
         self.logdir = Path(f"/tmp/creditledger-test-{unique}")
-        self.logdir.mkdir(parents=True, exist_ok=True)
+        self.parts = ProcessGroup(self.logdir)
+        self.extra_env: dict[str, str] = {}
+
+    @property
+    def processes(self) -> dict[str, subprocess.Popen[bytes]]:
+        return self.parts.processes
 
     # -- Kafka -----------------------------------------------------------------------------
 
@@ -106,6 +115,7 @@ class ProjectionEnv:
         })  # fmt: skip
         if "DATABASE_URL" in env:
             env["DATABASE_URL"] = self.dsn
+        env.update(self.extra_env)
         return env
 
     def command(self, *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
@@ -114,35 +124,30 @@ class ProjectionEnv:
             capture_output=True, text=True, timeout=timeout,
         )  # fmt: skip
 
-    def start(self, sink: str, name: str | None = None) -> None:
-        name = name or sink
-        log = (self.logdir / f"{name}.log").open("ab")
-        self.processes[name] = subprocess.Popen(
-            [sys.executable, "-m", "creditledger.cli", "project", sink],
-            env=self.env(), stdout=log, stderr=subprocess.STDOUT,
-        )  # fmt: skip
+    def start(self, name: str, *args: str) -> subprocess.Popen[bytes]:
+        """Start ``creditledger <args>`` in this world as part ``name``."""
+        return self.parts.start(name, [*CLI, *args], env=self.env())
+
+    def start_projector(self, sink: str, name: str | None = None) -> None:
+        self.start(name or sink, "project", sink)
+
+    def start_relay(self, name: str = "relay") -> None:
+        self.start(name, "outbox", "relay", "--metrics-port", "0")
 
     def kill(self, name: str) -> None:
-        process = self.processes.pop(name)
-        process.send_signal(signal.SIGKILL)
-        process.wait(30)
+        """SIGKILL the part's whole process group; the part is gone from the world."""
+        self.parts.kill(name)
+        self.parts.processes.pop(name)
+
+    def stop(self, name: str) -> None:
+        self.parts.stop(name, timeout_s=20)
 
     def stop_all(self) -> None:
-        for process in self.processes.values():
-            process.send_signal(signal.SIGTERM)
-        for process in self.processes.values():
-            try:
-                process.wait(30)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(10)
-        self.processes.clear()
+        self.parts.stop_all()
 
-    def log_tail(self) -> str:
-        out = []
-        for path in sorted(self.logdir.glob("*.log")):
-            out.append(f"--- {path.name}\n" + "\n".join(path.read_text().splitlines()[-15:]))
-        return "\n".join(out)
+    def log_tail(self, name: str | None = None, lines: int = 15) -> str:
+        """One part's last log lines, or every part's."""
+        return self.parts.tail(name, lines) if name else self.parts.tails(lines)
 
     # -- progress --------------------------------------------------------------------------
 
@@ -171,8 +176,8 @@ class ProjectionEnv:
                           if readers[s]().get(p, 0) < e} for s in sinks}  # fmt: skip
             if not any(behind.values()):
                 return
-            for process in self.processes.values():
-                assert process.poll() is None, f"a projector died:\n{self.log_tail()}"
+            for name in self.processes:
+                assert self.parts.alive(name), f"{name} died:\n{self.log_tail()}"
             if time.monotonic() > deadline:
                 raise AssertionError(f"projections not caught up: {behind}\n{self.log_tail()}")
             time.sleep(0.2)
@@ -229,10 +234,7 @@ class ProjectionEnv:
     # -- clean up --------------------------------------------------------------------------
 
     def cleanup(self) -> None:
-        for process in self.processes.values():
-            process.kill()
-            process.wait(10)
-        self.processes.clear()
+        self.parts.stop_all(timeout_s=10)
         with connect(self.stack_settings, autocommit=True) as conn:
             conn.execute(f"DROP DATABASE IF EXISTS {self.database} WITH (FORCE)".encode())
         client = connect_redis(self.settings)
