@@ -10,7 +10,7 @@ only swaps the body; everything else (retries with backoff, timeouts, error
 mapping, auth) stays the SDK's. Requests with anything the template cannot
 know (JSON to serialise, files, query parameters, per-call timeouts or
 headers other than the ones cached) go through the SDK's own builder.
-``tests/unit/test_upstream_client.py`` checks that both builders give the same
+``tests/llm_proxy/unit/test_upstream_client.py`` checks that both builders give the same
 request.
 """
 

@@ -11,7 +11,7 @@ parameters that are known, single and valid. Anything else (no token, a bad
 token, a bad ``period``, an unknown parameter, storage trouble) goes on to the
 FastAPI route unchanged, which owns the contract: the OpenAPI document, the
 validation messages, the 401/422/503 replies. So the fast path changes speed,
-never behaviour; ``tests/integration/test_store_hot_reads.py`` compares the two
+never behaviour; ``tests/store/integration/test_store_hot_reads.py`` compares the two
 byte for byte.
 """
 

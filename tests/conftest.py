@@ -1,13 +1,109 @@
-"""Fixtures shared by every tier."""
+"""Fixtures of the whole suite, and its two tiers.
+
+The tree mirrors the packages: ``tests/<package>/unit`` (pure, no services) and
+``tests/<package>/integration`` (the real stack), plus ``tests/system`` for paths that
+cross every context. Every test under an ``integration`` folder is marked
+``integration``; unit tests run first.
+
+The integration tier runs against the real stack: Kafka (KRaft), Postgres, Redis. The
+session fixture starts the stack with the project's own launcher (or uses the services
+named by KAFKA_BOOTSTRAP_SERVERS, DATABASE_URL and REDIS_URL). If it cannot, every test
+there fails with a message saying how to start it: this suite never passes by skipping.
+"""
 
 from __future__ import annotations
 
-import pytest
+import os
+import uuid
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
-from kernel.settings import PROJECT_ROOT
+import pytest
+from confluent_kafka.admin import AdminClient
+
+from kernel.errors import CreditLedgerError
+from kernel.settings import PROJECT_ROOT, Settings, load_settings, project_path
+from stack import launcher
+from streams import topic_admin
 from streams.codec import AvroCodec, load_codec
+from streams.topics import TopicsSpec, load_topics
+from testbed.topics import ScratchTopics
+
+if TYPE_CHECKING:
+    from testbed.store import StoreWorld
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The tier is the folder: mark integration tests, and run the unit tier first."""
+    for item in items:
+        if "integration" in item.path.parts:
+            item.add_marker(pytest.mark.integration)
+    items.sort(key=lambda item: "integration" in item.path.parts)  # stable: order kept
 
 
 @pytest.fixture(scope="session")
 def codec() -> AvroCodec:
     return load_codec(PROJECT_ROOT / "schemas" / "avro")
+
+
+HOW_TO_START = (
+    "Start the stack with `.venv/bin/creditledger stack up` (see README), or point the "
+    "suite at running services with KAFKA_BOOTSTRAP_SERVERS, DATABASE_URL and REDIS_URL."
+)
+
+
+@pytest.fixture(scope="session")
+def stack_settings() -> Iterator[Settings]:
+    try:
+        settings = load_settings()
+        report = launcher.up(settings)
+    except CreditLedgerError as exc:
+        pytest.fail(
+            f"the integration suite needs Kafka, Postgres and Redis, and they could not be "
+            f"started or reached:\n{exc}\n{HOW_TO_START}",
+            pytrace=False,
+        )
+    started_here = any(service.state == "started" for service in report)
+    yield settings
+    # Leave the machine as we found it, unless asked to keep the stack for the next run.
+    if started_here and os.environ.get("CREDITLEDGER_KEEP_STACK") != "1":
+        launcher.down(settings)
+
+
+@pytest.fixture(scope="session")
+def admin(stack_settings: Settings) -> AdminClient:
+    return topic_admin.make_admin(stack_settings)
+
+
+@pytest.fixture(scope="session")
+def project_topics(stack_settings: Settings, admin: AdminClient) -> TopicsSpec:
+    """The project's topics, applied (as every start of every process does)."""
+    spec = load_topics(project_path(stack_settings.topics_file))
+    topic_admin.apply(admin, spec, timeout_s=30)
+    return spec
+
+
+@pytest.fixture
+def unique() -> str:
+    """A suffix that keeps one test's topics and groups apart from every other run."""
+    return uuid.uuid4().hex[:10]
+
+
+@pytest.fixture
+def scratch(admin: AdminClient, unique: str) -> Iterator[ScratchTopics]:
+    topics = ScratchTopics(admin, unique)
+    yield topics
+    topics.cleanup()
+
+
+@pytest.fixture
+def ledger_store_world(stack_settings: Settings, scratch: ScratchTopics,
+                       unique: str) -> Iterator[StoreWorld]:  # fmt: skip
+    """A store world on the real ledger topic, store not started yet: for the tests that
+    follow a grant through a worker into the ledger."""
+    from contracts.records import LEDGER_TOPIC
+    from testbed.store import store_world
+
+    with store_world(stack_settings, scratch, unique, start=False,
+                     ledger_topic=LEDGER_TOPIC) as world:  # fmt: skip
+        yield world
