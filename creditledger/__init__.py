@@ -1,6 +1,3 @@
-"""creditledger: the shared core of the project (settings, errors, the CLI).
-
-Business packages live beside it: ``streams`` (how events travel), ``agents``
-(the ledger fold), ``projections``, ``llm_proxy`` and ``stack`` (the local
-services launcher).
-"""
+"""The faces, on the top floor: the ``creditledger`` command line, the ledger worker's
+supervisor and the demos. They wire the contexts together; nothing imports them (see
+the floors in ARCHITECTURE.md)."""

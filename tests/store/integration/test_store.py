@@ -238,6 +238,7 @@ def test_reward_periods_and_active_windows_at_their_boundaries(world: StoreWorld
 
 
 def test_a_new_price_version_prices_new_calls_only(world: StoreWorld) -> None:
+    world.start_upstream()  # a store world starts no model of its own
     world.start_proxy()
     world.set_balance("dave", 10**9)
     client = world.client("dave")

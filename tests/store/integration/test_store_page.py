@@ -47,6 +47,7 @@ def test_store_page_in_chromium(world: StoreWorld, unique: str) -> None:
     workers.start("w1")
     try:
         world.start_store()
+        world.start_upstream()  # a store world starts no model of its own
         world.start_proxy()
         world.start_relay()
         world.start_process("project-postgres", "project", "postgres")

@@ -149,6 +149,7 @@ def test_every_process_rides_out_a_restart_and_the_ledger_equals_the_model(
     workers = WorkerGroup(unique, world.env_settings())
     workers.start("w1", supervised=True)  # as deployed: `creditledger worker`
     try:
+        world.start_upstream()  # a store world starts no model of its own
         world.start_proxy()
         world.start_relay()
         world.start_process("project-postgres", "project", "postgres")
