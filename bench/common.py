@@ -1,5 +1,6 @@
-"""What the benchmarks share: the command line, their server processes, a closed-loop HTTP
-load generator, percentiles and CPU accounting."""
+"""What the benchmarks share: the command line, a closed-loop HTTP load generator,
+percentiles and CPU accounting. Their server processes run in a
+:class:`stack.processes.ProcessGroup`, as the tests' do."""
 
 from __future__ import annotations
 
@@ -10,7 +11,6 @@ import json
 import os
 import resource
 import shutil
-import signal
 import subprocess
 import tempfile
 import time
@@ -27,37 +27,6 @@ def bench_parser(doc: str | None, seconds: float = 10.0) -> argparse.ArgumentPar
     )
     parser.add_argument("--seconds", type=float, default=seconds, help="per measurement")
     return parser
-
-
-class Processes:
-    """Server processes of one run, each in a session of its own with its log in ``workdir``;
-    :meth:`stop_all` ends each whole session (workers included)."""
-
-    def __init__(self, workdir: Path, env: dict[str, str]) -> None:
-        self.workdir = workdir
-        self.env = env
-        self.started: list[subprocess.Popen[bytes]] = []
-
-    def spawn(self, name: str, command: list[str]) -> subprocess.Popen[bytes]:
-        log = (self.workdir / f"{name}.log").open("ab")
-        process = subprocess.Popen(command, env=self.env, stdout=log, stderr=subprocess.STDOUT,
-                                   start_new_session=True)  # fmt: skip
-        self.started.append(process)
-        return process
-
-    def adopt(self, process: subprocess.Popen[bytes]) -> None:
-        self.started.append(process)
-
-    def stop_all(self, timeout: float = 30) -> None:
-        for process in self.started:
-            if process.poll() is None:
-                os.killpg(process.pid, signal.SIGTERM)
-        for process in self.started:
-            try:
-                process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait()
 
 
 def _proc_cpu() -> list[tuple[str, int, float]]:

@@ -24,12 +24,12 @@ import argparse
 import asyncio
 import random
 import signal
-import subprocess
 import sys
 import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from confluent_kafka import TopicPartition
@@ -47,6 +47,7 @@ from projections.postgres_sink import PostgresSink
 from projections.projector import Projector
 from projections.queries import ReadModels
 from projections.replay import ACCOUNTS_BUILD, CONSUMPTION_BUILD, Replay
+from stack.processes import ProcessGroup
 from streams import topic_admin
 from streams.codec import AvroCodec, load_codec
 from streams.kafka_clients import make_consumer, make_producer
@@ -242,25 +243,22 @@ def steady(rate: int, seconds: float, send: Any, watch: RedisWatch, desc: str) -
         time.sleep(0.001)
 
 
-def start_projector(world: World, sink: str, log_name: str) -> subprocess.Popen[bytes]:
-    log = open(f"/tmp/{log_name}.log", "ab")  # noqa: SIM115 - closed with the process
-    return subprocess.Popen([sys.executable, "-m", "creditledger.cli", "project", sink],
-                            env=world.env(), stdout=log, stderr=subprocess.STDOUT)  # fmt: skip
+def start_projector(world: World, sink: str, log_name: str) -> ProcessGroup:
+    """The projector in a process group of its own (its log: /tmp/<log_name>.log)."""
+    group = ProcessGroup(Path("/tmp"), world.env())
+    group.start(log_name, [sys.executable, "-m", "creditledger.cli", "project", sink])
+    return group
 
 
-def stop(process: subprocess.Popen[bytes]) -> None:
-    process.send_signal(signal.SIGTERM)
-    try:
-        process.wait(30)
-    except subprocess.TimeoutExpired:
-        process.kill()
+def stop(group: ProcessGroup) -> None:
+    group.stop_all()
 
 
 def bench_freshness(
     world: World, codec: AvroCodec, rate: int, seconds: float
 ) -> list[tuple[Any, ...]]:
     """Entries produced straight to a ledger topic -> Redis snapshot visible."""
-    process = start_projector(world, "redis", "bench-freshness-redis")
+    projector = start_projector(world, "redis", "bench-freshness-redis")
     producer = make_producer(world.settings, **{"linger.ms": 0})
     watch = RedisWatch(world.settings, world.prefix)
     records = entry_records(10**7, 10_000, seed=11)
@@ -286,7 +284,7 @@ def bench_freshness(
         steady(rate, seconds, send, watch, f"freshness {rate}/s")
     finally:
         producer.flush(10)
-        stop(process)
+        stop(projector)
     lat = watch.latencies
     return [(f"freshness: entry -> Redis, {rate}/s", f"{len(lat):,} entries",
              f"p50 {percentile(lat, 0.5):.1f} ms", f"p99 {percentile(lat, 0.99):.1f} ms "
@@ -309,7 +307,7 @@ def bench_e2e(base: Settings, codec: AvroCodec, rate: int, seconds: float) -> li
         f"{world.prefix}:progress:{LEDGER_TOPIC}", mapping={str(p): o for p, o in ends.items()}
     )
     client.close()
-    process = start_projector(world, "redis", "bench-e2e-redis")
+    projector = start_projector(world, "redis", "bench-e2e-redis")
     producer = make_producer(base, **{"linger.ms": 0})
     watch = RedisWatch(world.settings, world.prefix)
     prefix = f"e2e{unique}"
@@ -348,7 +346,7 @@ def bench_e2e(base: Settings, codec: AvroCodec, rate: int, seconds: float) -> li
         steady(rate, seconds, send, watch, f"e2e {rate}/s")
     finally:
         producer.flush(10)
-        stop(process)
+        stop(projector)
         group.cleanup()
         world.drop(delete_topic=False)
     lat = watch.latencies

@@ -49,14 +49,14 @@ from typing import Any
 import orjson
 import yaml
 
-from bench.common import Processes, bench_parser, pct, run_clients
+from bench.common import bench_parser, pct, run_clients
 from creditledger.tables import render_table
 from kernel.db import connect
 from kernel.settings import Settings, load_settings
 from llm_proxy.auth import new_key
 from llm_proxy.fake_upstream import set_behaviour
 from projections.migrate import migrate
-from stack.processes import wait_http
+from stack.processes import ProcessGroup, wait_http
 
 USERS = 1000
 PREFIX = "bench-proxy"
@@ -279,8 +279,8 @@ def main() -> int:
     workdir = Path(tempfile.mkdtemp(prefix="bench-proxy-"))
     upstream_port, proxy_port, litellm_port, baseline_port = 18180, 18181, 18182, 18183
     world, key, env = prepare_world(settings, workdir, upstream_port, proxy_port)
-    processes = Processes(workdir, env)
-    spawn = processes.spawn
+    processes = ProcessGroup(workdir, env)
+    spawn = processes.start
     cli = [sys.executable, "-m", "creditledger.cli"]
     try:
         upstream = spawn("upstream", [*cli, "fake-upstream", "--port", str(upstream_port)])
@@ -295,12 +295,12 @@ def main() -> int:
         ]  # fmt: skip
         if args.baseline:
             baseline = start_baseline(args.baseline, workdir, env, baseline_port)
-            processes.adopt(baseline)
+            processes.adopt("baseline", baseline)
             wait_up(f"http://127.0.0.1:{baseline_port}/healthz", baseline)
             targets.append(Target("baseline", baseline_port, "/v1/chat/completions", auth, True))
         if args.litellm:
             litellm = start_litellm(args.litellm, workdir, upstream_port, litellm_port)
-            processes.adopt(litellm)
+            processes.adopt("litellm", litellm)
             wait_up(f"http://127.0.0.1:{litellm_port}/health/liveliness", litellm, 180)
             targets.append(Target("litellm", litellm_port, "/v1/chat/completions",
                                   b"Authorization: Bearer sk-bench\r\n", False))  # fmt: skip

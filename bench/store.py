@@ -29,7 +29,6 @@ from pathlib import Path
 from bench.common import (
     CpuMeter,
     LoadResult,
-    Processes,
     bench_parser,
     run_clients,
     run_wrk,
@@ -41,7 +40,7 @@ from contracts.redis_keys import balance_key
 from creditledger.tables import render_table
 from kernel.db import connect
 from kernel.settings import load_settings
-from stack.processes import wait_http
+from stack.processes import ProcessGroup, wait_http
 from store.domain import sign_token
 
 PREFIX = "bench-store"
@@ -126,14 +125,14 @@ def main() -> int:
 
 def measure(env: dict[str, str], workers: int, tokens: list[bytes], clients: int,
             seconds: float, tool: str) -> list[tuple[object, ...]]:  # fmt: skip
-    processes = Processes(Path(tempfile.mkdtemp(prefix="bench-store-")), env)
+    processes = ProcessGroup(Path(tempfile.mkdtemp(prefix="bench-store-")), env)
     command = [sys.executable, "-m", "creditledger.cli", "store", "serve", "--port", str(PORT),
                "--workers", str(workers)]  # fmt: skip
-    process = processes.spawn("store", command)
+    process = processes.start("store", command)
     rows: list[tuple[object, ...]] = []
     try:
         if not wait_http(f"http://127.0.0.1:{PORT}/credit-store/openapi.json", process, 60):
-            raise SystemExit(f"the store did not come up; see {processes.workdir / 'store.log'}")
+            raise SystemExit(f"the store did not come up; see {processes.log('store')}")
         runs = [(name, [path]) for name, path in ENDPOINTS.items()]
         runs.append(("all three, mixed", list(ENDPOINTS.values())))
         meter = CpuMeter(process.pid)
