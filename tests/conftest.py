@@ -34,11 +34,18 @@ if TYPE_CHECKING:
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """The tier is the folder: mark integration tests, and run the unit tier first."""
+    """The tier is the folder: mark integration tests, and run the unit tier first. The
+    demo runs first of the integration tier: it verifies the real ledger topic as a whole,
+    which later tests write to with ledger workers of their own (each folds the real
+    command topics in a consumer group of its own)."""
     for item in items:
         if "integration" in item.path.parts:
             item.add_marker(pytest.mark.integration)
-    items.sort(key=lambda item: "integration" in item.path.parts)  # stable: order kept
+
+    def order(item: pytest.Item) -> tuple[bool, bool]:
+        return "integration" in item.path.parts, item.path.name != "test_demo.py"
+
+    items.sort(key=order)  # stable: the order within each group is kept
 
 
 @pytest.fixture(scope="session")
