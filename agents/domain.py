@@ -222,9 +222,15 @@ def _apply_grant(account: Account, command: Grant, digest: str,
 
 
 def evolve(account: Account, entry: Entry) -> Account:
-    """The account after ``entry``; entries must arrive in seq order."""
+    """The account after ``entry``; entries must arrive in seq order, and each must move
+    the balance by exactly its amount (the ledger's money identity: no entry creates or
+    loses a micro-credit on its way into the state)."""
     if entry.seq != account.seq + 1:
         raise ValueError(f"entry seq {entry.seq} does not follow account seq {account.seq}")
+    if entry.balance_after_micro != account.balance_micro + entry.amount_micro:
+        raise ValueError(f"entry {entry.user_id}#{entry.seq}: balance_after "
+                         f"{entry.balance_after_micro} != {account.balance_micro} + "
+                         f"{entry.amount_micro}")  # fmt: skip
     return Account(balance_micro=entry.balance_after_micro, seq=entry.seq)
 
 

@@ -168,6 +168,15 @@ def test_evolve_refuses_a_gap() -> None:
         evolve(Account(seq=5), entry.entry)
 
 
+def test_evolve_refuses_an_entry_that_does_not_add_up() -> None:
+    outcome = decide(Account(balance_micro=7, seq=1), None, grant(), LIMITS, T0)
+    assert isinstance(outcome, Applied)
+    assert evolve(Account(balance_micro=7, seq=1), outcome.entry).balance_micro == (
+        7 + grant().amount_micro)  # fmt: skip
+    with pytest.raises(ValueError, match="balance_after"):
+        evolve(Account(balance_micro=8, seq=1), outcome.entry)  # a micro-credit from nowhere
+
+
 def test_duplicate_points_at_the_seen_record() -> None:
     seen = Seen("u1", 3, command_digest(grant()))
     outcome = decide(Account(seq=9), seen, grant(), LIMITS, T0)
