@@ -21,7 +21,6 @@ stack up (`creditledger stack up`).
 from __future__ import annotations
 
 import argparse
-import random
 import shutil
 import signal
 import statistics
@@ -48,22 +47,12 @@ from kernel.settings import Settings, load_settings, project_path
 from streams.codec import AvroCodec, load_codec
 from streams.kafka_clients import consumer_config, make_consumer, make_producer
 from testbed.ledger import WorkerGroup
-
-T0_MS = 1_767_225_600_000
+from testbed.workload import T0_MS, command_stream
 
 
 def commands(prefix: str, count: int, users: int, seed: int = 1) -> Iterator[Command]:
-    rng = random.Random(seed)
-    for n in range(count):
-        user = f"{prefix}-u{rng.randrange(users)}"
-        if rng.random() < 0.2:
-            yield Grant(f"{prefix}-e{n}", user, "purchase", 5_000_000, f"order-{n}", None,
-                        T0_MS + n, "bench")  # fmt: skip
-        else:
-            tokens_in, tokens_out = rng.randint(10, 4000), rng.randint(1, 800)
-            yield Charge(f"{prefix}-e{n}", user, "chat", None, None, "small", "small-2026",
-                         tokens_in, tokens_out, 0, 0, False, "small", 1,
-                         tokens_in + 4 * tokens_out, T0_MS + n, "bench")  # fmt: skip
+    """The tests' generator (testbed.workload), lazily: the same commands as any test's."""
+    return command_stream(prefix, count, users, seed, producer="bench")
 
 
 def produce(settings: Settings, codec: AvroCodec, items: Iterator[Command], total: int,
