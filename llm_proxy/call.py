@@ -213,7 +213,8 @@ class CallPipeline:
             if not pump.done():
                 pump.cancel()
                 state.client_gone = True
-            with contextlib.suppress(asyncio.CancelledError, UpstreamBroke, OSError):
+            with contextlib.suppress(asyncio.CancelledError, UpstreamBroke, OSError,
+                                     *self.upstream.broken):  # fmt: skip
                 await pump
         finally:
             gone.cancel()

@@ -79,4 +79,8 @@ class Upstream(Protocol):
     """Sends a body to a model alias's upstream; a refusal or a failure is a ProxyError
     (429 and the client's own mistakes passed through, the rest 502/504)."""
 
+    # What reading an answer's chunks raises when the answer broke off, besides
+    # UpstreamBroke: the transport's own errors, so that no chunk pays for a wrapper.
+    broken: tuple[type[Exception], ...]
+
     async def post(self, alias: ModelAlias, route: str, body: bytes) -> UpstreamAnswer: ...

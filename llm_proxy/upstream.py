@@ -108,8 +108,8 @@ def upstream_client(alias: ModelAlias, proxy: ProxySettings) -> UpstreamClient:
 
 
 class SdkAnswer:
-    """An upstream answer read through httpx (the SDK's transport); a broken read is
-    :class:`~llm_proxy.ports.UpstreamBroke`, whatever the transport called it."""
+    """An upstream answer read through httpx (the SDK's transport); a broken whole read is
+    :class:`~llm_proxy.ports.UpstreamBroke`, a broken chunk read httpx's own error."""
 
     __slots__ = ("_response",)
 
@@ -126,12 +126,10 @@ class SdkAnswer:
         except httpx2.HTTPError as exc:
             raise UpstreamBroke(str(exc)) from exc
 
-    async def chunks(self) -> AsyncIterator[bytes]:
-        try:
-            async for chunk in self._response.aiter_bytes():
-                yield chunk
-        except httpx2.HTTPError as exc:
-            raise UpstreamBroke(str(exc)) from exc
+    def chunks(self) -> AsyncIterator[bytes]:
+        # httpx's own iterator, unwrapped (a stream has a chunk per token): a broken read
+        # raises httpx2.HTTPError, which SdkUpstream.broken names.
+        return self._response.aiter_bytes()
 
     async def close(self) -> None:
         await self._response.aclose()
@@ -139,6 +137,8 @@ class SdkAnswer:
 
 class SdkUpstream:
     """The call's Upstream port: one SDK client per model alias, its errors as ProxyError."""
+
+    broken: tuple[type[Exception], ...] = (httpx2.HTTPError,)
 
     def __init__(self, clients: dict[str, UpstreamClient], metrics: ProxyMetrics) -> None:
         self.clients = clients

@@ -100,13 +100,19 @@ class Answer:
         for part in self.parts:
             yield part
         if self.broken:
-            raise UpstreamBroke("reset")
+            raise TransportError("reset")  # the upstream port names it as a broken read
 
     async def close(self) -> None:
         self.closed = True
 
 
+class TransportError(Exception):
+    """What a transport of its own raises when an answer breaks off mid-read."""
+
+
 class FakeUpstream:
+    broken: tuple[type[Exception], ...] = (TransportError,)
+
     def __init__(self, answer: Answer | ProxyError) -> None:
         self.answer = answer
         self.requests: list[dict[str, Any]] = []
