@@ -90,6 +90,37 @@ class Workload:
         return set(self.auditor.balance)
 
 
+def _extras(rng: random.Random, originals: list[Command], user_ids: list[str], prefix: str,
+            duplicate_ratio: float, conflict_ratio: float, invalid: int,
+            malformed: int) -> list[tuple[int, Command | bytes, str]]:  # fmt: skip
+    """(position, message, expected outcome) of the extra messages, by position: each
+    duplicate or conflict strictly after its original."""
+    commands = len(originals)
+    extras: list[tuple[int, Command | bytes, str]] = []
+    for _ in range(int(commands * duplicate_ratio)):
+        index = rng.randrange(commands)
+        extras.append((rng.randrange(index + 1, commands + 1), originals[index], "duplicate"))
+    for _ in range(int(commands * conflict_ratio)):
+        index = rng.randrange(commands)
+        original = originals[index]
+        changed = dataclasses.replace(original, amount_micro=original.amount_micro + 1)
+        extras.append((rng.randrange(index + 1, commands + 1), changed, "idempotency_conflict"))
+    for n in range(invalid):
+        bad = random_charge(rng, f"{prefix}-bad{n}", rng.choice(user_ids), T0_MS)
+        bad = dataclasses.replace(bad, amount_micro=-rng.randint(1, 100))
+        extras.append((rng.randrange(commands + 1), bad, "invalid"))
+    for n in range(malformed):
+        garbage = (
+            b"\x00" + rng.randbytes(rng.randint(0, 40))  # never the C3 01 marker
+            if n % 2
+            else b"\xc3\x01" + rng.randbytes(8) + b"\x00"  # a fingerprint nobody knows
+        )
+        extras.append((rng.randrange(commands + 1), garbage,
+                       "malformed" if n % 2 else "unknown_schema"))  # fmt: skip
+    extras.sort(key=lambda extra: extra[0])
+    return extras
+
+
 def build_workload(
     codec: AvroCodec,
     seed: int,
@@ -116,29 +147,8 @@ def build_workload(
         at_ms = T0_MS + n
         originals.append(random_command(rng, event_id, user, at_ms))
 
-    # Where each extra goes: a position strictly after its original.
-    extras: list[tuple[int, Command | bytes, str]] = []
-    for _ in range(int(commands * duplicate_ratio)):
-        index = rng.randrange(commands)
-        extras.append((rng.randrange(index + 1, commands + 1), originals[index], "duplicate"))
-    for _ in range(int(commands * conflict_ratio)):
-        index = rng.randrange(commands)
-        original = originals[index]
-        changed = dataclasses.replace(original, amount_micro=original.amount_micro + 1)
-        extras.append((rng.randrange(index + 1, commands + 1), changed, "idempotency_conflict"))
-    for n in range(invalid):
-        bad = random_charge(rng, f"{prefix}-bad{n}", rng.choice(user_ids), T0_MS)
-        bad = dataclasses.replace(bad, amount_micro=-rng.randint(1, 100))
-        extras.append((rng.randrange(commands + 1), bad, "invalid"))
-    for n in range(malformed):
-        garbage = (
-            b"\x00" + rng.randbytes(rng.randint(0, 40))  # never the C3 01 marker
-            if n % 2
-            else b"\xc3\x01" + rng.randbytes(8) + b"\x00"  # a fingerprint nobody knows
-        )
-        extras.append((rng.randrange(commands + 1), garbage,
-                       "malformed" if n % 2 else "unknown_schema"))  # fmt: skip
-    extras.sort(key=lambda extra: extra[0])
+    extras = _extras(rng, originals, user_ids, prefix, duplicate_ratio, conflict_ratio,
+                     invalid, malformed)  # fmt: skip
 
     auditor = Auditor(max_amount_micro)
     messages: list[Message] = []
