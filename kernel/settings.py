@@ -19,7 +19,15 @@ from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -65,6 +73,41 @@ class KafkaSettings(_Section):
     linger_ms: int = Field(
         5, ge=0, description="Producer batching delay, milliseconds (throughput vs latency)."
     )
+    # Security: passed to every client (producers, consumers, admin, and Faust's aiokafka).
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = Field(
+        "PLAINTEXT", description="How clients talk to the brokers (the local stack: PLAINTEXT)."
+    )
+    sasl_mechanism: Literal["SCRAM-SHA-512", "SCRAM-SHA-256", "PLAIN"] = Field(
+        "SCRAM-SHA-512", description="SASL mechanism, for SASL_PLAINTEXT and SASL_SSL."
+    )
+    sasl_username: str = Field("", description="SASL user of this process's role.")
+    sasl_password: SecretStr = Field(SecretStr(""), description="SASL password (a secret).")
+    ssl_ca_file: Path | None = Field(
+        None, description="CA certificate(s) that sign the brokers' (PEM); none: the system's."
+    )
+    ssl_certificate_file: Path | None = Field(
+        None, description="Client certificate (PEM), when the brokers ask for one."
+    )
+    ssl_key_file: Path | None = Field(None, description="The client certificate's key (PEM).")
+    ssl_check_hostname: bool = Field(
+        True, description="Check that a broker's certificate names the host connected to."
+    )
+
+    @model_validator(mode="after")
+    def _security_complete(self) -> KafkaSettings:
+        """A half-configured security setting fails at start, naming what is missing."""
+        if self.security_protocol.startswith("SASL_") and not (
+            self.sasl_username and self.sasl_password.get_secret_value()
+        ):
+            raise ValueError(f"security_protocol {self.security_protocol} needs "
+                             "kafka.sasl_username and kafka.sasl_password")  # fmt: skip
+        if (self.ssl_certificate_file is None) != (self.ssl_key_file is None):
+            raise ValueError("kafka.ssl_certificate_file and kafka.ssl_key_file go together")
+        for name in ("ssl_ca_file", "ssl_certificate_file", "ssl_key_file"):
+            path = getattr(self, name)
+            if path is not None and not path.is_file():
+                raise ValueError(f"kafka.{name}: no file {path}")
+        return self
 
 
 class PostgresSettings(_Section):

@@ -13,12 +13,34 @@ Settings that carry the correctness argument (ARCHITECTURE.md):
 
 from __future__ import annotations
 
+import ssl
 from pathlib import Path
 from typing import Any
 
 import faust
 
 from kernel.settings import Settings
+
+
+def broker_credentials(settings: Settings) -> faust.auth.Credentials | None:
+    """``settings.kafka``'s security for Faust's aiokafka clients (the same as every
+    confluent-kafka client's, see ``streams.kafka_clients.security_config``)."""
+    kafka = settings.kafka
+    context = None
+    if kafka.security_protocol in ("SSL", "SASL_SSL"):
+        context = ssl.create_default_context(
+            cafile=str(kafka.ssl_ca_file) if kafka.ssl_ca_file else None)  # fmt: skip
+        context.check_hostname = kafka.ssl_check_hostname
+        if kafka.ssl_certificate_file is not None and kafka.ssl_key_file is not None:
+            context.load_cert_chain(str(kafka.ssl_certificate_file), str(kafka.ssl_key_file))
+    if kafka.security_protocol.startswith("SASL_"):
+        return faust.SASLCredentials(username=kafka.sasl_username,
+                                     password=kafka.sasl_password.get_secret_value(),
+                                     ssl_context=context,
+                                     mechanism=kafka.sasl_mechanism)  # fmt: skip
+    if context is not None:
+        return faust.SSLCredentials(context)
+    return None
 
 
 def faust_app(settings: Settings, data_dir: Path, partitions: int,
@@ -29,6 +51,7 @@ def faust_app(settings: Settings, data_dir: Path, partitions: int,
     return faust.App(
         ledger.app_id,
         broker=f"kafka://{settings.kafka.bootstrap_servers}",
+        broker_credentials=broker_credentials(settings),
         store=store or ledger.store,
         datadir=str(data_dir),
         autodiscover=False,

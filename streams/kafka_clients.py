@@ -27,8 +27,28 @@ def partition_of(key: str, partitions: int) -> int:
     return (hashed & 0x7FFFFFFF) % partitions
 
 
+def security_config(settings: Settings) -> dict[str, Any]:
+    """librdkafka's security settings from ``settings.kafka``: every client gets them."""
+    kafka = settings.kafka
+    config: dict[str, Any] = {"security.protocol": kafka.security_protocol}
+    if kafka.security_protocol.startswith("SASL_"):
+        config.update({"sasl.mechanism": kafka.sasl_mechanism,
+                       "sasl.username": kafka.sasl_username,
+                       "sasl.password": kafka.sasl_password.get_secret_value()})  # fmt: skip
+    if kafka.security_protocol in ("SSL", "SASL_SSL"):
+        if kafka.ssl_ca_file is not None:
+            config["ssl.ca.location"] = str(kafka.ssl_ca_file)
+        if kafka.ssl_certificate_file is not None and kafka.ssl_key_file is not None:
+            config["ssl.certificate.location"] = str(kafka.ssl_certificate_file)
+            config["ssl.key.location"] = str(kafka.ssl_key_file)
+        config["ssl.endpoint.identification.algorithm"] = (
+            "https" if kafka.ssl_check_hostname else "none")  # fmt: skip
+    return config
+
+
 def producer_config(settings: Settings, **overrides: Any) -> dict[str, Any]:
     config: dict[str, Any] = {
+        **security_config(settings),
         "bootstrap.servers": settings.kafka.bootstrap_servers,
         "client.id": f"{settings.kafka.client_id}-producer",
         "partitioner": PARTITIONER,
@@ -51,6 +71,7 @@ def make_producer(settings: Settings, **overrides: Any) -> Producer:
 
 def consumer_config(settings: Settings, group_id: str, **overrides: Any) -> dict[str, Any]:
     config: dict[str, Any] = {
+        **security_config(settings),
         "bootstrap.servers": settings.kafka.bootstrap_servers,
         "client.id": f"{settings.kafka.client_id}-consumer",
         "group.id": group_id,

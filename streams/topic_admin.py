@@ -19,6 +19,7 @@ from confluent_kafka.admin import (  # type: ignore[attr-defined]  # re-exported
 
 from kernel.errors import StackError, TopicDriftError
 from kernel.settings import Settings
+from streams.kafka_clients import security_config
 from streams.topics import TopicSpec, TopicsSpec, normalise_config_value
 
 
@@ -40,6 +41,7 @@ class TopicPlan:
 def make_admin(settings: Settings) -> AdminClient:
     return AdminClient(
         {
+            **security_config(settings),
             "bootstrap.servers": settings.kafka.bootstrap_servers,
             "client.id": f"{settings.kafka.client_id}-admin",
             "socket.timeout.ms": settings.kafka.request_timeout_ms,
