@@ -164,6 +164,13 @@ class StoreRepository:
         row = await cursor.fetchone()
         return None if row is None else Order.from_row(row)
 
+    async def _existing(self, cursor: AsyncCursor[Row], order_id: str) -> Order:
+        """The order under its row lock; StoreNotFound when there is none."""
+        order = await self._locked(cursor, order_id)
+        if order is None:
+            raise StoreNotFound("order_not_found", f"no order {order_id!r}")
+        return order
+
     @staticmethod
     async def _save(cursor: AsyncCursor[Row], order: Order) -> None:
         """What a transition may change (the rest of an order never changes)."""
@@ -177,9 +184,7 @@ class StoreRepository:
     async def cancel_order(self, user_id: str, order_id: str, now: datetime) -> Order:
         async with self.pool.connection() as conn, conn.transaction():
             cursor = conn.cursor(row_factory=dict_row)
-            order = await self._locked(cursor, order_id)
-            if order is None:
-                raise StoreNotFound("order_not_found", f"no order {order_id!r}")
+            order = await self._existing(cursor, order_id)
             cancelled = transition.cancel(order, user_id, now)
             await self._save(cursor, cancelled)
             return cancelled
@@ -191,9 +196,7 @@ class StoreRepository:
         reference refuses one payment for two orders."""
         async with self.pool.connection() as conn, conn.transaction():
             cursor = conn.cursor(row_factory=dict_row)
-            order = await self._locked(cursor, order_id)
-            if order is None:
-                raise StoreNotFound("order_not_found", f"no order {order_id!r}")
+            order = await self._existing(cursor, order_id)
             outcome = transition.pay(order, payment, now)
             if outcome.newly_paid:
                 try:
