@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
+import psycopg
 from confluent_kafka import TopicPartition
 
 from contracts.commands import Entry
@@ -235,8 +236,7 @@ class World:
 
     def cleanup(self) -> None:
         self.parts.stop_all(timeout_s=10)
-        with connect(self.stack_settings, autocommit=True) as conn:
-            conn.execute(f"DROP DATABASE IF EXISTS {self.database} WITH (FORCE)".encode())
+        self._drop_database()
         client = connect_redis(self.settings)
         try:
             keys = list(client.scan_iter(match=f"{self.prefix}:*", count=1000))
@@ -244,6 +244,22 @@ class World:
                 client.delete(*keys[start : start + 1000])
         finally:
             client.close()
+
+    def _drop_database(self, timeout_s: float = 60) -> None:
+        """DROP ... WITH (FORCE) ends our own sessions, but the application role may not
+        end an autovacuum worker that happens to be busy in the database (a superuser's
+        process): that refusal is retried until the worker is done."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                with connect(self.stack_settings, autocommit=True) as conn:
+                    conn.execute(f"DROP DATABASE IF EXISTS {self.database} WITH (FORCE)"
+                                 .encode())  # fmt: skip
+                return
+            except (psycopg.errors.InsufficientPrivilege, psycopg.errors.ObjectInUse):
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.5)
 
 
 class Writer:
