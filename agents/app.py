@@ -17,7 +17,7 @@ from contracts.records import CHARGE_TOPIC, GRANT_TOPIC, LEDGER_TOPIC
 from kernel.settings import Settings, project_path
 from streams.app import faust_app, raw_topic
 from streams.codec import AvroCodec, load_codec
-from streams.topics import load_topics
+from streams.topics import settings_topics
 
 STATE_TABLE = "ledger-state"
 
@@ -33,7 +33,7 @@ class LedgerApp:
 
 def build_ledger_app(settings: Settings, worker_name: str, store: str | None = None,
                      data_dir: Path | None = None) -> LedgerApp:  # fmt: skip
-    spec = load_topics(project_path(settings.topics_file))
+    spec = settings_topics(settings)
     partitions = spec[LEDGER_TOPIC].partitions
     codec = load_codec(project_path(settings.schemas.avro_dir))
     app = faust_app(settings, data_dir or settings.ledger.data_dir / worker_name, partitions,

@@ -47,7 +47,7 @@ from kernel.settings import Settings, load_settings, project_path
 from streams import topic_admin
 from streams.codec import AvroCodec, load_codec
 from streams.kafka_clients import consumer_config, make_consumer, make_producer
-from streams.topics import load_topics
+from streams.topics import settings_topics
 from testbed.ledger import WorkerGroup
 from testbed.workload import T0_MS, command_stream
 
@@ -318,7 +318,7 @@ def main(argv: list[str] | None = None) -> int:
     # As every process does at its start: on a fresh stack the command topics do not exist
     # yet, and a group cannot be started at their end.
     topic_admin.apply(topic_admin.make_admin(settings),
-                      load_topics(project_path(settings.topics_file)), timeout_s=30)  # fmt: skip
+                      settings_topics(settings), timeout_s=30)  # fmt: skip
     rows: list[tuple[Any, ...]] = []
 
     one, one_s = throughput(settings, codec, 1, args.commands, args.users)

@@ -37,6 +37,9 @@ def _print_services(report: Sequence[ServiceStatus]) -> None:
 def cmd_stack_up(args: argparse.Namespace, settings: Settings) -> int:
     from stack import launcher
 
+    if args.brokers is not None:
+        stack = settings.stack.model_copy(update={"kafka_brokers": args.brokers})
+        settings = settings.model_copy(update={"stack": stack})
     t0 = time.monotonic()
     report = launcher.up(settings)
     _print_services(report)
@@ -87,7 +90,8 @@ def cmd_config_example(args: argparse.Namespace, settings: Settings) -> int:
 def _topic_spec(args: argparse.Namespace, settings: Settings) -> TopicsSpec:
     from streams.topics import load_topics
 
-    return load_topics(args.file or project_path(settings.topics_file))
+    profile = args.profile or settings.kafka.topics_profile
+    return load_topics(args.file or project_path(settings.topics_file), profile)
 
 
 def cmd_topics_apply(args: argparse.Namespace, settings: Settings) -> int:
@@ -249,6 +253,9 @@ def _stack_commands(commands: Any) -> None:
     p = stack_commands.add_parser(
         "up", help="start what is not running and wait until all answer (idempotent)"
     )
+    p.add_argument("--brokers", type=int, choices=range(1, 10), default=None, metavar="N",
+                   help="Kafka nodes to run (default: stack.kafka_brokers, 1); 3 is a "
+                   "replicated cluster: then apply topics with --profile production")  # fmt: skip
     p.set_defaults(handler=cmd_stack_up)
     p = stack_commands.add_parser("down", help="stop the processes `stack up` started, only those")
     p.add_argument("--wipe", action="store_true",
@@ -294,6 +301,10 @@ def _topics_commands(commands: Any) -> None:
         p.add_argument(
             "--file", type=Path, default=None, help="topic spec (default: settings.topics_file)"
         )
+        p.add_argument("--profile", default=None,
+                       help="replication profile of the spec: local (1 replica) or "
+                       "production (3 replicas, min.insync.replicas 2); "
+                       "default kafka.topics_profile")  # fmt: skip
         p.set_defaults(handler=handler)
 
 

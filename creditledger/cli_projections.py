@@ -72,10 +72,10 @@ def cmd_project(args: argparse.Namespace, settings: Settings) -> int:
     from projections.projector import Projector, Sink
     from projections.redis_sink import RedisSink
     from streams import topic_admin
-    from streams.topics import load_topics
+    from streams.topics import settings_topics
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    spec = load_topics(project_path(settings.topics_file))
+    spec = settings_topics(settings)
     if (args.topic or settings.projections.ledger_topic) in spec.topics:
         # As the worker does: safe on every start, refuses (changing nothing) on drift.
         topic_admin.apply(topic_admin.make_admin(settings), spec,

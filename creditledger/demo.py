@@ -31,7 +31,7 @@ from streams.codec import AvroCodec, load_codec
 from streams.examples import example_events
 from streams.kafka_clients import make_producer, partition_of
 from streams.roundtrip import round_trip
-from streams.topics import TopicSpec, TopicsSpec, load_topics
+from streams.topics import TopicSpec, TopicsSpec, settings_topics
 
 
 def run_demo(settings: Settings) -> bool:
@@ -61,7 +61,7 @@ def _stack_and_topics(settings: Settings, t0: float) -> Any:
                        [(s.name, s.state, s.address, s.log) for s in report]))  # fmt: skip
     print(f"stack ready in {time.monotonic() - t0:.1f} s\n")
     print("== 2. topics apply (topics.yaml)")
-    spec = load_topics(project_path(settings.topics_file))
+    spec = settings_topics(settings)
     admin = topic_admin.make_admin(settings)
     applied = topic_admin.apply(admin, spec, settings.kafka.request_timeout_ms / 1000)
     print(render_table(
@@ -121,7 +121,7 @@ def _demo_commands(run: str) -> list[tuple[Command, str]]:
 
 def ledger_demo(settings: Settings, codec: AvroCodec, stamp: datetime) -> tuple[bool, list[str]]:
     """Step 2: a real ledger worker folds a few commands; balances come from the ledger."""
-    spec_partitions = load_topics(project_path(settings.topics_file))[LEDGER_TOPIC].partitions
+    spec_partitions = settings_topics(settings)[LEDGER_TOPIC].partitions
     print("== 4. the ledger: a worker folds commands exactly once per event_id")
     run = stamp.strftime("%H%M%S")
     commands = _demo_commands(run)

@@ -13,9 +13,9 @@ import sys
 import time
 from types import FrameType
 
-from kernel.settings import Settings, project_path
+from kernel.settings import Settings
 from streams import topic_admin
-from streams.topics import load_topics
+from streams.topics import settings_topics
 
 log = logging.getLogger("creditledger.worker")
 
@@ -41,7 +41,7 @@ def run_worker(settings: Settings, name: str, loglevel: str, store: str | None) 
     from agents.ledger_agent import register_ledger_agent
 
     # Topics first: applying is safe on every start and refuses on drift.
-    spec = load_topics(project_path(settings.topics_file))
+    spec = settings_topics(settings)
     topic_admin.apply(
         topic_admin.make_admin(settings), spec, settings.kafka.request_timeout_ms / 1000
     )

@@ -73,6 +73,13 @@ class KafkaSettings(_Section):
     linger_ms: int = Field(
         5, ge=0, description="Producer batching delay, milliseconds (throughput vs latency)."
     )
+    topics_profile: str = Field(
+        "local",
+        description=(
+            "Profile of topics.yaml to apply and check: local (1 replica) or production "
+            "(3 replicas, min.insync.replicas 2, for 3 or more brokers)."
+        ),
+    )
     # Security: passed to every client (producers, consumers, admin, and Faust's aiokafka).
     security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = Field(
         "PLAINTEXT", description="How clients talk to the brokers (the local stack: PLAINTEXT)."
@@ -167,7 +174,16 @@ class StackSettings(_Section):
     kafka_controller_port: int = Field(
         19093, ge=1, le=65535, description="KRaft controller listener port (loopback)."
     )
-    kafka_heap_mb: int = Field(1024, ge=256, description="Kafka broker JVM heap, MiB.")
+    kafka_brokers: int = Field(
+        1,
+        ge=1,
+        le=9,
+        description=(
+            "Kafka nodes the launcher runs (combined broker + controller); 3 makes a "
+            "replicated cluster, node n listening 100*(n-1) above node 1's ports."
+        ),
+    )
+    kafka_heap_mb: int = Field(1024, ge=256, description="Kafka JVM heap per node, MiB.")
     postgres_os_user: str = Field(
         "postgres",
         description="Unprivileged OS user that owns the Postgres cluster when run as root.",

@@ -1,4 +1,5 @@
-"""Apache Kafka in KRaft mode (one combined broker + controller) from Maven jars.
+"""Apache Kafka in KRaft mode from Maven jars: one node, or a cluster of combined
+broker + controller nodes (``stack.kafka_brokers``), each with its own ports and folder.
 
 The jars are resolved by Maven from ``stack/kafka/pom.xml`` into a cache outside
 the repository (``stack.cache_dir``), once per Kafka version; the second start
@@ -11,6 +12,7 @@ import base64
 import shutil
 import subprocess
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 
 from kernel.errors import StackError
@@ -39,12 +41,52 @@ Configuration:
 """
 
 
-def bootstrap_address(settings: Settings) -> tuple[str, int]:
-    first = settings.kafka.bootstrap_servers.split(",")[0].strip()
-    host, _, port = first.rpartition(":")
+# Node n of a cluster listens NODE_PORT_STEP * (n - 1) above node 1's ports, unless
+# kafka.bootstrap_servers lists one address per node.
+NODE_PORT_STEP = 100
+
+
+@dataclass(frozen=True)
+class KafkaNode:
+    """Where one node of the local cluster listens (combined broker and controller)."""
+
+    node_id: int
+    host: str
+    port: int
+    controller_port: int
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+
+def _host_port(entry: str) -> tuple[str, int]:
+    host, _, port = entry.strip().rpartition(":")
     if not host or not port.isdigit():
-        raise StackError(f"kafka.bootstrap_servers must be host:port, got {first!r}")
+        raise StackError(f"kafka.bootstrap_servers must be host:port[,host:port], got {entry!r}")
     return host, int(port)
+
+
+def cluster_nodes(settings: Settings) -> list[KafkaNode]:
+    """The nodes ``stack.kafka_brokers`` asks for, addressed from ``kafka.bootstrap_servers``."""
+    count = settings.stack.kafka_brokers
+    entries = [_host_port(e) for e in settings.kafka.bootstrap_servers.split(",") if e.strip()]
+    controller = settings.stack.kafka_controller_port
+    if len(entries) == 1:
+        host, port = entries[0]
+        entries = [(host, port + NODE_PORT_STEP * i) for i in range(count)]
+    if len(entries) != count:
+        raise StackError(
+            f"kafka.bootstrap_servers lists {len(entries)} addresses but stack.kafka_brokers is "
+            f"{count}: list one (node n then listens {NODE_PORT_STEP}*(n-1) above it) or one "
+            "per node"
+        )
+    return [KafkaNode(i + 1, host, port, controller + NODE_PORT_STEP * i)
+            for i, (host, port) in enumerate(entries)]  # fmt: skip
+
+
+def bootstrap_address(settings: Settings) -> tuple[str, int]:
+    return _host_port(settings.kafka.bootstrap_servers.split(",")[0])
 
 
 def jars_dir(settings: Settings) -> Path:
@@ -90,15 +132,19 @@ def ensure_jars(settings: Settings) -> tuple[Path, bool]:
     return libs, True
 
 
-def _server_properties(settings: Settings, data_dir: Path) -> str:
-    host, port = bootstrap_address(settings)
-    controller = settings.stack.kafka_controller_port
+def _server_properties(settings: Settings, node: KafkaNode, data_dir: Path) -> str:
+    nodes = cluster_nodes(settings)
+    # Internal topics get every node's copy up to 3; with 3 or more nodes a write needs 2
+    # in sync, the same durability the production topic profile asks of ours.
+    replicas = min(3, len(nodes))
+    in_sync = 2 if replicas >= 3 else 1
+    voters = ",".join(f"{n.node_id}@{n.host}:{n.controller_port}" for n in nodes)
     lines = {
         "process.roles": "broker,controller",
-        "node.id": "1",
-        "controller.quorum.voters": f"1@{host}:{controller}",
-        "listeners": f"PLAINTEXT://{host}:{port},CONTROLLER://{host}:{controller}",
-        "advertised.listeners": f"PLAINTEXT://{host}:{port}",
+        "node.id": str(node.node_id),
+        "controller.quorum.voters": voters,
+        "listeners": f"PLAINTEXT://{node.address},CONTROLLER://{node.host}:{node.controller_port}",
+        "advertised.listeners": f"PLAINTEXT://{node.address}",
         "controller.listener.names": "CONTROLLER",
         "listener.security.protocol.map": "PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT",
         "inter.broker.listener.name": "PLAINTEXT",
@@ -106,62 +152,94 @@ def _server_properties(settings: Settings, data_dir: Path) -> str:
         # Topics are created from topics.yaml only; a typo must not invent a topic.
         "auto.create.topics.enable": "false",
         "num.partitions": "1",
-        # One node: every internal topic has one replica, so that consumer
-        # groups, idempotent producers and transactions work.
-        "offsets.topic.replication.factor": "1",
-        "transaction.state.log.replication.factor": "1",
-        "transaction.state.log.min.isr": "1",
-        "share.coordinator.state.topic.replication.factor": "1",
-        "share.coordinator.state.topic.min.isr": "1",
-        "default.replication.factor": "1",
-        "min.insync.replicas": "1",
+        # Consumer groups, idempotent producers and transactions need their internal
+        # topics; one node means one replica of each.
+        "offsets.topic.replication.factor": str(replicas),
+        "transaction.state.log.replication.factor": str(replicas),
+        "transaction.state.log.min.isr": str(in_sync),
+        "share.coordinator.state.topic.replication.factor": str(replicas),
+        "share.coordinator.state.topic.min.isr": str(in_sync),
+        "default.replication.factor": str(replicas),
+        "min.insync.replicas": str(in_sync),
+        # Durability stated, not inherited: a replica that missed writes never becomes
+        # leader (that would drop acknowledged ledger entries).
+        "unclean.leader.election.enable": "false",
         # Tests and demos start consumer groups often; do not wait 3 s each time.
         "group.initial.rebalance.delay.ms": "0",
     }
     return "".join(f"{key}={value}\n" for key, value in lines.items())
 
 
-class KafkaService:
-    name = "kafka"
+def _java() -> str:
+    java = shutil.which("java")
+    if java is None:
+        raise StackError("Java 17+ is needed for Kafka: apt-get install openjdk-17-jre-headless")
+    return java
 
-    def __init__(self, settings: Settings) -> None:
+
+def _cluster_id(settings: Settings) -> str:
+    """One id for every node of the cluster, made on the first format and kept."""
+    if settings.stack.kafka_brokers == 1:
+        return base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+    path = cluster_root(settings) / "cluster.id"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=") + "\n")
+    return path.read_text().strip()
+
+
+def cluster_root(settings: Settings) -> Path:
+    return settings.stack.state_dir / "kafka-cluster"
+
+
+def node_dirs(settings: Settings) -> list[ServiceDir]:
+    """Every Kafka node folder under the state dir, whatever ``kafka_brokers`` says now:
+    what ``down`` and ``status`` look at."""
+    found = [ServiceDir("kafka", settings.stack.state_dir / "kafka")]
+    found += [ServiceDir(f"kafka-{d.name.removeprefix('node-')}", d)
+              for d in sorted(cluster_root(settings).glob("node-*"))]  # fmt: skip
+    return found
+
+
+class KafkaService:
+    """One node of the local Kafka (the only one unless ``stack.kafka_brokers`` > 1)."""
+
+    def __init__(self, settings: Settings, node: KafkaNode | None = None) -> None:
         self.settings = settings
-        self.dir = ServiceDir(self.name, settings.stack.state_dir / self.name)
+        self.node = node or cluster_nodes(settings)[0]
+        if settings.stack.kafka_brokers == 1:
+            self.name = "kafka"
+            root = settings.stack.state_dir / "kafka"
+        else:
+            self.name = f"kafka-{self.node.node_id}"
+            root = cluster_root(settings) / f"node-{self.node.node_id}"
+        self.dir = ServiceDir(self.name, root)
 
     @property
     def address(self) -> str:
-        return self.settings.kafka.bootstrap_servers
-
-    def _java(self) -> str:
-        java = shutil.which("java")
-        if java is None:
-            raise StackError(
-                "Java 17+ is needed for Kafka: apt-get install openjdk-17-jre-headless"
-            )
-        return java
+        return self.node.address
 
     def start(self) -> int | None:
-        """Start the broker unless ours is running; return the PID started, or None."""
+        """Start the node unless ours is running; return the PID started, or None."""
         if self.dir.running_pid() is not None:
             return None
-        host, port = bootstrap_address(self.settings)
-        for busy in (port, self.settings.stack.kafka_controller_port):
-            refuse_taken_port(host, busy, "KAFKA_BOOTSTRAP_SERVERS")
+        for busy in (self.node.port, self.node.controller_port):
+            refuse_taken_port(self.node.host, busy, "KAFKA_BOOTSTRAP_SERVERS")
         libs, _ = ensure_jars(self.settings)
-        java = self._java()
+        java = _java()
         root = self.dir.root
         data_dir = root / "data"
         root.mkdir(parents=True, exist_ok=True)
         config = root / "server.properties"
-        config.write_text(_server_properties(self.settings, data_dir))
+        config.write_text(_server_properties(self.settings, self.node, data_dir))
         log4j = root / "log4j2.yaml"
         log4j.write_text(LOG4J2_YAML)
         classpath = f"{libs}/*"
         if not (data_dir / "meta.properties").exists():
-            cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
             fmt = subprocess.run(
                 [java, "-cp", classpath, f"-Dlog4j2.configurationFile={log4j}",
-                 "kafka.tools.StorageTool", "format", "-t", cluster_id, "-c", str(config)],
+                 "kafka.tools.StorageTool", "format", "-t", _cluster_id(self.settings),
+                 "-c", str(config)],
                 capture_output=True, text=True, check=False,
             )  # fmt: skip
             if fmt.returncode != 0:
@@ -175,14 +253,14 @@ class KafkaService:
         return self.dir.spawn(argv)
 
     def ready(self) -> bool:
+        """The node answers and has registered itself with the cluster."""
         from confluent_kafka.admin import AdminClient
 
-        host, port = bootstrap_address(self.settings)
-        if not port_open(host, port):
+        if not port_open(self.node.host, self.node.port):
             return False
         admin = AdminClient({"bootstrap.servers": self.address, "log_level": 0})
         try:
             metadata = admin.list_topics(timeout=2)
         except Exception:  # not ready yet: the broker answers only once registered
             return False
-        return bool(metadata.brokers)
+        return self.node.node_id in metadata.brokers

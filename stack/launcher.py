@@ -11,13 +11,14 @@ from __future__ import annotations
 import shutil
 import signal
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
 from kernel.errors import StackError
 from kernel.settings import Settings
-from stack.kafka import KafkaService
+from stack.kafka import KafkaService, cluster_nodes, cluster_root, node_dirs
 from stack.postgres import PostgresService
 from stack.processes import ServiceDir, wait_until
 from stack.redis import RedisService
@@ -50,11 +51,27 @@ class ServiceStatus:
 
 def services(settings: Settings) -> list[tuple[Service, bool]]:
     """Every service with whether it is external, in start order."""
+    kafka: list[tuple[Service, bool]] = [
+        (KafkaService(settings, node), settings.kafka.external) for node in cluster_nodes(settings)
+    ]
     return [
         (PostgresService(settings), settings.postgres.external),
         (RedisService(settings), settings.redis.external),
-        (KafkaService(settings), settings.kafka.external),
+        *kafka,
     ]
+
+
+def _known(settings: Settings) -> list[tuple[Service, bool]]:
+    """``services``, with as many Kafka nodes as are running when that differs from
+    ``stack.kafka_brokers`` (a cluster started with ``--brokers 3``, then a plain ``down``
+    or ``status``)."""
+    running = [d for d in node_dirs(settings) if d.running_pid() is not None]
+    clustered = [d for d in running if d.name != "kafka"]
+    if clustered and settings.stack.kafka_brokers == 1:
+        count = len(list(cluster_root(settings).glob("node-*")))
+        stack = settings.stack.model_copy(update={"kafka_brokers": count})
+        return services(settings.model_copy(update={"stack": stack}))
+    return services(settings)
 
 
 def up(settings: Settings) -> list[ServiceStatus]:
@@ -104,32 +121,34 @@ def down(settings: Settings, wipe: bool = False,
          only: set[str] | None = None) -> list[ServiceStatus]:  # fmt: skip
     """Stop the processes this launcher started (only those, or only the ``only`` ones, e.g.
     to see how the rest copes); optionally delete their data."""
+    chosen = [(service, external) for service, external in reversed(_known(settings))
+              if only is None or service.name in only
+              or (service.name.startswith("kafka") and "kafka" in only)]  # fmt: skip
+    # Kafka's nodes stop together: one by one, the last would wait for a quorum that left.
+    kafka = [s for s, external in chosen if isinstance(s, KafkaService) and not external]
+    with ThreadPoolExecutor(max_workers=max(1, len(kafka))) as pool:
+        stopped = dict(zip([s.name for s in kafka],
+                           pool.map(lambda s: _stop(settings, s), kafka), strict=True))  # fmt: skip
     report: list[ServiceStatus] = []
-    for service, external in reversed(services(settings)):
-        if only is not None and service.name not in only:
-            continue
+    for service, external in chosen:
         if external:
             report.append(ServiceStatus(service.name, service.address, "external", None, 0, "-"))
             continue
-        t0 = time.monotonic()
-        # SIGINT is Postgres's "fast shutdown"; the others stop cleanly on SIGTERM.
-        first = signal.SIGINT if isinstance(service, PostgresService) else signal.SIGTERM
-        pid = service.dir.running_pid()
-        stopped = service.dir.stop(settings.stack.stop_timeout_s, first_signal=first)
-        report.append(
-            ServiceStatus(
-                service.name,
-                service.address,
-                "stopped" if stopped else "down",
-                pid,
-                time.monotonic() - t0,
-                str(service.dir.log_file),
-            )
-        )
+        report.append(stopped.get(service.name) or _stop(settings, service))
     if wipe and only is None:
         for folder in wiped_dirs(settings):
             shutil.rmtree(folder, ignore_errors=True)
     return report
+
+
+def _stop(settings: Settings, service: Service) -> ServiceStatus:
+    t0 = time.monotonic()
+    # SIGINT is Postgres's "fast shutdown"; the others stop cleanly on SIGTERM.
+    first = signal.SIGINT if isinstance(service, PostgresService) else signal.SIGTERM
+    pid = service.dir.running_pid()
+    stopped = service.dir.stop(settings.stack.stop_timeout_s, first_signal=first)
+    return ServiceStatus(service.name, service.address, "stopped" if stopped else "down", pid,
+                         time.monotonic() - t0, str(service.dir.log_file))  # fmt: skip
 
 
 def wiped_dirs(settings: Settings) -> list[Path]:
@@ -144,7 +163,7 @@ def wiped_dirs(settings: Settings) -> list[Path]:
 
 def status(settings: Settings) -> list[ServiceStatus]:
     report: list[ServiceStatus] = []
-    for service, external in services(settings):
+    for service, external in _known(settings):
         t0 = time.monotonic()
         answering = service.ready()
         if external:

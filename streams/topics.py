@@ -7,13 +7,14 @@ hand and a vague error costs an ops person an evening.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from kernel.errors import TopicSpecError
+from kernel.settings import Settings, project_path
 
 TOPIC_NAME = re.compile(r"^[A-Za-z0-9._-]{1,249}$")
 CLEANUP_POLICIES = {"delete", "compact", "compact,delete"}
@@ -35,6 +36,9 @@ KNOWN_CONFIGS = NUMERIC_CONFIGS | {
     "min.cleanable.dirty.ratio",
 }
 TOPIC_FIELDS = {"description", "partitions", "replication_factor", "config"}
+# The topics as written are the local profile; another profile sets replication for all.
+LOCAL_PROFILE = "local"
+PROFILE_FIELDS = {"description", "replication_factor", "min.insync.replicas"}
 
 
 @dataclass(frozen=True)
@@ -119,17 +123,52 @@ def _parse_topic(name: str, raw: Any) -> TopicSpec:
     )
 
 
-def parse_topics(text: str, source: str = "topics.yaml") -> TopicsSpec:
+def _with_profile(topics: dict[str, TopicSpec], profiles: Any, profile: str,
+                  source: str) -> dict[str, TopicSpec]:  # fmt: skip
+    """The topics with ``profile``'s replication (the local profile: as written)."""
+    if not isinstance(profiles, dict):
+        raise TopicSpecError(f"{source}: profiles must be a mapping of profile names")
+    known = sorted({LOCAL_PROFILE, *profiles})
+    if profile not in known:
+        raise TopicSpecError(f"{source}: no topic profile {profile!r} (known: {', '.join(known)})")
+    raw = profiles.get(profile) or {}
+    if not isinstance(raw, dict) or set(raw) - PROFILE_FIELDS:
+        raise TopicSpecError(f"profile {profile}: set only {', '.join(sorted(PROFILE_FIELDS))}")
+    changed: dict[str, TopicSpec] = {}
+    for name, topic in topics.items():
+        replicas = topic.replication_factor
+        if "replication_factor" in raw:
+            replicas = _int_field(f"{name} (profile {profile})", "replication_factor",
+                                  raw["replication_factor"], 1)  # fmt: skip
+        config = dict(topic.config)
+        if "min.insync.replicas" in raw:
+            config["min.insync.replicas"] = str(
+                _int_field(f"{name} (profile {profile})", "min.insync.replicas",
+                           raw["min.insync.replicas"], 1))  # fmt: skip
+        in_sync = int(config.get("min.insync.replicas", "1"))
+        if in_sync > replicas:
+            raise TopicSpecError(
+                f"topic {name} (profile {profile}): min.insync.replicas {in_sync} exceeds "
+                f"replication_factor {replicas}: no write could ever succeed"
+            )
+        changed[name] = replace(topic, replication_factor=replicas, config=config)
+    return changed
+
+
+def parse_topics(text: str, source: str = "topics.yaml",
+                 profile: str = LOCAL_PROFILE) -> TopicsSpec:  # fmt: skip
+    """The spec in ``text`` with ``profile``'s replication (``profiles:`` in the file)."""
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise TopicSpecError(f"{source}: not valid YAML: {exc}") from exc
     if not isinstance(data, dict) or not isinstance(data.get("topics"), dict):
         raise TopicSpecError(f"{source}: expected a mapping with a 'topics' mapping")
-    unknown = set(data) - {"topics", "co_partitioned"}
+    unknown = set(data) - {"topics", "co_partitioned", "profiles"}
     if unknown:
         raise TopicSpecError(f"{source}: unknown top-level key(s) {', '.join(sorted(unknown))}")
     topics = {name: _parse_topic(str(name), raw) for name, raw in data["topics"].items()}
+    topics = _with_profile(topics, data.get("profiles") or {}, profile, source)
     groups: dict[str, tuple[str, ...]] = {}
     for group, members in (data.get("co_partitioned") or {}).items():
         if not isinstance(members, list) or len(members) < 2:
@@ -150,9 +189,14 @@ def parse_topics(text: str, source: str = "topics.yaml") -> TopicsSpec:
     return TopicsSpec(topics=topics, co_partitioned=groups)
 
 
-def load_topics(path: Path) -> TopicsSpec:
+def load_topics(path: Path, profile: str = LOCAL_PROFILE) -> TopicsSpec:
     try:
         text = path.read_text()
     except OSError as exc:
         raise TopicSpecError(f"cannot read topic spec {path}: {exc}") from exc
-    return parse_topics(text, source=str(path))
+    return parse_topics(text, source=str(path), profile=profile)
+
+
+def settings_topics(settings: Settings) -> TopicsSpec:
+    """The project's topic spec in the profile the settings name (``kafka.topics_profile``)."""
+    return load_topics(project_path(settings.topics_file), settings.kafka.topics_profile)

@@ -22,11 +22,11 @@ import pytest
 from confluent_kafka.admin import AdminClient
 
 from kernel.errors import CreditLedgerError
-from kernel.settings import PROJECT_ROOT, Settings, load_settings, project_path
+from kernel.settings import PROJECT_ROOT, Settings, load_settings
 from stack import launcher
 from streams import topic_admin
 from streams.codec import AvroCodec, load_codec
-from streams.topics import TopicsSpec, load_topics
+from streams.topics import TopicsSpec, settings_topics
 from testbed.topics import ScratchTopics
 
 if TYPE_CHECKING:
@@ -85,7 +85,7 @@ def admin(stack_settings: Settings) -> AdminClient:
 @pytest.fixture(scope="session")
 def project_topics(stack_settings: Settings, admin: AdminClient) -> TopicsSpec:
     """The project's topics, applied (as every start of every process does)."""
-    spec = load_topics(project_path(stack_settings.topics_file))
+    spec = settings_topics(stack_settings)
     topic_admin.apply(admin, spec, timeout_s=30)
     return spec
 

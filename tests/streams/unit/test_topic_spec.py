@@ -87,3 +87,28 @@ def test_co_partitioned_topics_must_agree() -> None:
 def test_broker_values_normalise_like_spec_values() -> None:
     assert normalise_config_value("cleanup.policy", "delete,compact") == "compact,delete"
     assert normalise_config_value("retention.ms", -1) == "-1"
+
+
+def test_production_profile_replicates_every_topic_three_times() -> None:
+    local = load_topics(PROJECT_ROOT / "topics.yaml")
+    production = load_topics(PROJECT_ROOT / "topics.yaml", "production")
+    assert set(production.topics) == set(local.topics)
+    for name, topic in production.topics.items():
+        assert local[name].replication_factor == 1, name
+        assert (topic.replication_factor, topic.config["min.insync.replicas"]) == (3, "2"), name
+        assert topic.partitions == local[name].partitions, name
+
+
+@pytest.mark.parametrize(
+    ("profiles", "profile", "message"),
+    [
+        ("profiles:\n  prod:\n    replication_factor: 3\n", "staging",
+         "no topic profile 'staging'"),
+        ("profiles:\n  prod:\n    partitions: 3\n", "prod", "set only"),
+        ("profiles:\n  prod:\n    replication_factor: 2\n    min.insync.replicas: 3\n", "prod",
+         "min.insync.replicas 3 exceeds replication_factor 2"),
+    ],
+)  # fmt: skip
+def test_bad_profiles_are_refused(profiles: str, profile: str, message: str) -> None:
+    with pytest.raises(TopicSpecError, match=message):
+        parse_topics(VALID + profiles, profile=profile)
