@@ -27,6 +27,7 @@ from stack.processes import ProcessGroup
 from streams.codec import AvroCodec
 from streams.kafka_clients import make_consumer, make_producer
 from testbed.workload import Message, Workload
+from testbed.world import kafka_env
 
 CLI = (sys.executable, "-m", "creditledger.cli")
 
@@ -53,7 +54,7 @@ class WorkerGroup:
             {
                 "CREDITLEDGER_LEDGER__APP_ID": f"test-ledger-{self.unique}",
                 "CREDITLEDGER_LEDGER__DATA_DIR": str(self.root),
-                "CREDITLEDGER_KAFKA__BOOTSTRAP_SERVERS": self.settings.kafka.bootstrap_servers,
+                **kafka_env(self.settings),
             }
         )
         env.update(self.extra_env)

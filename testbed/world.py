@@ -19,6 +19,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import psycopg
 from confluent_kafka import TopicPartition
+from pydantic import SecretStr
 
 from contracts.commands import Entry
 from contracts.records import LEDGER_TOPIC, entry_to_record
@@ -45,6 +46,20 @@ ORDER = {
 }
 
 
+def kafka_env(settings: Settings) -> dict[str, str]:
+    """``settings.kafka`` as the environment of a child process (secrets revealed): every
+    part of a world talks to the same brokers, in the same way, with the same topics."""
+    env: dict[str, str] = {}
+    for name, value in settings.kafka.model_dump().items():
+        if value is None:
+            continue
+        if isinstance(value, SecretStr):
+            value = value.get_secret_value()
+        text = str(value).lower() if isinstance(value, bool) else str(value)
+        env[f"CREDITLEDGER_KAFKA__{name.upper()}"] = text
+    return env
+
+
 def with_database(url: str, database: str) -> str:
     parts = urlsplit(url)
     return urlunsplit(parts._replace(path=f"/{database}"))
@@ -63,6 +78,8 @@ class World:
         self.dsn = with_database(stack_settings.postgres_dsn, self.database)
         self.prefix = f"test-{unique}"
         self.overrides = {
+            # The world lives on the given stack's Kafka (a cluster's, a secured one's).
+            "kafka": stack_settings.kafka.model_dump(),
             "postgres": {"url": self.dsn},
             "projections": {
                 "ledger_topic": self.topic, "redis_key_prefix": self.prefix,
@@ -112,7 +129,7 @@ class World:
             "CREDITLEDGER_PROJECTIONS__REDIS_KEY_PREFIX": self.prefix,
             "CREDITLEDGER_PROJECTIONS__POSTGRES_GROUP": f"test-pg-{self.unique}",
             "CREDITLEDGER_PROJECTIONS__REDIS_GROUP": f"test-redis-{self.unique}",
-            "CREDITLEDGER_KAFKA__BOOTSTRAP_SERVERS": self.settings.kafka.bootstrap_servers,
+            **kafka_env(self.settings),
         })  # fmt: skip
         if "DATABASE_URL" in env:
             env["DATABASE_URL"] = self.dsn

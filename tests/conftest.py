@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
@@ -27,6 +28,7 @@ from stack import launcher
 from streams import topic_admin
 from streams.codec import AvroCodec, load_codec
 from streams.topics import TopicsSpec, settings_topics
+from testbed.cluster import Cluster, cluster_settings
 from testbed.topics import ScratchTopics
 
 if TYPE_CHECKING:
@@ -75,6 +77,22 @@ def stack_settings() -> Iterator[Settings]:
     # Leave the machine as we found it, unless asked to keep the stack for the next run.
     if started_here and os.environ.get("CREDITLEDGER_KEEP_STACK") != "1":
         launcher.down(settings)
+
+
+@pytest.fixture(scope="session")
+def cluster(stack_settings: Settings) -> Iterator[Cluster]:
+    """A three-node Kafka cluster next to the stack (its own ports and folder), once per
+    session: the broker-failure tests kill and restart its nodes."""
+    cluster = Cluster(cluster_settings(stack_settings, Path("/tmp/creditledger-test-cluster")))
+    try:
+        cluster.up()
+    except CreditLedgerError as exc:
+        cluster.down()
+        pytest.fail(f"the three-node Kafka cluster could not be started: {exc}\n"
+                    "It needs Java and the Kafka jars like `creditledger stack up`; its logs "
+                    "are under /tmp/creditledger-test-cluster.", pytrace=False)  # fmt: skip
+    yield cluster
+    cluster.down()
 
 
 @pytest.fixture(scope="session")

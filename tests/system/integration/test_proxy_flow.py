@@ -10,16 +10,12 @@ from collections.abc import Iterator
 import openai
 import pytest
 import redis
-from openai.types.chat import ChatCompletionMessageParam
 
 from agents.domain import Ledger
-from contracts.commands import Grant
 from contracts.records import (
     CHARGE_TOPIC,
-    GRANT_TOPIC,
     LEDGER_TOPIC,
     command_from_record,
-    command_to_record,
 )
 from contracts.redis_keys import balance_key, holds_key
 from kernel.db import connect
@@ -28,15 +24,11 @@ from kernel.settings import Settings, project_path
 from llm_proxy.client import LLMClient, billing_context
 from stack import launcher
 from streams.codec import load_codec
-from streams.kafka_clients import make_producer
 from streams.reading import read_topic
 from testbed.ledger import WorkerGroup
+from testbed.load import GRANT, ONE_CALL, PROMPT, grant
 from testbed.proxy import ProxyWorld, wait_for
 from testbed.topics import ScratchTopics
-
-PROMPT: list[ChatCompletionMessageParam] = [{"role": "user", "content": "count to five"}]
-ONE_CALL = 10 * 6 + 20 * 5  # 6 prompt tokens, 5 output tokens at the test rule's prices
-GRANT = 1_000_000
 
 
 @pytest.fixture
@@ -47,17 +39,6 @@ def world(stack_settings: Settings, scratch: ScratchTopics, unique: str) -> Iter
         yield world
     finally:
         world.cleanup()
-
-
-def grant(world: ProxyWorld, users: list[str], amount_micro: int = GRANT) -> None:
-    producer = make_producer(world.env_settings())
-    for user in users:
-        command = Grant(event_id=f"grant-{user}", user_id=user, kind="purchase",
-                        amount_micro=amount_micro, reference="test", note=None,
-                        occurred_at_ms=int(time.time() * 1000), producer="test")  # fmt: skip
-        value = world.codec.encode(GRANT_TOPIC, command_to_record(command))
-        producer.produce(GRANT_TOPIC, key=user.encode(), value=value)
-    assert producer.flush(30) == 0
 
 
 def test_calls_flow_through_outbox_ledger_and_projections(world: ProxyWorld,
