@@ -32,7 +32,7 @@ from pathlib import Path
 
 import openai
 
-from bench.ledger import percentile, throughput
+from bench.ledger import percentile, start_group_at_end, throughput
 from contracts.records import LEDGER_TOPIC
 from creditledger.tables import render_table
 from kernel.db import connect
@@ -58,6 +58,8 @@ def pipeline(settings: Settings, codec: AvroCodec) -> Iterator[tuple[ProxyWorld,
     world = ProxyWorld(settings, scratch, unique, codec, ledger_topic=LEDGER_TOPIC,
                        proxy_settings={"retry_serves_max": 100})  # fmt: skip
     workers = WorkerGroup(unique, world.env_settings())
+    # A new group folds from the commands' end, not the history earlier runs left there.
+    start_group_at_end(settings, workers.env()["CREDITLEDGER_LEDGER__APP_ID"])
     try:
         workers.start("w1", supervised=True)
         world.start_proxy()
@@ -69,7 +71,8 @@ def pipeline(settings: Settings, codec: AvroCodec) -> Iterator[tuple[ProxyWorld,
 
         def granted() -> bool:
             with connect(world.env_settings()) as conn:
-                row = conn.execute("SELECT count(*) FROM accounts").fetchone()
+                row = conn.execute("SELECT count(*) FROM accounts WHERE user_id = ANY(%s)",
+                                   (users,)).fetchone()  # fmt: skip
             return row is not None and int(row[0]) == len(users)
 
         wait_for("the grants in Postgres", granted, 180, world)

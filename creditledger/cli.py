@@ -8,6 +8,7 @@ bad arguments exit with 2 (argparse's convention).
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -37,13 +38,39 @@ def _print_services(report: Sequence[ServiceStatus]) -> None:
 def cmd_stack_up(args: argparse.Namespace, settings: Settings) -> int:
     from stack import launcher
 
+    update: dict[str, object] = {}
     if args.brokers is not None:
-        stack = settings.stack.model_copy(update={"kafka_brokers": args.brokers})
-        settings = settings.model_copy(update={"stack": stack})
+        update["kafka_brokers"] = args.brokers
+    if args.secure:
+        update["kafka_secure"] = True
+    settings = settings.model_copy(update={"stack": settings.stack.model_copy(update=update)})
     t0 = time.monotonic()
     report = launcher.up(settings)
     _print_services(report)
     print(f"stack ready in {time.monotonic() - t0:.1f} s")
+    if settings.stack.kafka_secure:
+        from stack import secure
+
+        material = secure.SecureMaterial(secure.material_dir(settings))
+        print(
+            f"Kafka is SASL_SSL with ACLs; CA {material.ca_file}, one SCRAM user per role in "
+            f"{material.credentials_file}. Connect as a role with "
+            "`eval $(creditledger stack env ROLE)`; roles: " + ", ".join(secure.ROLES)
+        )
+    return 0
+
+
+def cmd_stack_env(args: argparse.Namespace, settings: Settings) -> int:
+    """The environment that connects a process to the secured stack as one role."""
+    from stack import secure
+
+    role = secure.role_settings(settings, args.role).kafka
+    values = {"SECURITY_PROTOCOL": role.security_protocol, "SASL_MECHANISM": role.sasl_mechanism,
+              "SASL_USERNAME": role.sasl_username,
+              "SASL_PASSWORD": role.sasl_password.get_secret_value(),
+              "SSL_CA_FILE": str(role.ssl_ca_file)}  # fmt: skip
+    for key, value in values.items():
+        print(f"export CREDITLEDGER_KAFKA__{key}={shlex.quote(value)}")
     return 0
 
 
@@ -256,7 +283,16 @@ def _stack_commands(commands: Any) -> None:
     p.add_argument("--brokers", type=int, choices=range(1, 10), default=None, metavar="N",
                    help="Kafka nodes to run (default: stack.kafka_brokers, 1); 3 is a "
                    "replicated cluster: then apply topics with --profile production")  # fmt: skip
+    p.add_argument("--secure", action="store_true",
+                   help="Kafka with a SASL_SSL listener, TLS between nodes, a SCRAM user per "
+                   "role and ACLs (certificates made at the first start)")  # fmt: skip
     p.set_defaults(handler=cmd_stack_up)
+    p = stack_commands.add_parser(
+        "env", help="print the exports that connect to the secured Kafka as ROLE",
+        description="Print `export CREDITLEDGER_KAFKA__...` lines (protocol, SCRAM user and "
+        "password, CA file) for one role of `stack up --secure`; use with eval.")  # fmt: skip
+    p.add_argument("role", choices=["proxy", "relay", "worker", "projector", "admin"])
+    p.set_defaults(handler=cmd_stack_env)
     p = stack_commands.add_parser("down", help="stop the processes `stack up` started, only those")
     p.add_argument("--wipe", action="store_true",
                    help="also delete their data and logs, and the ledger workers' local "

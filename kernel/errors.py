@@ -21,6 +21,11 @@ class StackError(CreditLedgerError):
     """A local service (Kafka, Postgres, Redis) could not be started or reached."""
 
 
+class KafkaAccessError(ConfigError):
+    """This process cannot use Kafka as configured: login, TLS, protocol or an ACL. The
+    message names the setting (or ACL) to fix; retrying would not help."""
+
+
 class TopicSpecError(ConfigError):
     """``topics.yaml`` is malformed or inconsistent."""
 

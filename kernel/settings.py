@@ -183,6 +183,13 @@ class StackSettings(_Section):
             "replicated cluster, node n listening 100*(n-1) above node 1's ports."
         ),
     )
+    kafka_secure: bool = Field(
+        False,
+        description=(
+            "Run Kafka as production does: a SASL_SSL listener, TLS between nodes, SCRAM "
+            "users per role and ACLs (certificates and passwords under state_dir/secure)."
+        ),
+    )
     kafka_heap_mb: int = Field(1024, ge=256, description="Kafka JVM heap per node, MiB.")
     postgres_os_user: str = Field(
         "postgres",

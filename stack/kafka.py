@@ -17,6 +17,7 @@ from pathlib import Path
 
 from kernel.errors import StackError
 from kernel.settings import Settings
+from stack import secure
 from stack.processes import ServiceDir, port_open, refuse_taken_port
 
 POM = Path(__file__).resolve().parent / "kafka" / "pom.xml"
@@ -167,6 +168,10 @@ def _server_properties(settings: Settings, node: KafkaNode, data_dir: Path) -> s
         # Tests and demos start consumer groups often; do not wait 3 s each time.
         "group.initial.rebalance.delay.ms": "0",
     }
+    if settings.stack.kafka_secure:
+        material = secure.SecureMaterial(secure.material_dir(settings))
+        lines.update(secure.listener_properties(material, node.host, node.port,
+                                                node.controller_port))  # fmt: skip
     return "".join(f"{key}={value}\n" for key, value in lines.items())
 
 
@@ -188,16 +193,33 @@ def _cluster_id(settings: Settings) -> str:
     return path.read_text().strip()
 
 
-def cluster_root(settings: Settings) -> Path:
-    return settings.stack.state_dir / "kafka-cluster"
+def kafka_home(settings: Settings, secured: bool | None = None) -> Path:
+    """Where the Kafka nodes keep their folders: a secured stack apart from a plain one,
+    because its nodes are formatted with their users (and a plain node has none)."""
+    secured = settings.stack.kafka_secure if secured is None else secured
+    return settings.stack.state_dir / "secure" if secured else settings.stack.state_dir
 
 
-def node_dirs(settings: Settings) -> list[ServiceDir]:
-    """Every Kafka node folder under the state dir, whatever ``kafka_brokers`` says now:
-    what ``down`` and ``status`` look at."""
-    found = [ServiceDir("kafka", settings.stack.state_dir / "kafka")]
-    found += [ServiceDir(f"kafka-{d.name.removeprefix('node-')}", d)
-              for d in sorted(cluster_root(settings).glob("node-*"))]  # fmt: skip
+def cluster_root(settings: Settings, secured: bool | None = None) -> Path:
+    return kafka_home(settings, secured) / "kafka-cluster"
+
+
+@dataclass(frozen=True)
+class NodeDir:
+    dir: ServiceDir
+    secure: bool
+    clustered: bool
+
+
+def node_dirs(settings: Settings) -> list[NodeDir]:
+    """Every Kafka node folder under the state dir, whatever ``kafka_brokers`` and
+    ``kafka_secure`` say now: what ``down`` and ``status`` look at."""
+    found: list[NodeDir] = []
+    for secured in (False, True):
+        home = kafka_home(settings, secured)
+        found.append(NodeDir(ServiceDir("kafka", home / "kafka"), secured, False))
+        found += [NodeDir(ServiceDir(f"kafka-{d.name.removeprefix('node-')}", d), secured, True)
+                  for d in sorted(cluster_root(settings, secured).glob("node-*"))]  # fmt: skip
     return found
 
 
@@ -209,7 +231,7 @@ class KafkaService:
         self.node = node or cluster_nodes(settings)[0]
         if settings.stack.kafka_brokers == 1:
             self.name = "kafka"
-            root = settings.stack.state_dir / "kafka"
+            root = kafka_home(settings) / "kafka"
         else:
             self.name = f"kafka-{self.node.node_id}"
             root = cluster_root(settings) / f"node-{self.node.node_id}"
@@ -223,8 +245,13 @@ class KafkaService:
         """Start the node unless ours is running; return the PID started, or None."""
         if self.dir.running_pid() is not None:
             return None
-        for busy in (self.node.port, self.node.controller_port):
-            refuse_taken_port(self.node.host, busy, "KAFKA_BOOTSTRAP_SERVERS")
+        busy = [self.node.port, self.node.controller_port]
+        scram: list[str] = []
+        if self.settings.stack.kafka_secure:
+            busy.append(self.node.port + secure.BROKER_PORT_OFFSET)
+            scram = secure.scram_arguments(secure.ensure_material(self.settings))
+        for port in busy:
+            refuse_taken_port(self.node.host, port, "KAFKA_BOOTSTRAP_SERVERS")
         libs, _ = ensure_jars(self.settings)
         java = _java()
         root = self.dir.root
@@ -239,7 +266,7 @@ class KafkaService:
             fmt = subprocess.run(
                 [java, "-cp", classpath, f"-Dlog4j2.configurationFile={log4j}",
                  "kafka.tools.StorageTool", "format", "-t", _cluster_id(self.settings),
-                 "-c", str(config)],
+                 "-c", str(config), *scram],
                 capture_output=True, text=True, check=False,
             )  # fmt: skip
             if fmt.returncode != 0:
@@ -258,7 +285,10 @@ class KafkaService:
 
         if not port_open(self.node.host, self.node.port):
             return False
-        admin = AdminClient({"bootstrap.servers": self.address, "log_level": 0})
+        if self.settings.stack.kafka_secure:
+            admin = secure.admin_client(self.settings, self.address)
+        else:
+            admin = AdminClient({"bootstrap.servers": self.address, "log_level": 0})
         try:
             metadata = admin.list_topics(timeout=2)
         except Exception:  # not ready yet: the broker answers only once registered

@@ -18,6 +18,7 @@ from typing import Protocol
 
 from kernel.errors import StackError
 from kernel.settings import Settings
+from stack import secure
 from stack.kafka import KafkaService, cluster_nodes, cluster_root, node_dirs
 from stack.postgres import PostgresService
 from stack.processes import ServiceDir, wait_until
@@ -62,16 +63,18 @@ def services(settings: Settings) -> list[tuple[Service, bool]]:
 
 
 def _known(settings: Settings) -> list[tuple[Service, bool]]:
-    """``services``, with as many Kafka nodes as are running when that differs from
-    ``stack.kafka_brokers`` (a cluster started with ``--brokers 3``, then a plain ``down``
-    or ``status``)."""
-    running = [d for d in node_dirs(settings) if d.running_pid() is not None]
-    clustered = [d for d in running if d.name != "kafka"]
-    if clustered and settings.stack.kafka_brokers == 1:
-        count = len(list(cluster_root(settings).glob("node-*")))
-        stack = settings.stack.model_copy(update={"kafka_brokers": count})
-        return services(settings.model_copy(update={"stack": stack}))
-    return services(settings)
+    """``services``, with the Kafka that is running when it differs from the settings (a
+    cluster started with ``--brokers 3``, or a secured one, then a plain ``down`` or
+    ``status``)."""
+    running = [d for d in node_dirs(settings) if d.dir.running_pid() is not None]
+    if not running or settings.kafka.external:
+        return services(settings)
+    secure = running[0].secure
+    count = 1
+    if running[0].clustered:
+        count = len(list(cluster_root(settings, secure).glob("node-*")))
+    stack = settings.stack.model_copy(update={"kafka_brokers": count, "kafka_secure": secure})
+    return services(settings.model_copy(update={"stack": stack}))
 
 
 def up(settings: Settings) -> list[ServiceStatus]:
@@ -114,6 +117,9 @@ def up(settings: Settings) -> list[ServiceStatus]:
                 str(service.dir.log_file),
             )
         )
+    if settings.stack.kafka_secure and not settings.kafka.external:
+        # Idempotent: creating an ACL that exists changes nothing.
+        secure.apply_acls(settings)
     return report
 
 

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from confluent_kafka import OFFSET_END, TopicPartition
+from confluent_kafka.admin import AdminClient
 
 from contracts.records import LEDGER_TOPIC
 from kernel.errors import StackError
@@ -69,7 +70,14 @@ class Cluster:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.nodes = {n.node_id: KafkaService(settings, n) for n in cluster_nodes(settings)}
-        self.admin = topic_admin.make_admin(settings)
+        self._admin: AdminClient | None = None
+
+    @property
+    def admin(self) -> AdminClient:
+        """Made on first use: before ``up`` it would only log refused connections."""
+        if self._admin is None:
+            self._admin = topic_admin.make_admin(self.settings)
+        return self._admin
 
     def up(self) -> None:
         """Start every node not running, wait until all answer; apply the topics."""
