@@ -31,7 +31,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import psycopg
-from confluent_kafka import Consumer, TopicPartition
+from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 from tqdm import tqdm
 
 from contracts.commands import Charge, Command, Grant
@@ -83,7 +83,18 @@ def start_group_at_end(settings: Settings, group: str) -> None:
         for partition in consumer.list_topics(topic, timeout=10).topics[topic].partitions:
             _low, high = consumer.get_watermark_offsets(TopicPartition(topic, partition))
             offsets.append(TopicPartition(topic, partition, high))
-    consumer.commit(offsets=offsets, asynchronous=False)
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            consumer.commit(offsets=offsets, asynchronous=False)
+            break
+        except KafkaException as exc:
+            # A fresh cluster's group coordinator may still be moving or loading.
+            moving = (KafkaError.NOT_COORDINATOR, KafkaError.COORDINATOR_LOAD_IN_PROGRESS,
+                      KafkaError.COORDINATOR_NOT_AVAILABLE)  # fmt: skip
+            if exc.args[0].code() not in moving or time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
     consumer.close()
 
 

@@ -1,8 +1,9 @@
 """``creditledger``: one command, one sub-command per job, ``--help`` on each.
 
 Handlers stay thin: parse arguments, call a module that does the work, print.
-Any :class:`CreditLedgerError` becomes a one-line message and exit status 1;
-bad arguments exit with 2 (argparse's convention).
+Any :class:`CreditLedgerError` becomes a one-line message and exit status 1, a
+:class:`ConfigError` (a setting that cannot work) exit status 78 (sysexits' EX_CONFIG,
+which a supervisor does not restart); bad arguments exit with 2 (argparse's convention).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from creditledger.cli_projections import add_projection_commands, credits, proje
 from creditledger.cli_proxy import add_proxy_commands
 from creditledger.cli_store import add_store_commands
 from creditledger.tables import render_table
-from kernel.errors import CreditLedgerError
+from kernel.errors import EXIT_CONFIG, ConfigError, CreditLedgerError
 from kernel.settings import PROJECT_ROOT, Settings, load_settings, project_path
 
 if TYPE_CHECKING:
@@ -447,6 +448,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         settings = load_settings()
         return handler(args, settings)
+    except ConfigError as exc:
+        # A setting that cannot work: a supervisor must not restart into the same error.
+        print(f"creditledger: error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
     except CreditLedgerError as exc:
         print(f"creditledger: error: {exc}", file=sys.stderr)
         return 1

@@ -72,10 +72,15 @@ def cmd_project(args: argparse.Namespace, settings: Settings) -> int:
     from projections.projector import Projector, Sink
     from projections.redis_sink import RedisSink
     from streams import topic_admin
+    from streams.access import check_access
     from streams.topics import settings_topics
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     spec = settings_topics(settings)
+    group = settings.projections.postgres_group if args.sink == "postgres" \
+        else settings.projections.redis_group  # fmt: skip
+    check_access(settings, read=[args.topic or settings.projections.ledger_topic],
+                 groups=[group])  # fmt: skip
     if (args.topic or settings.projections.ledger_topic) in spec.topics:
         # As the worker does: safe on every start, refuses (changing nothing) on drift.
         topic_admin.apply(topic_admin.make_admin(settings), spec,

@@ -23,12 +23,15 @@ def cmd_fake_upstream(args: argparse.Namespace, settings: Settings) -> int:
 def cmd_outbox_relay(args: argparse.Namespace, settings: Settings) -> int:
     import logging
 
+    from contracts.records import CHARGE_TOPIC, GRANT_TOPIC
     from creditledger.cli_projections import stop_on_signals
     from outbox.relay import OutboxRelay
     from projections.migrate import migrate
+    from streams.access import check_access
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     migrate(settings)  # safe on every start
+    check_access(settings, write=[CHARGE_TOPIC, GRANT_TOPIC])
     relay = OutboxRelay(settings)
     port = settings.outbox.metrics_port if args.metrics_port is None else args.metrics_port
     if port:

@@ -13,8 +13,11 @@ import sys
 import time
 from types import FrameType
 
+from contracts.records import CHARGE_TOPIC, GRANT_TOPIC, LEDGER_TOPIC, REJECTED_TOPIC
+from kernel.errors import EXIT_CONFIG
 from kernel.settings import Settings
 from streams import topic_admin
+from streams.access import check_access
 from streams.topics import settings_topics
 
 log = logging.getLogger("creditledger.worker")
@@ -40,6 +43,9 @@ def run_worker(settings: Settings, name: str, loglevel: str, store: str | None) 
     from agents.app import build_ledger_app
     from agents.ledger_agent import register_ledger_agent
 
+    # A login, CA or ACL that cannot work stops the start here, naming the setting.
+    check_access(settings, read=[CHARGE_TOPIC, GRANT_TOPIC, LEDGER_TOPIC],
+                 write=[LEDGER_TOPIC, REJECTED_TOPIC], groups=[settings.ledger.app_id])  # fmt: skip
     # Topics first: applying is safe on every start and refuses on drift.
     spec = settings_topics(settings)
     topic_admin.apply(
@@ -80,6 +86,10 @@ def supervise_worker(child_args: list[str]) -> int:
         code = child.wait()
         if stopping:
             return 0 if code in (0, -signal.SIGTERM, -signal.SIGINT) else code
+        if code == EXIT_CONFIG:
+            log.critical("the ledger worker cannot start as configured (see its error above); "
+                         "not restarting it")  # fmt: skip
+            return code
         quick = time.monotonic() - started < QUICK_DEATH_S
         quick_deaths = quick_deaths + 1 if quick else 0
         if quick_deaths >= QUICK_DEATHS_MAX:

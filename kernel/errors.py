@@ -8,6 +8,10 @@ wrapped with ``raise ... from exc`` so the cause stays attached.
 
 from __future__ import annotations
 
+# The exit status of a process stopped by a ConfigError (sysexits' EX_CONFIG): restarting it
+# would meet the same error, so supervisors (the worker's, systemd's) do not.
+EXIT_CONFIG = 78
+
 
 class CreditLedgerError(Exception):
     """Base class of every error this project raises on purpose."""

@@ -30,6 +30,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from psycopg_pool import AsyncConnectionPool
 
 from contracts.fields import MODEL, NAME
+from contracts.records import CHARGE_TOPIC
 from kernel.errors import CreditLedgerError, PricingError, ProxyError
 from kernel.settings import ModelAlias, Settings, project_path
 from llm_proxy import usage as usage_mod
@@ -43,6 +44,7 @@ from llm_proxy.metrics import ProxyMetrics
 from llm_proxy.upstream import SdkUpstream, upstream_client
 from pricing.rules import PriceBook
 from pricing.source import TABLE_QUERY, merge, read_yaml, table_rows_to_rules
+from streams.access import check_access
 from streams.codec import AvroCodec, load_codec
 
 log = logging.getLogger(__name__)
@@ -82,6 +84,11 @@ class ProxyApp:
                                     "configure at least one model alias and one service key "
                                     "(see config.example.yaml)")  # fmt: skip
         self._check_names()
+        # Charges go through Postgres; Kafka is written only while Postgres is down, so a
+        # broker that is down does not stop the start, but a login or ACL that cannot work
+        # does.
+        await asyncio.to_thread(check_access, self.settings, write=[CHARGE_TOPIC],
+                                timeout_s=3, unreachable_ok=True)  # fmt: skip
         self._file_rules = read_yaml(project_path(proxy.price_rules_file))
         self.prices = merge(self._file_rules, [])
         usage_mod.load_encoding()

@@ -18,7 +18,7 @@ from typing import Any
 from confluent_kafka import KafkaError, KafkaException, TopicCollection
 from confluent_kafka.admin import AclOperation, AdminClient  # type: ignore[attr-defined]
 
-from kernel.errors import KafkaAccessError
+from kernel.errors import KafkaAccessError, StackError
 from kernel.settings import Settings
 from streams.kafka_clients import security_config
 
@@ -108,7 +108,7 @@ def check_access(settings: Settings, *, read: Sequence[str] = (), write: Sequenc
             log.warning("no Kafka broker answers yet at %s (%s); starting anyway",
                         settings.kafka.bootstrap_servers, reason)  # fmt: skip
             return
-        raise KafkaAccessError(f"no Kafka broker answers at kafka.bootstrap_servers "
+        raise StackError(f"no Kafka broker answers at kafka.bootstrap_servers "
                                f"{settings.kafka.bootstrap_servers} within {timeout_s:.0f} s "
                                f"({reason}); is it up?")  # fmt: skip
     names = sorted(set(read) | set(write))

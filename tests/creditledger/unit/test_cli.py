@@ -7,7 +7,7 @@ import time
 import pytest
 
 from creditledger.cli import main
-from kernel.errors import StoreError
+from kernel.errors import EXIT_CONFIG, StoreError
 
 COMMANDS = [
     [],
@@ -56,7 +56,7 @@ def test_bad_topic_spec_is_one_line_error(
 
     spec = Path(str(tmp_path)) / "topics.yaml"
     spec.write_text("topics:\n  a:\n    partitions: zero\n    replication_factor: 1\n")
-    assert main(["topics", "plan", "--file", str(spec)]) == 1
+    assert main(["topics", "plan", "--file", str(spec)]) == EXIT_CONFIG
     err = capsys.readouterr().err
     assert err.startswith("creditledger: error: topic a: partitions must be an integer")
 
@@ -97,7 +97,7 @@ def test_store_refuses_development_secrets_off_loopback(
 ) -> None:
     # Refused before anything starts or connects: no stack is needed to see it.
     monkeypatch.setenv("CREDITLEDGER_STORE__HOST", "0.0.0.0")
-    assert main(["store", "serve"]) == 1
+    assert main(["store", "serve"]) == EXIT_CONFIG
     err = capsys.readouterr().err
     assert "store.token_secret and store.payment_secret still hold the development default" in err
     assert "before serving on 0.0.0.0" in err
@@ -139,7 +139,7 @@ def test_the_simulated_payment_provider_is_off_by_default_and_loopback_only(
     monkeypatch.setenv("CREDITLEDGER_STORE__TOKEN_SECRET", "t" * 32)
     monkeypatch.setenv("CREDITLEDGER_STORE__PAYMENT_SECRET", "p" * 32)
     monkeypatch.setenv("CREDITLEDGER_STORE__SIMULATED_PROVIDER", "true")
-    assert main(["store", "serve"]) == 1
+    assert main(["store", "serve"]) == EXIT_CONFIG
     assert "anyone could pay their own orders for free" in capsys.readouterr().err
 
 
@@ -153,4 +153,4 @@ def test_store_token_ttl_0_means_0_seconds(capsys: pytest.CaptureFixture[str]) -
     with pytest.raises(StoreError) as caught:
         verify_token(secret, token, int(time.time()))
     assert caught.value.code == "token_expired"
-    assert main(["store", "token", "u-1", "--ttl-s", "-5"]) == 1
+    assert main(["store", "token", "u-1", "--ttl-s", "-5"]) == EXIT_CONFIG
