@@ -1,6 +1,7 @@
-"""A three-node Kafka cluster next to the local stack, and what a broker-failure test or
-benchmark needs of it: which node leads a partition, SIGKILL a node, start it again,
-count under-replicated partitions, and a clock of when ledger entries arrived.
+"""A three-node Kafka cluster (or one secured node) next to the local stack, and what a
+broker-failure test or benchmark needs of it: which node leads a partition, SIGKILL a
+node, start it again, count under-replicated partitions, and a clock of when ledger
+entries arrived.
 
 The cluster has its own ports (29092, 29192, 29292; controllers 29093, ...) and state
 folder, and shares Postgres and Redis with the local stack, so the single-broker suite
@@ -24,7 +25,7 @@ from confluent_kafka.admin import AdminClient
 from contracts.records import LEDGER_TOPIC
 from kernel.errors import StackError
 from kernel.settings import Settings
-from stack import launcher
+from stack import launcher, secure
 from stack.kafka import KafkaService, cluster_nodes
 from stack.processes import is_alive, signal_group
 from streams import topic_admin
@@ -47,6 +48,31 @@ def cluster_settings(base: Settings, state_dir: Path, brokers: int = BROKERS) ->
             "state_dir": state_dir,
             "kafka_brokers": brokers,
             "kafka_controller_port": FIRST_PORT + 1,
+            "kafka_heap_mb": 512,
+        }
+    )
+    ledger = base.ledger.model_copy(update={"data_dir": state_dir / "worker"})
+    postgres = base.postgres.model_copy(update={"external": True})
+    redis = base.redis.model_copy(update={"external": True})
+    return base.model_copy(update={"kafka": kafka, "stack": stack, "ledger": ledger,
+                                   "postgres": postgres, "redis": redis})  # fmt: skip
+
+
+SECURE_PORT = 39092
+
+
+def secure_settings(base: Settings, state_dir: Path) -> Settings:
+    """``base`` with Kafka replaced by one secured node (``stack up --secure``) on its own
+    ports, connected to as the admin role; Postgres and Redis stay the stack's."""
+    kafka = base.kafka.model_copy(
+        update={"bootstrap_servers": f"127.0.0.1:{SECURE_PORT}", "external": False}
+    )
+    stack = base.stack.model_copy(
+        update={
+            "state_dir": state_dir,
+            "kafka_brokers": 1,
+            "kafka_secure": True,
+            "kafka_controller_port": SECURE_PORT + 1,
             "kafka_heap_mb": 512,
         }
     )
@@ -82,6 +108,8 @@ class Cluster:
     def up(self) -> None:
         """Start every node not running, wait until all answer; apply the topics."""
         launcher.up(self.settings)
+        if self.settings.stack.kafka_secure:  # from now on as the admin role
+            self.settings = secure.role_settings(self.settings, secure.ADMIN)
         topic_admin.apply(self.admin, settings_topics(self.settings), timeout_s=60)
 
     def down(self) -> None:

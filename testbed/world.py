@@ -92,6 +92,8 @@ class World:
         self.logdir = Path(f"/tmp/creditledger-test-{unique}")
         self.parts = ProcessGroup(self.logdir)
         self.extra_env: dict[str, str] = {}
+        # Per part: what only that process gets (e.g. its own Kafka user on a secured stack).
+        self.part_env: dict[str, dict[str, str]] = {}
 
     @property
     def processes(self) -> dict[str, subprocess.Popen[bytes]]:
@@ -144,7 +146,9 @@ class World:
 
     def start(self, name: str, *args: str) -> subprocess.Popen[bytes]:
         """Start ``creditledger <args>`` in this world as part ``name``."""
-        return self.parts.start(name, [*CLI, *args], env=self.env())
+        return self.parts.start(
+            name, [*CLI, *args], env={**self.env(), **self.part_env.get(name, {})}
+        )
 
     def start_projector(self, sink: str, name: str | None = None) -> None:
         self.start(name or sink, "project", sink)

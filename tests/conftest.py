@@ -28,7 +28,7 @@ from stack import launcher
 from streams import topic_admin
 from streams.codec import AvroCodec, load_codec
 from streams.topics import TopicsSpec, settings_topics
-from testbed.cluster import Cluster, cluster_settings
+from testbed.cluster import Cluster, cluster_settings, secure_settings
 from testbed.topics import ScratchTopics
 
 if TYPE_CHECKING:
@@ -93,6 +93,22 @@ def cluster(stack_settings: Settings) -> Iterator[Cluster]:
                     "are under /tmp/creditledger-test-cluster.", pytrace=False)  # fmt: skip
     yield cluster
     cluster.down()
+
+
+@pytest.fixture(scope="session")
+def secured(stack_settings: Settings) -> Iterator[Cluster]:
+    """One Kafka node as `stack up --secure` runs it (SASL_SSL, SCRAM users, ACLs), on its
+    own ports and folder, once per session; connected to as the admin role."""
+    node = Cluster(secure_settings(stack_settings, Path("/tmp/creditledger-test-secure")))
+    try:
+        node.up()
+    except CreditLedgerError as exc:
+        node.down()
+        pytest.fail(f"the secured Kafka could not be started: {exc}\nIt needs Java, openssl "
+                    "and the Kafka jars like `creditledger stack up --secure`; its logs are "
+                    "under /tmp/creditledger-test-secure.", pytrace=False)  # fmt: skip
+    yield node
+    node.down()
 
 
 @pytest.fixture(scope="session")
