@@ -53,12 +53,17 @@ from faust.types import TP
 from agents.app import LedgerApp
 from agents.domain import Account, Applied, Duplicate, Limits, Seen, decide, evolve
 from agents.state import LedgerStateTable, StateWrite
+from contracts.cloudevents import TRACEPARENT, event_headers, header, kafka_headers
 from contracts.commands import Command
 from contracts.records import LEDGER_TOPIC, REJECTED_TOPIC, command_from_record, entry_to_record
 from kernel.errors import CodecError, CreditLedgerError
 from kernel.settings import Settings
 from streams.codec import AvroCodec
 from streams.kafka_clients import make_consumer, make_producer, partition_of
+
+# CloudEvents types of what the worker writes (commands are typed by their topic's name).
+ENTRY_EVENT = "credit.ledger.entry"
+REJECTED_EVENT = "credit.command.rejected"
 
 log = logging.getLogger(__name__)
 
@@ -77,13 +82,16 @@ class Incoming:
     key: bytes | None
     value: bytes | None
     timestamp_ms: int
+    # The W3C traceparent the command's producer sent; copied onto its entry.
+    traceparent: str | None = None
 
     @classmethod
     def from_faust(cls, event: Any) -> Incoming:
         message = event.message
         # Faust reports the Kafka timestamp in (float) seconds; Kafka stores whole ms.
         return cls(message.topic, message.partition, message.offset, message.key,
-                   message.value, round(message.timestamp * 1000))  # fmt: skip
+                   message.value, round(message.timestamp * 1000),
+                   header(message.headers, TRACEPARENT))  # fmt: skip
 
 
 class FoldError(CreditLedgerError):
@@ -149,6 +157,7 @@ class LedgerFolder:
         self.codec = codec
         self.state = state
         self.worker_name = worker_name
+        self.source = f"{settings.ledger.app_id}/{worker_name}"  # ce_source of what it writes
         self.limits = Limits(max_amount_micro=settings.ledger.max_amount_micro)
         self.stats = FoldStats()
         self._producer: Any = None
@@ -200,7 +209,8 @@ class LedgerFolder:
                 offset = message.offset()
                 if start <= offset < end:
                     found[offset] = Incoming(topic, partition, offset, message.key(),
-                                             message.value(), message.timestamp()[1])  # fmt: skip
+                                             message.value(), message.timestamp()[1],
+                                             header(message.headers(), TRACEPARENT))  # fmt: skip
         reader.unassign()
         if len(found) < end - start:
             # Offsets may be missing for good (deleted by retention): take what exists,
@@ -300,8 +310,10 @@ class LedgerFolder:
         if isinstance(outcome, Applied):
             entry = outcome.entry
             value = self.codec.encode(LEDGER_TOPIC, entry_to_record(entry), checked=False)
+            headers = event_headers(entry.event_id, ENTRY_EVENT, self.source,
+                                    message.timestamp_ms, message.traceparent)  # fmt: skip
             self._producer.produce(LEDGER_TOPIC, key=entry.user_id.encode(), value=value,
-                                   partition=partition,
+                                   partition=partition, headers=kafka_headers(headers),
                                    on_delivery=batch.entry_delivered)  # fmt: skip
             batch.accounts[key] = evolve(account, entry)
             batch.seen[entry.event_id] = Seen(entry.user_id, entry.seq, entry.command_digest)
@@ -340,6 +352,7 @@ class LedgerFolder:
 
     def _dead_letter(self, message: Incoming, reason: str, detail: str, event_id: str | None,
                      user_id: str | None, on_delivery: Any) -> None:  # fmt: skip
+        rejected_at = time.time_ns() // 1_000_000
         record = {
             "original_value": message.value,
             "original_key": message.key,
@@ -350,12 +363,16 @@ class LedgerFolder:
             "detail": detail[:2000],
             "event_id": event_id if isinstance(event_id, str) else None,
             "user_id": user_id if isinstance(user_id, str) else None,
-            "rejected_at": time.time_ns() // 1_000_000,
+            "rejected_at": rejected_at,
             "rejected_by": f"ledger-{self.worker_name}",
         }
         value = self.codec.encode(REJECTED_TOPIC, record)
+        # A dead letter's id: where its command was (an event id may be missing or bad).
+        letter_id = f"{message.topic}/{message.partition}/{message.offset}"
+        headers = event_headers(letter_id, REJECTED_EVENT, self.source, rejected_at,
+                                message.traceparent)  # fmt: skip
         self._producer.produce(REJECTED_TOPIC, key=message.key, value=value,
-                               on_delivery=on_delivery)  # fmt: skip
+                               headers=kafka_headers(headers), on_delivery=on_delivery)  # fmt: skip
         self.stats.rejected += 1
 
 

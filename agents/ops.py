@@ -7,12 +7,14 @@ standard error for long scans.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 from agents.domain import Account
 from agents.fold_check import FoldChecker
+from contracts.cloudevents import event_headers, kafka_headers
 from contracts.commands import Entry
 from contracts.records import LEDGER_TOPIC, REJECTED_TOPIC, entry_from_record
 from kernel.errors import CodecError, CreditLedgerError
@@ -99,8 +101,15 @@ def redrive(settings: Settings, letters: list[DeadLetter]) -> int:
     failures: list[Any] = []
     for letter in letters:
         record = letter.record
+        # Sent again by an operator: the re-drive is this record's source.
+        event_id = (
+            record["event_id"] or f"{record['topic']}/{record['partition']}/{record['offset']}"
+        )
+        headers = event_headers(event_id, record["topic"], "creditledger-redrive",
+                                time.time_ns() // 1_000_000, None)  # fmt: skip
         producer.produce(
             record["topic"], key=record["original_key"], value=record["original_value"],
+            headers=kafka_headers(headers),
             on_delivery=lambda err, _msg: failures.append(err) if err else None,
         )  # fmt: skip
         producer.poll(0)

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from agents import ops
+from contracts.cloudevents import command_headers
 from contracts.commands import Charge, Command, Entry, Grant
 from contracts.records import LEDGER_TOPIC, command_to_record, command_topic
 from creditledger.proxy_demo import proxy_demo
@@ -138,7 +139,7 @@ def ledger_demo(settings: Settings, codec: AvroCodec, stamp: datetime) -> tuple[
         producer = make_producer(settings)
         for command, _ in commands:
             topic = command_topic(command)
-            producer.produce(topic, key=command.user_id.encode(),
+            producer.produce(topic, key=command.user_id.encode(), headers=command_headers(command),
                              value=codec.encode(topic, command_to_record(command)))  # fmt: skip
         producer.flush(30)
         print(render_table(["command", "user", "amount_micro", "expected"],

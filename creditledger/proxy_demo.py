@@ -23,6 +23,7 @@ from typing import Any
 import openai
 import yaml
 
+from contracts.cloudevents import command_headers
 from contracts.commands import Grant
 from contracts.records import GRANT_TOPIC, command_to_record
 from creditledger.store_demo import start_store, store_demo
@@ -80,7 +81,7 @@ def _grant(settings: Settings, codec: AvroCodec, users: dict[str, str], run: str
     for name, user in users.items():
         grant = Grant(f"{run}-grant-{name}", user, "purchase", GRANTS[name], f"order-{run}-{name}",
                       None, now, "demo")  # fmt: skip
-        producer.produce(GRANT_TOPIC, key=user.encode(),
+        producer.produce(GRANT_TOPIC, key=user.encode(), headers=command_headers(grant),
                          value=codec.encode(GRANT_TOPIC, command_to_record(grant)))  # fmt: skip
     producer.flush(30)
 

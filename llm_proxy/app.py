@@ -29,6 +29,7 @@ import redis.asyncio as aioredis
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from psycopg_pool import AsyncConnectionPool
 
+from contracts.cloudevents import TRACEPARENT, current_trace, new_traceparent
 from contracts.fields import MODEL, NAME
 from contracts.records import CHARGE_TOPIC
 from kernel.errors import CreditLedgerError, PricingError, ProxyError
@@ -262,6 +263,8 @@ class ProxyApp:
         service = self.services.authenticate(headers.get("authorization"))
         ctx = from_headers(headers)
         self.services.authorize(service, ctx)
+        # The call's span, in the caller's trace when it sent one: its charge carries it.
+        current_trace.set(new_traceparent(headers.get(TRACEPARENT)))
         raw = await _read_body(receive)
         await self.pipeline.run(route, service.name, ctx, raw, receive, send)
 

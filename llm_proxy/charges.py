@@ -29,6 +29,7 @@ from typing import Any
 import psycopg
 from psycopg_pool import AsyncConnectionPool
 
+from contracts.cloudevents import current_trace, event_headers, kafka_headers
 from contracts.commands import Charge
 from contracts.records import CHARGE_TOPIC, command_to_record
 from kernel.errors import StackError
@@ -87,10 +88,12 @@ class ChargeWriter:
         first charge and adds nothing."""
         key = charge.user_id.encode()
         value = self.codec.encode(CHARGE_TOPIC, command_to_record(charge))
+        headers = event_headers(charge.event_id, CHARGE_TOPIC, charge.producer,
+                                charge.occurred_at_ms, current_trace.get())  # fmt: skip
         try:
             async with self.pool.connection(timeout=2.0) as conn:
                 enqueued = await enqueue_async(conn, charge.event_id, CHARGE_TOPIC, key, value,
-                                               fingerprint)  # fmt: skip
+                                               fingerprint, headers)  # fmt: skip
             if enqueued == "inserted":
                 self.stats.outbox += 1
                 return "outbox"
@@ -100,18 +103,19 @@ class ChargeWriter:
             log.warning("charge %s: outbox unavailable (%s); producing directly",
                         charge.event_id, exc)  # fmt: skip
         try:
-            await self._produce(key, value)
+            await self._produce(key, value, headers)
             self.stats.kafka += 1
             return "kafka"
         except (KafkaUnavailable, BufferError) as exc:
             log.error("charge %s: Kafka unavailable too (%s); spooling to %s",
                       charge.event_id, exc, self.settings.proxy.spool_dir)  # fmt: skip
-        event = spool.SpooledEvent(charge.event_id, CHARGE_TOPIC, key, value, fingerprint)
+        event = spool.SpooledEvent(charge.event_id, CHARGE_TOPIC, key, value, fingerprint,
+                                   headers)  # fmt: skip
         await asyncio.to_thread(spool.append, self.settings.proxy.spool_dir, event)
         self.stats.spool += 1
         return "spool"
 
-    async def _produce(self, key: bytes, value: bytes) -> None:
+    async def _produce(self, key: bytes, value: bytes, headers: dict[str, str]) -> None:
         loop = asyncio.get_running_loop()
         done: asyncio.Future[None] = loop.create_future()
 
@@ -127,7 +131,13 @@ class ChargeWriter:
             loop.call_soon_threadsafe(settle)
 
         # A short delivery timeout of its own: this path runs while a caller waits.
-        self._producer.produce(CHARGE_TOPIC, key=key, value=value, on_delivery=delivered)
+        self._producer.produce(
+            CHARGE_TOPIC,
+            key=key,
+            value=value,
+            headers=kafka_headers(headers),
+            on_delivery=delivered,
+        )
         timeout = self.settings.proxy.direct_produce_timeout_s
         try:
             await asyncio.wait_for(done, timeout)

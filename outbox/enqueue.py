@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from collections.abc import Mapping
 from typing import Any, Literal
 
 import psycopg
+from psycopg.types.json import Jsonb
 
 from kernel.errors import OutboxConflict
 
@@ -24,7 +26,8 @@ log = logging.getLogger(__name__)
 # (The CTE's SELECT sees the table as it was before the INSERT: NULL means inserted.)
 ENQUEUE_SQL = (
     "WITH inserted AS (INSERT INTO outbox (event_id, topic, message_key, message_value, "
-    "fingerprint) VALUES (%(event_id)s, %(topic)s, %(key)s, %(value)s, %(fingerprint)s) "
+    "fingerprint, headers) VALUES (%(event_id)s, %(topic)s, %(key)s, %(value)s, "
+    "%(fingerprint)s, %(headers)s) "
     "ON CONFLICT (event_id) DO NOTHING RETURNING 1) "
     "SELECT EXISTS (SELECT 1 FROM inserted), (SELECT coalesce(fingerprint, "
     "encode(sha256(message_value), 'hex')) FROM outbox WHERE event_id = %(event_id)s)"
@@ -38,10 +41,11 @@ def value_fingerprint(value: bytes) -> str:
     return hashlib.sha256(value).hexdigest()
 
 
-def _params(event_id: str, topic: str, key: bytes, value: bytes,
-            fingerprint: str | None) -> dict[str, Any]:  # fmt: skip
+def _params(event_id: str, topic: str, key: bytes, value: bytes, fingerprint: str | None,
+            headers: Mapping[str, str] | None) -> dict[str, Any]:  # fmt: skip
     return {"event_id": event_id, "topic": topic, "key": key, "value": value,
-            "fingerprint": fingerprint or value_fingerprint(value)}  # fmt: skip
+            "fingerprint": fingerprint or value_fingerprint(value),
+            "headers": Jsonb(dict(headers)) if headers else None}  # fmt: skip
 
 
 def _outcome(row: Any, params: dict[str, Any]) -> Enqueued:
@@ -56,18 +60,20 @@ def _outcome(row: Any, params: dict[str, Any]) -> Enqueued:
 
 
 def enqueue(conn: psycopg.Connection[Any], event_id: str, topic: str, key: bytes,
-            value: bytes, fingerprint: str | None = None) -> Enqueued:  # fmt: skip
+            value: bytes, fingerprint: str | None = None,
+            headers: Mapping[str, str] | None = None) -> Enqueued:  # fmt: skip
     """Add one event in the caller's transaction: ``inserted``, or ``duplicate`` when the
     same event (same fingerprint) is there already. Raises :class:`OutboxConflict` when the
-    event id is taken by another event: that is never a silent success."""
-    params = _params(event_id, topic, key, value, fingerprint)
+    event id is taken by another event: that is never a silent success. ``headers`` are
+    the Kafka headers the relay produces it with (CloudEvents, traceparent)."""
+    params = _params(event_id, topic, key, value, fingerprint, headers)
     return _outcome(conn.execute(ENQUEUE_SQL, params).fetchone(), params)
 
 
 async def enqueue_async(conn: psycopg.AsyncConnection[Any], event_id: str, topic: str,
-                        key: bytes, value: bytes,
-                        fingerprint: str | None = None) -> Enqueued:  # fmt: skip
+                        key: bytes, value: bytes, fingerprint: str | None = None,
+                        headers: Mapping[str, str] | None = None) -> Enqueued:  # fmt: skip
     """:func:`enqueue` on an async connection (the proxy's and the store's)."""
-    params = _params(event_id, topic, key, value, fingerprint)
+    params = _params(event_id, topic, key, value, fingerprint, headers)
     cursor = await conn.execute(ENQUEUE_SQL, params)
     return _outcome(await cursor.fetchone(), params)

@@ -26,6 +26,7 @@ from typing import Any
 
 import psycopg
 
+from contracts.cloudevents import kafka_headers
 from kernel.db import connect
 from kernel.errors import CreditLedgerError, StackError
 from kernel.settings import Settings
@@ -78,7 +79,8 @@ class OutboxRelay:
         if conn is None or producer is None:
             raise CreditLedgerError("OutboxRelay used before start()")
         rows = conn.execute(
-            "SELECT id, topic, message_key, message_value FROM outbox WHERE sent_at IS NULL "
+            "SELECT id, topic, message_key, message_value, headers FROM outbox "
+            "WHERE sent_at IS NULL "
             "ORDER BY id LIMIT %s FOR UPDATE SKIP LOCKED",
             (self.settings.outbox.batch_max,),
         ).fetchall()
@@ -94,8 +96,9 @@ class OutboxRelay:
             else:
                 errors.append(str(err))
 
-        for row_id, topic, key, value in rows:
+        for row_id, topic, key, value, headers in rows:
             producer.produce(topic, key=bytes(key), value=bytes(value),
+                             headers=kafka_headers(headers) if headers else None,
                              on_delivery=lambda e, m, i=row_id: delivered(e, m, i))  # fmt: skip
             producer.poll(0)
         producer.flush(self.settings.outbox.flush_timeout_s)

@@ -51,21 +51,27 @@ class SpooledEvent:
     key: bytes
     value: bytes
     fingerprint: str | None = None  # the call's (see the outbox); lines before it had none
+    headers: dict[str, str] | None = None  # CloudEvents and traceparent; older lines: none
 
     def line(self) -> bytes:
         return json.dumps({
             "event_id": self.event_id, "topic": self.topic,
             "key": base64.b64encode(self.key).decode(),
             "value": base64.b64encode(self.value).decode(), "fingerprint": self.fingerprint,
+            "headers": self.headers,
         }).encode() + b"\n"  # fmt: skip
 
     @classmethod
     def parse(cls, line: bytes) -> SpooledEvent:
         raw = json.loads(line)
         fingerprint = raw.get("fingerprint")
+        headers = raw.get("headers")
+        if not isinstance(headers, dict):
+            headers = None
         return cls(raw["event_id"], raw["topic"], base64.b64decode(raw["key"]),
                    base64.b64decode(raw["value"]),
-                   fingerprint if isinstance(fingerprint, str) else None)  # fmt: skip
+                   fingerprint if isinstance(fingerprint, str) else None,
+                   {str(k): str(v) for k, v in headers.items()} if headers else None)  # fmt: skip
 
 
 class SpoolNotPrivate(OSError):
@@ -140,7 +146,15 @@ def _enqueue(conn: psycopg.Connection[Any], path: Path, event: SpooledEvent,
         refused("not_a_charge")
         return
     try:
-        enqueue(conn, event.event_id, event.topic, event.key, event.value, event.fingerprint)
+        enqueue(
+            conn,
+            event.event_id,
+            event.topic,
+            event.key,
+            event.value,
+            event.fingerprint,
+            event.headers,
+        )
     except OutboxConflict:
         refused("conflict")  # logged by the outbox
 

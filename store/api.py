@@ -44,6 +44,7 @@ from psycopg_pool import PoolTimeout
 from redis.exceptions import RedisError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from contracts.cloudevents import TRACEPARENT, current_trace, new_traceparent
 from kernel.errors import (
     QueryError,
     StackError,
@@ -278,8 +279,18 @@ def create_fastapi(settings: Settings, *, dsn: str | None = None,
                   "(`creditledger store token USER`).")  # fmt: skip
     app.state.service = service
     _errors(app)
+    _tracing(app)
     _routes(app, service)
     return app
+
+
+def _tracing(app: FastAPI) -> None:
+    @app.middleware("http")
+    async def trace(request: Request, call_next: Any) -> Any:
+        # The request's span (in the caller's trace if it sent one): the grants it causes
+        # carry it into the outbox, the command and the ledger entry.
+        current_trace.set(new_traceparent(request.headers.get(TRACEPARENT)))
+        return await call_next(request)
 
 
 # How the store's kinds of refusal (kernel.errors) read in HTTP: the domain knows no status.

@@ -30,6 +30,7 @@ from psycopg import AsyncCursor
 from psycopg.rows import dict_row
 from psycopg_pool import AsyncConnectionPool
 
+from contracts.cloudevents import current_trace, event_headers
 from contracts.commands import Grant
 from contracts.records import GRANT_TOPIC, command_to_record
 from kernel.db import open_pool
@@ -98,7 +99,10 @@ class StoreRepository:
         ``order:`` or ``reward:`` ids: theirs are ``llm:<service>:...``), so a taken id means
         a bug: OutboxConflict rolls the whole state change back rather than lose the grant."""
         value = self.codec.encode(GRANT_TOPIC, command_to_record(grant))
-        await enqueue_async(conn, grant.event_id, GRANT_TOPIC, grant.user_id.encode(), value)
+        headers = event_headers(grant.event_id, GRANT_TOPIC, grant.producer,
+                                grant.occurred_at_ms, current_trace.get())  # fmt: skip
+        await enqueue_async(conn, grant.event_id, GRANT_TOPIC, grant.user_id.encode(), value,
+                            headers=headers)  # fmt: skip
 
     # -- products --------------------------------------------------------------------------
 

@@ -10,6 +10,7 @@ import sys
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 from confluent_kafka import TopicPartition
 from tqdm import tqdm
@@ -27,6 +28,14 @@ class Record:
     offset: int
     key: bytes | None
     value: bytes | None
+    headers: tuple[tuple[str, bytes], ...] = ()
+
+
+def _headers(raw: Any) -> tuple[tuple[str, bytes], ...]:
+    """A consumed message's headers (a list of pairs, or None) as (name, bytes) pairs."""
+    pairs = raw.items() if isinstance(raw, dict) else raw or ()
+    return tuple((str(k), v.encode() if isinstance(v, str) else bytes(v or b""))
+                 for k, v in pairs)  # fmt: skip
 
 
 def read_topic(settings: Settings, topic: str, partitions: list[int] | None = None,
@@ -62,7 +71,8 @@ def read_topic(settings: Settings, topic: str, partitions: list[int] | None = No
                         continue
                     if partition in done or offset >= ends[partition]:
                         continue
-                    yield Record(partition, offset, message.key(), message.value())
+                    yield Record(partition, offset, message.key(), message.value(),
+                                 _headers(message.headers()))  # fmt: skip
                     if offset + 1 >= ends[partition]:
                         done.add(partition)
                 bar.update(len(batch))

@@ -10,6 +10,7 @@ import time
 import openai
 from openai.types.chat import ChatCompletionMessageParam
 
+from contracts.cloudevents import command_headers
 from contracts.commands import Grant
 from contracts.records import GRANT_TOPIC, LEDGER_TOPIC, command_to_record, entry_from_record
 from contracts.redis_keys import balance_key
@@ -33,7 +34,9 @@ def grant(world: ProxyWorld, users: list[str], amount_micro: int = GRANT) -> Non
                         amount_micro=amount_micro, reference="test", note=None,
                         occurred_at_ms=int(time.time() * 1000), producer="test")  # fmt: skip
         value = world.codec.encode(GRANT_TOPIC, command_to_record(command))
-        producer.produce(GRANT_TOPIC, key=user.encode(), value=value)
+        producer.produce(
+            GRANT_TOPIC, key=user.encode(), value=value, headers=command_headers(command)
+        )
     assert producer.flush(30) == 0
 
 
@@ -97,7 +100,9 @@ class Load:
         return False
 
 
-def buy_starter(world: StoreWorld, user: str) -> None:
+def buy_starter(world: StoreWorld, user: str, traceparent: str | None = None) -> None:
+    """Order the starter pack and pay it at the simulated provider (whose checkout grants
+    it; ``traceparent``: that request's W3C trace header)."""
     token = world.token(user)
     deadline = time.monotonic() + 60
     while True:
@@ -108,7 +113,8 @@ def buy_starter(world: StoreWorld, user: str) -> None:
         assert time.monotonic() < deadline, (status, order)
         time.sleep(0.5)
     path = f"/simulated-provider/orders/{order['order_id']}/checkout"
-    status, paid = world.call("POST", path, token=token)
+    headers = {"traceparent": traceparent} if traceparent else None
+    status, paid = world.call("POST", path, token=token, headers=headers)
     assert status == 200, paid
 
 

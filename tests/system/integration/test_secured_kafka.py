@@ -14,15 +14,21 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+from cloudevents.core.bindings.kafka import KafkaMessage, from_binary
+from cloudevents.core.formats.json import JSONFormat
 from pydantic import SecretStr
 
-from contracts.records import LEDGER_TOPIC
+from contracts.cloudevents import header, trace_id
+from contracts.records import CHARGE_TOPIC, GRANT_TOPIC, LEDGER_TOPIC
 from kernel.db import connect
 from kernel.errors import EXIT_CONFIG
 from kernel.settings import Settings
 from stack import secure
+from streams.kafka_clients import partition_of
+from streams.reading import read_topic
 from testbed.cluster import Cluster
 from testbed.ledger import WorkerGroup
 from testbed.load import GRANT, ONE_CALL, PROMPT, STARTER_PACK, buy_starter, grant, snapshots
@@ -84,13 +90,13 @@ def test_every_role_does_its_job_over_sasl_ssl(world: StoreWorld, secured: Clust
         )
         calls = 0
         for n in range(6):
-            client = world.client(users[n % 2])
+            client = world.client(users[n % 2], traceparent=f"00-{CALL_TRACE}-{n + 1:016x}-01")
             if n % 2:
                 list(client.chat.completions.create(model="chat", messages=PROMPT, stream=True))
             else:
                 client.chat.completions.create(model="chat", messages=PROMPT)
             calls += 1
-        buy_starter(world, users[0])
+        buy_starter(world, users[0], traceparent=f"00-{STORE_TRACE}-00000000000000aa-01")
         expected = {u: GRANT - calls // 2 * ONE_CALL for u in users}
         expected[users[0]] += STARTER_PACK
 
@@ -106,8 +112,50 @@ def test_every_role_does_its_job_over_sasl_ssl(world: StoreWorld, secured: Clust
         for name, process in world.processes.items():
             assert process.poll() is None, f"{name} exited:\n{world.log_tail(name)}"
         assert workers.alive("w1"), workers.tail("w1")
+        check_event_metadata(secured.settings, world, users[0])
     finally:
         workers.cleanup()
+
+
+CALL_TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
+STORE_TRACE = "0af7651916cd43dd8448eb211c80319c"
+
+
+def records(settings: Settings, world: StoreWorld, topic: str, user: str) -> list[Any]:
+    """The user's records of ``topic`` as CloudEvents (binary mode), read with the
+    ``cloudevents`` package, each with its traceparent and decoded Avro body."""
+    found = []
+    for record in read_topic(settings, topic, partitions=[partition_of(user, 6)]):
+        if record.key != user.encode() or record.value is None:
+            continue
+        event = from_binary(KafkaMessage(dict(record.headers), record.key, record.value),
+                            JSONFormat())  # fmt: skip
+        body = world.codec.decode(record.value, plain_times=True).record
+        found.append((event, header(record.headers, "traceparent"), body))
+    return found
+
+
+def check_event_metadata(settings: Settings, world: StoreWorld, user: str) -> None:
+    """Every record carries CloudEvents headers; one trace links a call or a store request,
+    its command and the ledger entry that folded it."""
+    commands = {}
+    for topic, producer in ((CHARGE_TOPIC, "llm-proxy"), (GRANT_TOPIC, None)):
+        for event, traceparent, body in records(settings, world, topic, user):
+            assert event.get_specversion() == "1.0"
+            assert (event.get_id(), event.get_type()) == (body["event_id"], topic)
+            assert event.get_source() == body["producer"] and event.get_time() is not None
+            assert event.get_datacontenttype() == "application/avro"
+            assert producer is None or event.get_source() == producer
+            commands[body["event_id"]] = (topic, traceparent)
+    charges = [tp for topic, tp in commands.values() if topic == CHARGE_TOPIC]
+    assert len(charges) == 3 and all(tp and trace_id(tp) == CALL_TRACE for tp in charges)
+    assert any(topic == GRANT_TOPIC and tp and trace_id(tp) == STORE_TRACE
+               for topic, tp in commands.values()), commands  # fmt: skip
+    entries = records(settings, world, LEDGER_TOPIC, user)
+    assert {body["event_id"] for _e, _t, body in entries} == set(commands)
+    for event, traceparent, body in entries:
+        assert (event.get_id(), event.get_type()) == (body["event_id"], "credit.ledger.entry")
+        assert traceparent == commands[body["event_id"]][1]  # copied from its command
 
 
 def start_fails(env: dict[str, str], *args: str) -> str:
