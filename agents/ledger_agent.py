@@ -52,6 +52,7 @@ from faust.types import TP
 
 from agents.app import LedgerApp
 from agents.domain import Account, Applied, Duplicate, Limits, Seen, decide, evolve
+from agents.metrics import LedgerMetrics
 from agents.state import LedgerStateTable, StateWrite
 from contracts.cloudevents import TRACEPARENT, event_headers, header, kafka_headers
 from contracts.commands import Command
@@ -69,6 +70,7 @@ log = logging.getLogger(__name__)
 
 EXIT_FATAL = 70  # EX_SOFTWARE
 STATS_EVERY_S = 10.0
+LAG_EVERY_S = 5.0  # how often the lag gauges are refreshed (after a batch)
 HOME_CACHE_MAX = 1_000_000  # users whose partition is remembered (pure-Python murmur2 is slow)
 
 
@@ -150,8 +152,10 @@ class LedgerFolder:
     """Folds batches of command messages; owns the producer for entries and dead letters."""
 
     def __init__(self, settings: Settings, codec: AvroCodec, state: LedgerStateTable,
-                 partitions: int, worker_name: str) -> None:  # fmt: skip
+                 partitions: int, worker_name: str,
+                 metrics: LedgerMetrics | None = None) -> None:  # fmt: skip
         self.settings = settings
+        self.metrics = metrics or LedgerMetrics()
         self.partitions = partitions
         self._homes: dict[str, int] = {}
         self.codec = codec
@@ -182,6 +186,10 @@ class LedgerFolder:
                 self.settings, self.settings.ledger.app_id,
                 **{"client.id": f"{self.settings.kafka.client_id}-gapfill-{self.worker_name}"},
             )  # fmt: skip
+
+    def next_offsets(self) -> dict[tuple[str, int], int]:
+        """The next offset the fold expects, per command topic partition it holds."""
+        return dict(self._next)
 
     def forget(self, partitions: Any) -> None:
         """A rebalance moved these partitions: their next offset is the committed one again."""
@@ -262,7 +270,11 @@ class LedgerFolder:
         self._make_durable(batch)
         self.stats.batches += 1
         self.stats.commands += len(items)
-        self.stats.busy_s += time.monotonic() - started
+        elapsed = time.monotonic() - started
+        self.stats.busy_s += elapsed
+        self.metrics.batch_size.observe(len(items))
+        self.metrics.batch_seconds.observe(elapsed)
+        self.metrics.last_batch.set(time.time())
         if time.monotonic() - self._last_stats > STATS_EVERY_S:
             self._last_stats = time.monotonic()
             log.info("ledger fold: %s", self.stats.line())
@@ -321,8 +333,10 @@ class LedgerFolder:
                                            entry.balance_after_micro, entry.event_id,
                                            entry.command_digest))  # fmt: skip
             self.stats.applied += 1
+            self.metrics.commands.labels("applied").inc()
         elif isinstance(outcome, Duplicate):
             self.stats.duplicates += 1
+            self.metrics.commands.labels("duplicate").inc()
         else:
             self._dead_letter(message, outcome.reason, outcome.detail, outcome.event_id,
                               outcome.user_id, batch.letter_delivered)  # fmt: skip
@@ -374,6 +388,8 @@ class LedgerFolder:
         self._producer.produce(REJECTED_TOPIC, key=message.key, value=value,
                                headers=kafka_headers(headers), on_delivery=on_delivery)  # fmt: skip
         self.stats.rejected += 1
+        self.metrics.commands.labels("rejected").inc()
+        self.metrics.dead_letters.labels(reason).inc()
 
 
 def fold_or_die(folder: LedgerFolder, events: list[Any]) -> None:
@@ -414,8 +430,20 @@ def ack_batch(consumer: Any, monitor: Any, batch: list[Any], filled: list[Incomi
         consumer.ack(FilledMessage(item.topic, TP(item.topic, item.partition), item.offset))
 
 
-def register_ledger_agent(ledger_app: LedgerApp, settings: Settings,
-                          worker_name: str) -> LedgerFolder:  # fmt: skip
+def report_lag(folder: LedgerFolder, consumer: Any) -> None:
+    """Per command partition: the high watermark Faust's consumer last saw, minus the next
+    offset the fold expects (Faust's own fetches keep it fresh: no extra request)."""
+    for (topic, partition), next_offset in folder.next_offsets().items():
+        try:
+            high = consumer.highwater(TP(topic, partition))
+        except Exception:  # not known yet (a partition just assigned)
+            continue
+        if high is not None:
+            folder.metrics.lag.labels(topic, str(partition)).set(max(int(high) - next_offset, 0))
+
+
+def register_ledger_agent(ledger_app: LedgerApp, settings: Settings, worker_name: str,
+                          metrics: LedgerMetrics | None = None) -> LedgerFolder:  # fmt: skip
     """Attach the fold to the app: one agent instance, one batch in flight.
 
     The agent drains its channel's queue in bulk instead of iterating Faust's
@@ -429,10 +457,12 @@ def register_ledger_agent(ledger_app: LedgerApp, settings: Settings,
     Events are acked only after their batch is durable.
     """
     folder = LedgerFolder(settings, ledger_app.codec, ledger_app.state,
-                          ledger_app.partitions, worker_name)  # fmt: skip
+                          ledger_app.partitions, worker_name, metrics)  # fmt: skip
+    ledger_app.state.on_recovered = folder.metrics.recovered.inc
     batch_max = settings.ledger.batch_max
     within_s = settings.ledger.batch_within_ms / 1000
     monitor = ledger_app.app.monitor
+    lag_due = [0.0]
 
     async def fold(stream: Any) -> None:
         folder.start()
@@ -448,6 +478,9 @@ def register_ledger_agent(ledger_app: LedgerApp, settings: Settings,
                     break
             fold_or_die(folder, batch)
             ack_batch(ledger_app.app.consumer, monitor, batch, folder.filled)
+            if time.monotonic() >= lag_due[0]:
+                lag_due[0] = time.monotonic() + LAG_EVERY_S
+                report_lag(folder, ledger_app.app.consumer)
 
     ledger_app.app.agent(ledger_app.commands, name="ledger-fold", concurrency=1)(fold)
 

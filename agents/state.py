@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import logging
 import struct
-from collections.abc import Iterable, MutableMapping
+from collections.abc import Callable, Iterable, MutableMapping
 from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Any
@@ -83,6 +83,9 @@ def _store_event(partition: int, offset: int, key: bytes, value: bytes) -> Any:
 
 
 class LedgerStateTable(faust.Table[bytes, bytes]):
+    # Told how many entries each recovery batch read back (the worker's metrics).
+    on_recovered: Callable[[int], None] | None = None
+
     """A Faust table folded from the ledger topic (its changelog)."""
 
     codec: AvroCodec | None = None
@@ -180,6 +183,8 @@ class LedgerStateTable(faust.Table[bytes, bytes]):
                            record["command_digest"])
             )  # fmt: skip
         self.apply_entries(writes)
+        if self.on_recovered is not None:
+            self.on_recovered(len(writes))
 
 
 def _identity(value: Any) -> Any:

@@ -158,11 +158,14 @@ def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
 def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
     from creditledger.worker import run_worker
 
+    port = settings.metrics.worker_port if args.metrics_port is None else args.metrics_port
     if args.no_supervise:
-        return run_worker(settings, name=args.name, loglevel=args.loglevel, store=args.store)
+        return run_worker(settings, name=args.name, loglevel=args.loglevel, store=args.store,
+                          metrics_port=port)  # fmt: skip
     from creditledger.worker import supervise_worker
 
-    child = ["worker", "--no-supervise", "--name", args.name, "--loglevel", args.loglevel]
+    child = ["worker", "--no-supervise", "--name", args.name, "--loglevel", args.loglevel,
+             "--metrics-port", str(port)]  # fmt: skip
     return supervise_worker(child + (["--store", args.store] if args.store else []))
 
 
@@ -367,6 +370,13 @@ def _worker_command(commands: Any) -> None:
         help="log level (default info)",
     )  # fmt: skip
     p.add_argument("--store", default=None, help="override ledger.store (rocksdb:// or memory://)")
+    p.add_argument(
+        "--metrics-port",
+        type=int,
+        default=None,
+        metavar="PORT",
+        help="/metrics and /healthz (default metrics.worker_port; 0: none)",
+    )
     p.add_argument(
         "--no-supervise",
         action="store_true",

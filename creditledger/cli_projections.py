@@ -94,6 +94,14 @@ def cmd_project(args: argparse.Namespace, settings: Settings) -> int:
     # retry_for_s=None: a restart of Postgres or Redis is waited out, however long it takes.
     projector = Projector(settings, sink, project_codec(settings), group_id=group,
                           topic=args.topic, retry_for_s=None)  # fmt: skip
+    default_port = settings.metrics.postgres_projector_port if args.sink == "postgres" \
+        else settings.metrics.redis_projector_port  # fmt: skip
+    port = default_port if args.metrics_port is None else args.metrics_port
+    if port:
+        from kernel.observe import serve_metrics, with_runtime_collectors
+
+        serve_metrics(settings.metrics.host, port,
+                      with_runtime_collectors(projector.metrics.registry))  # fmt: skip
     should_stop = stop_on_signals()
     projector.start()
     try:
@@ -224,6 +232,9 @@ def _build_commands(commands: Any) -> None:
     )  # fmt: skip
     p.add_argument("sink", choices=["postgres", "redis"], help="which read model")
     p.add_argument("--topic", default=None, help="ledger topic (default: projections.ledger_topic)")
+    p.add_argument("--metrics-port", type=int, default=None, metavar="PORT",
+                   help="/metrics and /healthz (default metrics.postgres_projector_port or "
+                   "metrics.redis_projector_port; 0: none)")  # fmt: skip
     p.set_defaults(handler=cmd_project)
 
     p = commands.add_parser(

@@ -35,10 +35,11 @@ def cmd_outbox_relay(args: argparse.Namespace, settings: Settings) -> int:
     relay = OutboxRelay(settings)
     port = settings.outbox.metrics_port if args.metrics_port is None else args.metrics_port
     if port:
-        from prometheus_client import start_http_server
+        from kernel.observe import serve_metrics, with_runtime_collectors
 
-        start_http_server(port, addr="127.0.0.1", registry=relay.metrics.registry)
-        print(f"relay metrics on http://127.0.0.1:{port}/metrics", flush=True)
+        serve_metrics(settings.metrics.host, port,
+                      with_runtime_collectors(relay.metrics.registry))  # fmt: skip
+        print(f"relay metrics on http://{settings.metrics.host}:{port}/metrics", flush=True)
     should_stop = stop_on_signals()
     relay.start()
     try:

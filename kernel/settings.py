@@ -508,6 +508,23 @@ class SchemaSettings(_Section):
     )
 
 
+class MetricsSettings(_Section):
+    host: str = Field(
+        "127.0.0.1",
+        description="Address the workers', projectors' and relay's /metrics, /healthz and "
+        "/readyz listen on (0.0.0.0 for a Prometheus on another host).",
+    )
+    worker_port: int = Field(
+        18092, ge=0, le=65535, description="Port of a ledger worker's /metrics (0 = off)."
+    )
+    postgres_projector_port: int = Field(
+        18093, ge=0, le=65535, description="Port of the Postgres projector's /metrics (0 = off)."
+    )
+    redis_projector_port: int = Field(
+        18094, ge=0, le=65535, description="Port of the Redis projector's /metrics (0 = off)."
+    )
+
+
 class Settings(BaseSettings):
     """Every setting of the project; build it with :func:`load_settings`."""
 
@@ -548,6 +565,10 @@ class Settings(BaseSettings):
     schemas: SchemaSettings = Field(
         default_factory=SchemaSettings,
         description="Event contracts.",
+    )
+    metrics: MetricsSettings = Field(
+        default_factory=MetricsSettings,
+        description="Prometheus endpoints of the processes that serve no HTTP of their own.",
     )
     topics_file: Path = Field(
         Path("topics.yaml"),

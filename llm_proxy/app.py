@@ -204,6 +204,15 @@ class ProxyApp:
                                     [(b"content-type", CONTENT_TYPE_LATEST.encode())])  # fmt: skip
             elif path == "/healthz":
                 await self._respond(send, "health", 200, b'{"status":"ok"}')
+            elif path == "/readyz":
+                checks = await self._readiness()
+                ready = all(value == "ok" for value in checks.values())
+                await self._respond(
+                    send,
+                    "ready",
+                    200 if ready else 503,
+                    orjson.dumps({"status": "ready" if ready else "not_ready", "checks": checks}),
+                )
             else:
                 raise ProxyError(404, "not_found", f"no route {method} {path}")
         except ProxyError as exc:
@@ -219,6 +228,25 @@ class ProxyApp:
                 500, "internal_error", f"the proxy failed unexpectedly ({type(exc).__name__})",
                 kind="server_error"))  # fmt: skip
             await self._respond(send, route or "other", status, body, headers)
+
+    async def _readiness(self) -> dict[str, str]:
+        """Each dependency a call needs: Redis (the guard's balances and holds) and Postgres
+        (the outbox, the guard's fallback). Kafka is needed only while Postgres is down."""
+        checks: dict[str, str] = {}
+        try:
+            assert self.redis is not None
+            await asyncio.wait_for(self.redis.ping(), 1.0)
+            checks["redis"] = "ok"
+        except Exception as exc:  # any failure means not ready; the reason is reported
+            checks["redis"] = f"failed: {type(exc).__name__}"
+        try:
+            assert self.pool is not None
+            async with self.pool.connection(timeout=1.0) as conn:
+                await conn.execute("SELECT 1")
+            checks["postgres"] = "ok"
+        except Exception as exc:
+            checks["postgres"] = f"failed: {type(exc).__name__}"
+        return checks
 
     async def _lifespan(self, receive: Receive, send: Send) -> None:
         while True:

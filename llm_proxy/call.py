@@ -23,7 +23,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from contracts.commands import Charge
@@ -68,6 +68,8 @@ class Call:
     fingerprint: str  # user, model alias, scene and the body's digest
     held: bool = False
     hold_field: str | None = None  # where the guard keeps this call's hold
+    service: str = ""  # the calling service (a metrics label)
+    started: float = field(default_factory=time.perf_counter)
 
 
 def build_charge(call: Call, usage: TokenUsage, estimated: bool, upstream_model: str,
@@ -114,6 +116,16 @@ class CallPipeline:
         """Serve one call of ``service`` whose body is ``raw``, and charge it."""
         body = wire.parse_body(raw)
         call = self.prepare(route, ctx, body, ledger_event_id(service, ctx.event_id), raw)
+        call.service = service
+        in_flight = self.metrics.in_flight.labels(service)
+        in_flight.inc()
+        try:
+            await self._serve(call, route, ctx, body, receive, send)
+        finally:
+            in_flight.dec()
+
+    async def _serve(self, call: Call, route: str, ctx: BillingContext, body: dict[str, Any],
+                     receive: Receive, send: Send) -> None:  # fmt: skip
         stream = wire.is_stream(route, body)
         if not ctx.skip_charge:
             await self._hold(call)
@@ -196,13 +208,19 @@ class CallPipeline:
             self.metrics.estimated.labels("no_usage").inc()
             usage = usage_mod.estimate(call.body, wire.answer_text(parsed))
         await self._charge(call, usage, estimated, wire.answer_model(parsed, call.alias))
+        self._first_byte(call)
         await respond(self.metrics, send, call.route, 200, data, [*wire.JSON_HEADERS, *extra])
+
+    def _first_byte(self, call: Call) -> None:
+        self.metrics.first_byte_seconds.labels(call.service, call.alias.alias).observe(
+            time.perf_counter() - call.started)  # fmt: skip
 
     async def _stream(self, call: Call, answer: UpstreamAnswer, receive: Receive, send: Send,
                       extra: wire.Headers) -> None:  # fmt: skip
         started = time.perf_counter()
         state = wire.StreamState()
         content_type = answer.headers.get("content-type", "text/event-stream").encode()
+        self._first_byte(call)
         await send({"type": "http.response.start", "status": 200,
                     "headers": [(b"content-type", content_type), (b"cache-control", b"no-cache"),
                                 *extra]})  # fmt: skip
@@ -278,7 +296,13 @@ class CallPipeline:
                              "could not be recorded", kind="server_error") from exc  # fmt: skip
         self.metrics.charges.labels(path).inc()
         if path != "duplicate":
-            self.metrics.charged_micro.labels(call.alias.alias).inc(charge.amount_micro)
+            labels = (call.service, call.alias.alias)
+            self.metrics.charged_micro.labels(*labels).inc(charge.amount_micro)
+            for kind, count in (("input", usage.input_tokens), ("cached", usage.cached_tokens),
+                                ("output", usage.output_tokens),
+                                ("reasoning", usage.reasoning_tokens)):  # fmt: skip
+                if count:
+                    self.metrics.tokens.labels(*labels, kind).inc(count)
         # The hold is settled after the response: the estimate it still holds until then
         # only errs on the safe side, and settling only rewrites a hold that still exists,
         # so a projector that folded the charge meanwhile cannot get it held again.

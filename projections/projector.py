@@ -26,9 +26,12 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, TopicPartiti
 from kernel.errors import CreditLedgerError, ProjectionError, StackError
 from kernel.settings import Settings
 from projections.entries import LogPosition, Row, decode_row
+from projections.metrics import ProjectorMetrics
 from projections.progress import OFFSET, BatchPlan
 from streams.codec import AvroCodec
 from streams.kafka_clients import make_consumer
+
+LAG_EVERY_S = 5.0  # how often the lag gauges are refreshed
 
 log = logging.getLogger(__name__)
 
@@ -64,9 +67,11 @@ class Projector:
 
     def __init__(self, settings: Settings, sink: Sink, codec: AvroCodec, *, group_id: str,
                  topic: str | None = None, batch_max: int | None = None,
-                 retry_for_s: float | None = 60.0) -> None:  # fmt: skip
+                 retry_for_s: float | None = 60.0,
+                 metrics: ProjectorMetrics | None = None) -> None:  # fmt: skip
         self.settings = settings
         self.sink = sink
+        self.metrics = metrics or ProjectorMetrics(sink.name)
         self.codec = codec
         self.group_id = group_id
         self.topic = topic or settings.projections.ledger_topic
@@ -153,10 +158,12 @@ class Projector:
 
     def apply(self, rows: dict[int, list[Row]]) -> BatchPlan:
         """Apply one batch; on a lost connection, reconnect and retry (see ``retry_for_s``)."""
+        started = time.monotonic()
         plan = self._retrying(
             "applying a batch", lambda: self.sink.apply(self.topic, rows, self.lows, self.sought)
         )
         self._after(rows, plan)
+        self.metrics.batch_seconds.observe(time.monotonic() - started)
         return plan
 
     def _retrying(self, what: str, step: Callable[[], T]) -> T:
@@ -197,6 +204,10 @@ class Projector:
         self.stats.batches += 1
         self.stats.applied += applied
         self.stats.rewinds += len(plan.rewinds)
+        self.metrics.applied.inc(applied)
+        self.metrics.rewinds.inc(len(plan.rewinds))
+        if applied:
+            self.metrics.last_applied.set(time.time())
         self.stats.skipped += sum(len(r) for r in rows.values()) - applied
         if plan.next_offsets:
             offsets = [TopicPartition(self.topic, p, o) for p, o in plan.next_offsets.items()]
@@ -207,18 +218,38 @@ class Projector:
 
     def run(self, should_stop: Callable[[], bool], *,
             report_every_s: float = 10.0) -> ProjectorStats:  # fmt: skip
-        last_report = time.monotonic()
+        last_report = lag_due = time.monotonic()
         while not should_stop():
             rows = self.poll_batch()
             if rows:
                 self.apply(rows)
             now = time.monotonic()
+            if now >= lag_due:
+                lag_due = now + LAG_EVERY_S
+                self._report_lag()
             if now - last_report >= report_every_s:
                 last_report = now
                 log.info("%s projector: %d entries applied in %d batches, %d redelivered "
                          "skipped, %d rewinds", self.sink.name, self.stats.applied,
                          self.stats.batches, self.stats.skipped, self.stats.rewinds)  # fmt: skip
         return self.stats
+
+    def _report_lag(self) -> None:
+        """Per assigned partition: the high watermark the consumer last fetched (cached, no
+        request) minus its position."""
+        consumer = self._consumer
+        if consumer is None:
+            return
+        for partition in sorted(self.assigned):
+            tp = TopicPartition(self.topic, partition)
+            try:
+                _low, high = consumer.get_watermark_offsets(tp, cached=True)
+                (position,) = consumer.position([tp])
+            except Exception:  # not fetched yet
+                continue
+            if high >= 0 and position.offset >= 0:
+                self.metrics.lag.labels(self.sink.name, str(partition)).set(
+                    max(high - position.offset, 0))  # fmt: skip
 
     def run_until(self, ends: dict[int, int], should_stop: Callable[[], bool] = lambda: False,
                   on_batch: Callable[[int], Any] | None = None) -> None:  # fmt: skip

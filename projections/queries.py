@@ -15,6 +15,7 @@ before any SQL runs and a bad one raises :class:`QueryError` with the reason.
 
 from __future__ import annotations
 
+import asyncio
 import re
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -218,6 +219,23 @@ class ReadModels:
             self.settings.redis_url, socket_timeout=self.settings.redis.socket_timeout_ms / 1000,
             socket_connect_timeout=self.settings.redis.socket_timeout_ms / 1000,
         )  # fmt: skip
+
+    async def readiness(self) -> dict[str, str]:
+        """Whether each store the read models live in answers now ("ok" or why not)."""
+        checks: dict[str, str] = {}
+        try:
+            async with self.pool.connection(timeout=1.0) as conn:
+                await conn.execute("SELECT 1")
+            checks["postgres"] = "ok"
+        except Exception as exc:  # any failure means not ready; the reason is reported
+            checks["postgres"] = f"failed: {type(exc).__name__}"
+        try:
+            assert self._redis is not None
+            await asyncio.wait_for(self._redis.ping(), 1.0)
+            checks["redis"] = "ok"
+        except Exception as exc:
+            checks["redis"] = f"failed: {type(exc).__name__}"
+        return checks
 
     async def close(self) -> None:
         if self._pool is not None:

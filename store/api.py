@@ -40,11 +40,12 @@ import psycopg
 from fastapi import APIRouter, Depends, FastAPI, Header, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from psycopg_pool import PoolTimeout
 from redis.exceptions import RedisError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from contracts.cloudevents import TRACEPARENT, current_trace, new_traceparent
+from contracts.cloudevents import current_trace, new_traceparent
 from kernel.errors import (
     QueryError,
     StackError,
@@ -68,6 +69,7 @@ from store.domain import (
     verify_token,
 )
 from store.hot_reads import HotReads
+from store.metrics import StoreMetrics
 from store.orders import Order, Payment
 from store.repository import StoreRepository, decimal_text, utc_now
 from store.rewards import check_rule, may_claim
@@ -203,7 +205,70 @@ def create_app(settings: Settings, *, dsn: str | None = None, redis_prefix: str 
     inner: ASGIApp = app
     if settings.store.fast_reads:
         inner = HotReads(app, service.reads, service.secret, PREFIX)
-    return BodyLimit(inner, settings.store.max_body_bytes)
+    return Observed(BodyLimit(inner, settings.store.max_body_bytes), service.reads)
+
+
+class Observed:
+    """The outermost layer: every request traced and measured (hot reads too), and the
+    operators' routes, /metrics, /healthz and /readyz, answered here."""
+
+    def __init__(self, app: ASGIApp, reads: ReadModels) -> None:
+        self.app = app
+        self.reads = reads
+        self.metrics = StoreMetrics()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        path = scope["path"]
+        if path in ("/metrics", "/healthz", "/readyz"):
+            await self._operator(path, send)
+            return
+        # The request's span (in the caller's trace if it sent one): the grants it causes
+        # carry it into the outbox, the command and the ledger entry.
+        headers = dict(scope["headers"])
+        current_trace.set(new_traceparent(headers.get(b"traceparent", b"").decode("latin-1")))
+        started = time.perf_counter()
+        status = 500
+
+        async def observed(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, observed)
+        finally:
+            route = _route_label(scope)
+            self.metrics.requests.labels(route, scope["method"], str(status)).inc()
+            self.metrics.seconds.labels(route).observe(time.perf_counter() - started)
+
+    async def _operator(self, path: str, send: Send) -> None:
+        status, body, kind = 200, b'{"status":"ok"}', b"application/json"
+        if path == "/metrics":
+            body, kind = generate_latest(self.metrics.registry), CONTENT_TYPE_LATEST.encode()
+        elif path == "/readyz":
+            checks = await self.reads.readiness()
+            ok = all(value == "ok" for value in checks.values())
+            status = 200 if ok else 503
+            body = orjson.dumps({"status": "ready" if ok else "not_ready", "checks": checks})
+        await send({"type": "http.response.start", "status": status,
+                    "headers": [(b"content-type", kind)]})  # fmt: skip
+        await send({"type": "http.response.body", "body": body})
+
+
+# The hot reads answer before any router: their paths carry no id.
+HOT_PATHS = {f"{PREFIX}/balance", f"{PREFIX}/consumption", f"{PREFIX}/ledger"}
+
+
+def _route_label(scope: Scope) -> str:
+    """A bounded label: the matched route's template, a hot read's path, else "other"."""
+    route = scope.get("route")
+    if route is not None and hasattr(route, "path"):
+        return str(route.path)
+    return scope["path"] if scope["path"] in HOT_PATHS else "other"
 
 
 class BodyLimit:
@@ -279,18 +344,8 @@ def create_fastapi(settings: Settings, *, dsn: str | None = None,
                   "(`creditledger store token USER`).")  # fmt: skip
     app.state.service = service
     _errors(app)
-    _tracing(app)
     _routes(app, service)
     return app
-
-
-def _tracing(app: FastAPI) -> None:
-    @app.middleware("http")
-    async def trace(request: Request, call_next: Any) -> Any:
-        # The request's span (in the caller's trace if it sent one): the grants it causes
-        # carry it into the outbox, the command and the ledger entry.
-        current_trace.set(new_traceparent(request.headers.get(TRACEPARENT)))
-        return await call_next(request)
 
 
 # How the store's kinds of refusal (kernel.errors) read in HTTP: the domain knows no status.

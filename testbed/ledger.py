@@ -27,7 +27,7 @@ from stack.processes import ProcessGroup
 from streams.codec import AvroCodec
 from streams.kafka_clients import make_consumer, make_producer
 from testbed.workload import Message, Workload
-from testbed.world import kafka_env
+from testbed.world import NO_METRICS_PORTS, kafka_env
 
 CLI = (sys.executable, "-m", "creditledger.cli")
 
@@ -55,6 +55,7 @@ class WorkerGroup:
                 "CREDITLEDGER_LEDGER__APP_ID": f"test-ledger-{self.unique}",
                 "CREDITLEDGER_LEDGER__DATA_DIR": str(self.root),
                 **kafka_env(self.settings),
+                **NO_METRICS_PORTS,
             }
         )
         env.update(self.extra_env)

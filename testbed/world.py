@@ -46,6 +46,11 @@ ORDER = {
 }
 
 
+# Parts of a world serve no /metrics unless a test asks (many run at once on one host).
+NO_METRICS_PORTS = {f"CREDITLEDGER_METRICS__{name}": "0" for name in
+                    ("WORKER_PORT", "POSTGRES_PROJECTOR_PORT", "REDIS_PROJECTOR_PORT")}  # fmt: skip
+
+
 def kafka_env(settings: Settings) -> dict[str, str]:
     """``settings.kafka`` as the environment of a child process (secrets revealed): every
     part of a world talks to the same brokers, in the same way, with the same topics."""
@@ -132,6 +137,7 @@ class World:
             "CREDITLEDGER_PROJECTIONS__POSTGRES_GROUP": f"test-pg-{self.unique}",
             "CREDITLEDGER_PROJECTIONS__REDIS_GROUP": f"test-redis-{self.unique}",
             **kafka_env(self.settings),
+            **NO_METRICS_PORTS,
         })  # fmt: skip
         if "DATABASE_URL" in env:
             env["DATABASE_URL"] = self.dsn
