@@ -118,7 +118,9 @@ def cmd_config_example(args: argparse.Namespace, settings: Settings) -> int:
 def _topic_spec(args: argparse.Namespace, settings: Settings) -> TopicsSpec:
     from streams.topics import load_topics
 
-    profile = args.profile or settings.kafka.topics_profile
+    # Only `topics` takes --profile; the ledger commands need partition counts, which no
+    # profile changes.
+    profile = getattr(args, "profile", None) or settings.kafka.topics_profile
     return load_topics(args.file or project_path(settings.topics_file), profile)
 
 

@@ -79,10 +79,11 @@ def stack_settings() -> Iterator[Settings]:
         launcher.down(settings)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def cluster(stack_settings: Settings) -> Iterator[Cluster]:
-    """A three-node Kafka cluster next to the stack (its own ports and folder), once per
-    session: the broker-failure tests kill and restart its nodes."""
+    """A three-node Kafka cluster next to the stack (its own ports and folder), for one
+    module (three idle JVMs would slow every later test): the broker-failure tests kill
+    and restart its nodes."""
     cluster = Cluster(cluster_settings(stack_settings, Path("/tmp/creditledger-test-cluster")))
     try:
         cluster.up()
@@ -95,10 +96,10 @@ def cluster(stack_settings: Settings) -> Iterator[Cluster]:
     cluster.down()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def secured(stack_settings: Settings) -> Iterator[Cluster]:
     """One Kafka node as `stack up --secure` runs it (SASL_SSL, SCRAM users, ACLs), on its
-    own ports and folder, once per session; connected to as the admin role."""
+    own ports and folder, for one module; connected to as the admin role."""
     node = Cluster(secure_settings(stack_settings, Path("/tmp/creditledger-test-secure")))
     try:
         node.up()

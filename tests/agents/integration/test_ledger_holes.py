@@ -8,7 +8,7 @@ X+1 from Kafka itself and fold them first, in order.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
@@ -104,6 +104,7 @@ class FaustMessage:
     value: bytes
     timestamp: float = 1.0
     acked: bool = False
+    headers: list[tuple[str, bytes]] = field(default_factory=list)
 
     @property
     def tp(self) -> TP:
