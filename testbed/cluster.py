@@ -36,51 +36,37 @@ BROKERS = 3
 FIRST_PORT = 29092
 
 
+def _beside(base: Settings, state_dir: Path, kafka: dict[str, object],
+            stack: dict[str, object]) -> Settings:  # fmt: skip
+    """``base`` (the local stack) with a Kafka of its own, started by the launcher in
+    ``state_dir``; Postgres and Redis stay the stack's (external to this launcher)."""
+    return base.model_copy(update={
+        "kafka": base.kafka.model_copy(update={"external": False, **kafka}),
+        "stack": base.stack.model_copy(update={"state_dir": state_dir, "kafka_heap_mb": 512,
+                                               **stack}),
+        "ledger": base.ledger.model_copy(update={"data_dir": state_dir / "worker"}),
+        "postgres": base.postgres.model_copy(update={"external": True}),
+        "redis": base.redis.model_copy(update={"external": True}),
+    })  # fmt: skip
+
+
 def cluster_settings(base: Settings, state_dir: Path, brokers: int = BROKERS) -> Settings:
-    """``base`` (the local stack) with Kafka replaced by a ``brokers``-node cluster whose
-    topics use the production profile; Postgres and Redis stay the stack's."""
+    """A ``brokers``-node cluster whose topics use the production profile."""
     addresses = ",".join(f"127.0.0.1:{FIRST_PORT + 100 * n}" for n in range(brokers))
-    kafka = base.kafka.model_copy(
-        update={"bootstrap_servers": addresses, "external": False, "topics_profile": "production"}
-    )
-    stack = base.stack.model_copy(
-        update={
-            "state_dir": state_dir,
-            "kafka_brokers": brokers,
-            "kafka_controller_port": FIRST_PORT + 1,
-            "kafka_heap_mb": 512,
-        }
-    )
-    ledger = base.ledger.model_copy(update={"data_dir": state_dir / "worker"})
-    postgres = base.postgres.model_copy(update={"external": True})
-    redis = base.redis.model_copy(update={"external": True})
-    return base.model_copy(update={"kafka": kafka, "stack": stack, "ledger": ledger,
-                                   "postgres": postgres, "redis": redis})  # fmt: skip
+    return _beside(base, state_dir,
+                   {"bootstrap_servers": addresses, "topics_profile": "production"},
+                   {"kafka_brokers": brokers, "kafka_controller_port": FIRST_PORT + 1})  # fmt: skip
 
 
 SECURE_PORT = 39092
 
 
 def secure_settings(base: Settings, state_dir: Path) -> Settings:
-    """``base`` with Kafka replaced by one secured node (``stack up --secure``) on its own
-    ports, connected to as the admin role; Postgres and Redis stay the stack's."""
-    kafka = base.kafka.model_copy(
-        update={"bootstrap_servers": f"127.0.0.1:{SECURE_PORT}", "external": False}
-    )
-    stack = base.stack.model_copy(
-        update={
-            "state_dir": state_dir,
-            "kafka_brokers": 1,
-            "kafka_secure": True,
-            "kafka_controller_port": SECURE_PORT + 1,
-            "kafka_heap_mb": 512,
-        }
-    )
-    ledger = base.ledger.model_copy(update={"data_dir": state_dir / "worker"})
-    postgres = base.postgres.model_copy(update={"external": True})
-    redis = base.redis.model_copy(update={"external": True})
-    return base.model_copy(update={"kafka": kafka, "stack": stack, "ledger": ledger,
-                                   "postgres": postgres, "redis": redis})  # fmt: skip
+    """One secured node (``stack up --secure``) on its own ports; until ``Cluster.up``
+    has made its users, nothing can connect as a role."""
+    return _beside(base, state_dir, {"bootstrap_servers": f"127.0.0.1:{SECURE_PORT}"},
+                   {"kafka_brokers": 1, "kafka_secure": True,
+                    "kafka_controller_port": SECURE_PORT + 1})  # fmt: skip
 
 
 @dataclass(frozen=True)

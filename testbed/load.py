@@ -14,10 +14,12 @@ from contracts.cloudevents import command_headers
 from contracts.commands import Grant
 from contracts.records import GRANT_TOPIC, LEDGER_TOPIC, command_to_record, entry_from_record
 from contracts.redis_keys import balance_key
+from kernel.db import connect
 from kernel.settings import Settings, project_path
 from streams.codec import load_codec
 from streams.kafka_clients import make_producer
 from streams.reading import read_topic
+from testbed.ledger import WorkerGroup
 from testbed.proxy import ProxyWorld
 from testbed.store import StoreWorld
 
@@ -144,3 +146,26 @@ def snapshots(world: ProxyWorld, users: list[str]) -> dict[str, int | None]:
     finally:
         client.close()
     return {u: None if v is None else int(str(v)) for u, v in zip(users, values, strict=True)}
+
+
+def balances(world: ProxyWorld, users: list[str]) -> dict[str, int]:
+    """user -> balance in the world's Postgres read model (users it has no account for:
+    absent)."""
+    with connect(world.env_settings()) as conn:
+        rows = conn.execute("SELECT user_id, balance_micro FROM accounts WHERE "
+                            "user_id = ANY(%s)", (users,)).fetchall()  # fmt: skip
+    return {str(u): int(b) for u, b in rows}
+
+
+def start_pipeline(world: StoreWorld, workers: WorkerGroup, *,
+                   supervised: bool = False) -> None:  # fmt: skip
+    """Every part of the money path: a ledger worker, the fake upstream, the proxy, the
+    relay, both projectors and the store (each with the world's and ``part_env``'s
+    environment)."""
+    workers.start("w1", supervised=supervised)
+    world.start_upstream()
+    world.start_proxy()
+    world.start_relay()
+    world.start_process("project-postgres", "project", "postgres")
+    world.start_process("project-redis", "project", "redis")
+    world.start_store()

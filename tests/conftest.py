@@ -79,37 +79,41 @@ def stack_settings() -> Iterator[Settings]:
         launcher.down(settings)
 
 
+def _kafka_beside(settings: Settings, what: str, needs: str) -> Iterator[Cluster]:
+    """A Kafka of its own next to the stack (own ports and folder), up for the module that
+    asks for it (idle JVMs would slow every later test), wiped afterwards."""
+    kafka = Cluster(settings)
+    try:
+        kafka.up()
+    except CreditLedgerError as exc:
+        kafka.down()
+        pytest.fail(f"the {what} could not be started: {exc}\nIt needs {needs} like "
+                    "`creditledger stack up`; its logs are under "
+                    f"{settings.stack.state_dir}.", pytrace=False)  # fmt: skip
+    yield kafka
+    kafka.down()
+
+
 @pytest.fixture(scope="module")
 def cluster(stack_settings: Settings) -> Iterator[Cluster]:
-    """A three-node Kafka cluster next to the stack (its own ports and folder), for one
-    module (three idle JVMs would slow every later test): the broker-failure tests kill
+    """Three Kafka nodes, topics in the production profile: the broker-failure tests kill
     and restart its nodes."""
-    cluster = Cluster(cluster_settings(stack_settings, Path("/tmp/creditledger-test-cluster")))
-    try:
-        cluster.up()
-    except CreditLedgerError as exc:
-        cluster.down()
-        pytest.fail(f"the three-node Kafka cluster could not be started: {exc}\n"
-                    "It needs Java and the Kafka jars like `creditledger stack up`; its logs "
-                    "are under /tmp/creditledger-test-cluster.", pytrace=False)  # fmt: skip
-    yield cluster
-    cluster.down()
+    yield from _kafka_beside(
+        cluster_settings(stack_settings, Path("/tmp/creditledger-test-cluster")),
+        "three-node Kafka cluster",
+        "Java and the Kafka jars",
+    )
 
 
 @pytest.fixture(scope="module")
 def secured(stack_settings: Settings) -> Iterator[Cluster]:
-    """One Kafka node as `stack up --secure` runs it (SASL_SSL, SCRAM users, ACLs), on its
-    own ports and folder, for one module; connected to as the admin role."""
-    node = Cluster(secure_settings(stack_settings, Path("/tmp/creditledger-test-secure")))
-    try:
-        node.up()
-    except CreditLedgerError as exc:
-        node.down()
-        pytest.fail(f"the secured Kafka could not be started: {exc}\nIt needs Java, openssl "
-                    "and the Kafka jars like `creditledger stack up --secure`; its logs are "
-                    "under /tmp/creditledger-test-secure.", pytrace=False)  # fmt: skip
-    yield node
-    node.down()
+    """One Kafka node as `stack up --secure` runs it (SASL_SSL, SCRAM users, ACLs),
+    connected to as the admin role."""
+    yield from _kafka_beside(
+        secure_settings(stack_settings, Path("/tmp/creditledger-test-secure")),
+        "secured Kafka",
+        "Java, openssl and the Kafka jars",
+    )
 
 
 @pytest.fixture(scope="session")

@@ -17,7 +17,6 @@ from collections.abc import Iterator
 import pytest
 
 from contracts.records import LEDGER_TOPIC
-from kernel.db import connect
 from testbed.cluster import Cluster, LedgerClock
 from testbed.ledger import WorkerGroup
 from testbed.load import (
@@ -25,10 +24,12 @@ from testbed.load import (
     ONE_CALL,
     STARTER_PACK,
     Load,
+    balances,
     buy_starter,
     grant,
     ledger_of,
     snapshots,
+    start_pipeline,
 )
 from testbed.proxy import wait_for
 from testbed.store import StoreWorld, store_world
@@ -47,16 +48,6 @@ def world(cluster: Cluster, unique: str) -> Iterator[StoreWorld]:
         scratch.cleanup()
 
 
-def start_pipeline(world: StoreWorld, workers: WorkerGroup) -> None:
-    workers.start("w1", supervised=True)
-    world.start_upstream()
-    world.start_proxy()
-    world.start_relay()
-    world.start_process("project-postgres", "project", "postgres")
-    world.start_process("project-redis", "project", "redis")
-    world.start_store()
-
-
 def fail_and_recover(cluster: Cluster, clock: LedgerClock, node: int) -> None:
     """SIGKILL ``node``; the pipeline must go on with two; then start it again."""
     cluster.kill(node)
@@ -68,15 +59,12 @@ def fail_and_recover(cluster: Cluster, clock: LedgerClock, node: int) -> None:
 def test_killed_brokers_lose_nothing(world: StoreWorld, cluster: Cluster, unique: str) -> None:
     workers = WorkerGroup(unique, world.env_settings())
     try:
-        start_pipeline(world, workers)
+        start_pipeline(world, workers, supervised=True)
         users = [f"{unique}-cluster-u{n}" for n in range(4)]
         grant(world, users)
 
         def accounts() -> dict[str, int]:
-            with connect(world.env_settings()) as conn:
-                rows = conn.execute("SELECT user_id, balance_micro FROM accounts WHERE "
-                                    "user_id = ANY(%s)", (users,)).fetchall()  # fmt: skip
-            return {u: int(b) for u, b in rows}
+            return balances(world, users)
 
         wait_for("the grants in Postgres", lambda: len(accounts()) == len(users), 180, world)
         with LedgerClock(cluster.settings, 6) as clock, Load(world, users) as load:

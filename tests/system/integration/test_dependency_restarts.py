@@ -16,7 +16,6 @@ from collections.abc import Iterator
 import pytest
 
 from contracts.records import LEDGER_TOPIC
-from kernel.db import connect
 from kernel.settings import Settings
 from stack import launcher
 from testbed.ledger import WorkerGroup
@@ -25,6 +24,7 @@ from testbed.load import (
     ONE_CALL,
     STARTER_PACK,
     Load,
+    balances,
     buy_starter,
     grant,
     ledger_of,
@@ -64,10 +64,7 @@ def test_every_process_rides_out_a_restart_and_the_ledger_equals_the_model(
         grant(world, users)
 
         def accounts() -> dict[str, int]:
-            with connect(world.env_settings()) as conn:
-                rows = conn.execute("SELECT user_id, balance_micro FROM accounts WHERE "
-                                    "user_id = ANY(%s)", (users,)).fetchall()  # fmt: skip
-            return {u: int(b) for u, b in rows}
+            return balances(world, users)
 
         wait_for("the grants in Postgres", lambda: len(accounts()) == len(users), 180, world)
         with Load(world, users) as load:

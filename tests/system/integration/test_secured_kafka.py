@@ -23,7 +23,6 @@ from pydantic import SecretStr
 
 from contracts.cloudevents import header, trace_id
 from contracts.records import CHARGE_TOPIC, GRANT_TOPIC, LEDGER_TOPIC
-from kernel.db import connect
 from kernel.errors import EXIT_CONFIG
 from kernel.settings import Settings
 from stack import secure
@@ -31,7 +30,17 @@ from streams.kafka_clients import partition_of
 from streams.reading import read_topic
 from testbed.cluster import Cluster
 from testbed.ledger import WorkerGroup
-from testbed.load import GRANT, ONE_CALL, PROMPT, STARTER_PACK, buy_starter, grant, snapshots
+from testbed.load import (
+    GRANT,
+    ONE_CALL,
+    PROMPT,
+    STARTER_PACK,
+    balances,
+    buy_starter,
+    grant,
+    snapshots,
+    start_pipeline,
+)
 from testbed.proxy import wait_for
 from testbed.store import StoreWorld, store_world
 from testbed.topics import ScratchTopics
@@ -73,13 +82,7 @@ def test_every_role_does_its_job_over_sasl_ssl(world: StoreWorld, secured: Clust
                                "relay": as_role(secured, "relay"),
                                "project-postgres": as_role(secured, "projector"),
                                "project-redis": as_role(secured, "projector")})  # fmt: skip
-        workers.start("w1")
-        world.start_upstream()
-        world.start_proxy()
-        world.start_relay()
-        world.start_process("project-postgres", "project", "postgres")
-        world.start_process("project-redis", "project", "redis")
-        world.start_store()
+        start_pipeline(world, workers)
         users = [f"{unique}-sec-u{n}" for n in range(2)]
         grant(world, users)
         wait_for(
@@ -101,10 +104,7 @@ def test_every_role_does_its_job_over_sasl_ssl(world: StoreWorld, secured: Clust
         expected[users[0]] += STARTER_PACK
 
         def accounts() -> dict[str, int]:
-            with connect(world.env_settings()) as conn:
-                rows = conn.execute("SELECT user_id, balance_micro FROM accounts WHERE "
-                                    "user_id = ANY(%s)", (users,)).fetchall()  # fmt: skip
-            return {u: int(b) for u, b in rows}
+            return balances(world, users)
 
         wait_for("Postgres equals the model", lambda: accounts() == expected, 120, world)
         wait_for("Redis equals the model", lambda: snapshots(world, users) == expected, 60,
