@@ -333,10 +333,10 @@ class LedgerFolder:
                                            entry.balance_after_micro, entry.event_id,
                                            entry.command_digest))  # fmt: skip
             self.stats.applied += 1
-            self.metrics.commands.labels("applied").inc()
+            self.metrics.applied.inc()
         elif isinstance(outcome, Duplicate):
             self.stats.duplicates += 1
-            self.metrics.commands.labels("duplicate").inc()
+            self.metrics.duplicate.inc()
         else:
             self._dead_letter(message, outcome.reason, outcome.detail, outcome.event_id,
                               outcome.user_id, batch.letter_delivered)  # fmt: skip
@@ -388,7 +388,7 @@ class LedgerFolder:
         self._producer.produce(REJECTED_TOPIC, key=message.key, value=value,
                                headers=kafka_headers(headers), on_delivery=on_delivery)  # fmt: skip
         self.stats.rejected += 1
-        self.metrics.commands.labels("rejected").inc()
+        self.metrics.rejected.inc()
         self.metrics.dead_letters.labels(reason).inc()
 
 

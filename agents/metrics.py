@@ -14,6 +14,10 @@ class LedgerMetrics:
         r = self.registry
         self.commands = Counter("ledger_commands", "Commands folded, by outcome (applied, "
                                 "duplicate, rejected).", ["outcome"], registry=r)  # fmt: skip
+        # Bound once: a label lookup per command costs more than the increment.
+        self.applied = self.commands.labels("applied")
+        self.duplicate = self.commands.labels("duplicate")
+        self.rejected = self.commands.labels("rejected")
         self.dead_letters = Counter("ledger_dead_letters", "Commands sent to the dead-letter "
                                     "topic, by reason.", ["reason"], registry=r)  # fmt: skip
         self.batch_size = Histogram("ledger_batch_size_commands", "Commands per folded batch.",
