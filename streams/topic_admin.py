@@ -8,6 +8,7 @@ differences and changes nothing at all.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 from confluent_kafka import KafkaException
@@ -134,7 +135,15 @@ def apply(admin: AdminClient, spec: TopicsSpec, timeout_s: float) -> list[TopicP
                 # below decides whether that is fine or drift.
                 if exc.args[0].name() != "TOPIC_ALREADY_EXISTS":
                     raise StackError(f"creating topic {name} failed: {exc}") from exc
+        # The broker's metadata may show a new topic a moment after creating it: wait until
+        # every created topic is visible, so that nobody after `apply` sees it missing.
+        deadline = time.monotonic() + timeout_s
         recheck = {p.name: p for p in plan(admin, spec, timeout_s)}
+        while any(p.action == "create" for p in recheck.values()):
+            if time.monotonic() > deadline:
+                raise StackError(f"topics created but not visible after {timeout_s:.0f} s")
+            time.sleep(0.1)
+            recheck = {p.name: p for p in plan(admin, spec, timeout_s)}
         still_wrong = [p for p in recheck.values() if p.action == "drift"]
         if still_wrong:
             lines = [f"  {p.name}: {d}" for p in still_wrong for d in p.differences]
