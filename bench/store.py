@@ -37,11 +37,11 @@ from bench.common import (
 )
 from bench.projections import ensure_query_data
 from contracts.redis_keys import balance_key
+from contracts.tokens import sign_token
 from creditledger.tables import render_table
 from kernel.db import connect
 from kernel.settings import load_settings
 from stack.processes import ProcessGroup, wait_http
-from store.domain import sign_token
 
 PREFIX = "bench-store"
 SECRET = "bench-store-secret"

@@ -31,7 +31,7 @@ def cmd_outbox_relay(args: argparse.Namespace, settings: Settings) -> int:
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     migrate(settings)  # safe on every start
-    check_access(settings, write=[CHARGE_TOPIC, GRANT_TOPIC])
+    check_access(settings, write=[CHARGE_TOPIC, GRANT_TOPIC, settings.plaza.topic])
     relay = OutboxRelay(settings)
     port = settings.outbox.metrics_port if args.metrics_port is None else args.metrics_port
     if port:

@@ -77,7 +77,7 @@ def is_loopback(host: str) -> bool:
 
 
 def cmd_store_token(args: argparse.Namespace, settings: Settings) -> int:
-    from store.domain import sign_token
+    from contracts.tokens import sign_token
 
     # 0 means 0 seconds (a token that is expired at once), not "the default".
     ttl = settings.store.token_ttl_s if args.ttl_s is None else args.ttl_s

@@ -18,10 +18,10 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+from contracts.tokens import sign_token
 from creditledger.tables import render_table
 from kernel.settings import Settings
 from stack.processes import wait_http
-from store.domain import sign_token
 from store.seed import seed
 
 

@@ -103,9 +103,10 @@ class ProxyError(CreditLedgerError):
                           "code": self.code}}  # fmt: skip
 
 
-class StoreError(CreditLedgerError):
-    """A credit-store request is refused: a stable error code and a message. The kind of
-    refusal is the subclass; the HTTP API maps kinds to statuses (``store.api``)."""
+class Refused(CreditLedgerError):
+    """A caller's request is refused: a stable error code and a message. The kind of refusal
+    is the subclass (below); each HTTP face maps kinds to statuses, so no domain error
+    carries one."""
 
     def __init__(self, code: str, message: str) -> None:
         super().__init__(message)
@@ -116,24 +117,68 @@ class StoreError(CreditLedgerError):
         return {"error": {"code": self.code, "message": self.message}}
 
 
-class StoreInvalid(StoreError):
-    """What was asked for is malformed or breaks a rule of the store."""
+class Invalid(Refused):
+    """What was asked for is malformed or breaks a rule."""
 
 
-class StoreUnauthenticated(StoreError):
+class Unauthenticated(Refused):
     """The caller is not known: no token, or one that is malformed, forged or expired."""
 
 
-class StoreForbidden(StoreError):
+class Forbidden(Refused):
     """The caller is known and may not do this."""
 
 
-class StoreNotFound(StoreError):
+class NotFound(Refused):
     """The thing asked for does not exist (or is not the caller's to see)."""
 
 
-class StoreConflict(StoreError):
+class Conflict(Refused):
     """The request contradicts the state it meets (an order already paid, a cap reached)."""
+
+
+class StoreError(Refused):
+    """A credit-store request is refused (``store.api`` maps the kinds to statuses)."""
+
+
+class StoreInvalid(StoreError, Invalid):
+    pass
+
+
+class StoreUnauthenticated(StoreError, Unauthenticated):
+    pass
+
+
+class StoreForbidden(StoreError, Forbidden):
+    pass
+
+
+class StoreNotFound(StoreError, NotFound):
+    pass
+
+
+class StoreConflict(StoreError, Conflict):
+    pass
+
+
+class PlazaError(Refused):
+    """A plan-plaza request is refused (``plaza.api`` maps the kinds to statuses)."""
+
+
+class PlazaInvalid(PlazaError, Invalid):
+    pass
+
+
+class PlazaForbidden(PlazaError, Forbidden):
+    pass
+
+
+class PlazaNotFound(PlazaError, NotFound):
+    pass
+
+
+class PlazaConflict(PlazaError, Conflict):
+    pass
 
 
 class OutboxConflict(CreditLedgerError):

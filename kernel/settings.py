@@ -499,6 +499,36 @@ class StoreSettings(_Section):
     producer_name: str = Field(
         "credit-store", description="The `producer` field of the grant events."
     )
+    event_topics: list[str] = Field(
+        ["plaza.events"],
+        description="Topics whose events the event reward rules are matched against "
+        "(`creditledger store event-rewards`).",
+    )
+    event_rewards_group: str = Field(
+        "creditledger-event-rewards",
+        description="Consumer group of `creditledger store event-rewards`.",
+    )
+
+
+class PlazaSettings(_Section):
+    host: str = Field("127.0.0.1", description="Address the plan plaza's API and page listen on.")
+    port: int = Field(18110, ge=1, le=65535, description="Port of the plan plaza's API and page.")
+    default_tag: str | None = Field(
+        "general",
+        description="The tag a plan published without tags gets; null: a plan without tags "
+        "is refused (422 tags_required).",
+    )
+    max_tags: int = Field(8, ge=1, le=32, description="Most tags on one plan.")
+    max_tag_chars: int = Field(32, ge=2, le=64, description="Longest tag, characters.")
+    topic: str = Field(
+        "plaza.events", description="The topic of the plaza's events (keyed by plan id)."
+    )
+    producer_name: str = Field("plan-plaza", description="The `producer` field of its events.")
+    max_body_bytes: int = Field(
+        262144, ge=1024, le=16 * 1024 * 1024,
+        description="Largest request body, bytes; larger ones get 413 before anything parses them.",
+    )  # fmt: skip
+    pool_size: int = Field(10, ge=1, le=100, description="Postgres connections per process.")
 
 
 class SchemaSettings(_Section):
@@ -561,6 +591,11 @@ class Settings(BaseSettings):
     store: StoreSettings = Field(
         default_factory=StoreSettings,
         description="The credit store: API, page, orders, rewards (creditledger store serve).",
+    )
+    plaza: PlazaSettings = Field(
+        default_factory=PlazaSettings,
+        description="The plan plaza: shared plans, likes, imports, comments (creditledger "
+        "plaza serve).",
     )
     schemas: SchemaSettings = Field(
         default_factory=SchemaSettings,

@@ -41,8 +41,10 @@ ADMIN = "admin"
 # The roles and what each one's processes are (``kafka.sasl_username`` of each).
 ROLES = {
     "proxy": "the LLM proxy: produces charges itself when Postgres is down",
-    # The store writes its grants to the outbox only; the relay produces them.
-    "relay": "the outbox relay: produces the outbox's charges (proxy) and grants (store)",
+    # The store and the plaza write to the outbox only; the relay produces their events.
+    "relay": "the outbox relay: produces the outbox's charges (proxy), grants (store) and "
+    "plaza events",
+    "rewards": "the store's event rewards: read the plaza's events (grants go to the outbox)",
     "worker": "the ledger worker: folds commands into the ledger, dead-letters the rest",
     "projector": "the projectors, replay and verify: read the ledger",
     ADMIN: "operators: topics apply, ACLs (a super user)",
@@ -181,17 +183,19 @@ def role_acls(settings: Settings) -> list[AclBinding]:
     may describe the project's topics (metadata and configs: each process checks at start
     that the topics match topics.yaml)."""
     topic, group = ResourceType.TOPIC, ResourceType.GROUP
-    ledger = settings.projections.ledger_topic
+    ledger, plaza = settings.projections.ledger_topic, settings.plaza.topic
     grants: list[AclBinding] = []
     for role in ROLES:
         if role == ADMIN:
             continue
-        for name in sorted({CHARGE_TOPIC, GRANT_TOPIC, LEDGER_TOPIC, REJECTED_TOPIC, ledger}):
+        for name in sorted({CHARGE_TOPIC, GRANT_TOPIC, LEDGER_TOPIC, REJECTED_TOPIC, ledger,
+                            plaza}):  # fmt: skip
             grants += [_allow(role, topic, name, AclOperation.DESCRIBE),
                        _allow(role, topic, name, AclOperation.DESCRIBE_CONFIGS)]  # fmt: skip
-    writes = {"proxy": [CHARGE_TOPIC], "relay": [CHARGE_TOPIC, GRANT_TOPIC],
+    writes = {"proxy": [CHARGE_TOPIC], "relay": [CHARGE_TOPIC, GRANT_TOPIC, plaza],
               "worker": [LEDGER_TOPIC, REJECTED_TOPIC]}  # fmt: skip
-    reads = {"worker": [CHARGE_TOPIC, GRANT_TOPIC, LEDGER_TOPIC], "projector": [ledger]}
+    reads = {"worker": [CHARGE_TOPIC, GRANT_TOPIC, LEDGER_TOPIC], "projector": [ledger],
+             "rewards": list(settings.store.event_topics)}  # fmt: skip
     for role, names in writes.items():
         grants += [_allow(role, topic, name, AclOperation.WRITE) for name in names]
     for role, names in reads.items():
@@ -200,6 +204,8 @@ def role_acls(settings: Settings) -> list[AclBinding]:
     grants.append(_allow("worker", group, settings.ledger.app_id, AclOperation.READ, prefixed))
     for name in (settings.projections.postgres_group, settings.projections.redis_group):
         grants.append(_allow("projector", group, name, AclOperation.READ, prefixed))
+    grants.append(_allow("rewards", group, settings.store.event_rewards_group,
+                         AclOperation.READ, prefixed))  # fmt: skip
     return grants
 
 

@@ -46,28 +46,24 @@ from redis.exceptions import RedisError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from contracts.cloudevents import current_trace, new_traceparent
+from contracts.tokens import Principal, bearer, verify_token
+from kernel.asgi import PAGE_HEADERS, BodyLimit, json_error
 from kernel.errors import (
+    Conflict,
+    Forbidden,
+    Invalid,
+    NotFound,
     QueryError,
+    Refused,
     StackError,
-    StoreConflict,
-    StoreError,
     StoreForbidden,
-    StoreInvalid,
     StoreNotFound,
-    StoreUnauthenticated,
+    Unauthenticated,
 )
 from kernel.settings import Settings, project_path
 from pricing.source import read_yaml
 from projections.queries import MAX_LIMIT, ReadModels
-from store.domain import (
-    Principal,
-    check_product,
-    check_user_id,
-    check_window,
-    sign_payment,
-    verify_payment,
-    verify_token,
-)
+from store.domain import check_product, check_user_id, check_window, sign_payment, verify_payment
 from store.hot_reads import HotReads
 from store.metrics import StoreMetrics
 from store.orders import Order, Payment
@@ -114,10 +110,6 @@ def fast_json(value: Any) -> Response:
     """The hot read routes: orjson serialises the dataclasses and UTC times natively, about
     ten times faster than walking them in Python (a 30-day series is ~60 nested objects)."""
     return Response(orjson.dumps(value, option=orjson.OPT_UTC_Z), media_type="application/json")
-
-
-def error(status: int, code: str, message: str) -> JSONResponse:
-    return JSONResponse({"error": {"code": code, "message": message}}, status_code=status)
 
 
 class StoreService:
@@ -185,14 +177,6 @@ class StoreService:
 
 
 # The page: its own scripts and styles only, no framing, no token in a Referer.
-PAGE_HEADERS = {
-    "Content-Security-Policy": "default-src 'none'; script-src 'self'; style-src 'self'; "
-    "connect-src 'self'; img-src 'self'; base-uri 'none'; form-action 'none'; "
-    "frame-ancestors 'none'",
-    "Referrer-Policy": "no-referrer",
-    "X-Frame-Options": "DENY",
-    "X-Content-Type-Options": "nosniff",
-}
 
 
 def create_app(settings: Settings, *, dsn: str | None = None, redis_prefix: str | None = None,
@@ -271,56 +255,6 @@ def _route_label(scope: Scope) -> str:
     return scope["path"] if scope["path"] in HOT_PATHS else "other"
 
 
-class BodyLimit:
-    """Refuse a request body over ``limit`` bytes with 413, before anything parses it.
-
-    The payment callback takes no token, so without this anyone could make the store hold
-    any body in memory. The body (at most ``limit`` bytes) is read here, then replayed to
-    the app; requests without a body pass straight through."""
-
-    def __init__(self, app: ASGIApp, limit: int) -> None:
-        self.app = app
-        self.limit = limit
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS"):
-            await self.app(scope, receive, send)
-            return
-        declared = dict(scope["headers"]).get(b"content-length")
-        if declared is not None and (not declared.isdigit() or int(declared) > self.limit):
-            await self._too_large(scope, receive, send)
-            return
-        chunks: list[bytes] = []
-        size = 0
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > self.limit:
-                await self._too_large(scope, receive, send)
-                return
-            chunks.append(chunk)
-            if not message.get("more_body", False):
-                break
-        replayed = False
-
-        async def replay() -> Message:
-            nonlocal replayed
-            if not replayed:
-                replayed = True
-                return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
-            return await receive()
-
-        await self.app(scope, replay, send)
-
-    async def _too_large(self, scope: Scope, receive: Receive, send: Send) -> None:
-        response = error(413, "request_too_large", f"request bodies are limited to "
-                         f"{self.limit} bytes")  # fmt: skip
-        await response(scope, receive, send)
-
-
 def create_fastapi(settings: Settings, *, dsn: str | None = None,
                    redis_prefix: str | None = None, sweeper: bool = True) -> FastAPI:  # fmt: skip
     service = StoreService(settings, dsn=dsn, redis_prefix=redis_prefix, sweeper=sweeper)
@@ -349,25 +283,24 @@ def create_fastapi(settings: Settings, *, dsn: str | None = None,
 
 
 # How the store's kinds of refusal (kernel.errors) read in HTTP: the domain knows no status.
-STATUS_OF: dict[type[StoreError], int] = {
-    StoreInvalid: 400, StoreUnauthenticated: 401, StoreForbidden: 403, StoreNotFound: 404,
-    StoreConflict: 409,
+STATUS_OF: dict[type[Refused], int] = {
+    Invalid: 400, Unauthenticated: 401, Forbidden: 403, NotFound: 404, Conflict: 409,
 }  # fmt: skip
 
 
-def status_of(exc: StoreError) -> int:
-    # A bare StoreError has no kind: a bug of ours, not the client's fault.
+def status_of(exc: Refused) -> int:
+    # A bare Refused has no kind: a bug of ours, not the client's fault.
     return next((status for kind, status in STATUS_OF.items() if isinstance(exc, kind)), 500)
 
 
 def _errors(app: FastAPI) -> None:
-    @app.exception_handler(StoreError)
-    async def store_error(_: Request, exc: StoreError) -> JSONResponse:
-        return error(status_of(exc), exc.code, exc.message)
+    @app.exception_handler(Refused)
+    async def store_error(_: Request, exc: Refused) -> JSONResponse:
+        return json_error(status_of(exc), exc.code, exc.message)
 
     @app.exception_handler(QueryError)
     async def query_error(_: Request, exc: QueryError) -> JSONResponse:
-        return error(400, "invalid_query", str(exc))
+        return json_error(400, "invalid_query", str(exc))
 
     @app.exception_handler(RequestValidationError)
     async def invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
@@ -375,11 +308,11 @@ def _errors(app: FastAPI) -> None:
             f"{'.'.join(str(p) for p in e.get('loc', ()))}: {e.get('msg', 'invalid')}"
             for e in exc.errors()
         )
-        return error(422, "invalid_request", problems or "invalid request")
+        return json_error(422, "invalid_request", problems or "invalid request")
 
     async def unavailable(_: Request, exc: Exception) -> JSONResponse:
         log.warning("storage unavailable: %s", exc)
-        return error(503, "unavailable", "the credit store's storage cannot be reached; "
+        return json_error(503, "unavailable", "the credit store's storage cannot be reached; "
                      "try again shortly")  # fmt: skip
 
     for kind in (psycopg.OperationalError, PoolTimeout, RedisError, StackError):
@@ -390,14 +323,8 @@ async def principal(
     request: Request, authorization: Annotated[str | None, Header()] = None
 ) -> Principal:
     # async: FastAPI runs a plain ``def`` dependency in a worker thread, a hop per request.
-    if not authorization:
-        raise StoreUnauthenticated("missing_token", "send 'Authorization: Bearer <token>'")
-    scheme, _, token = authorization.partition(" ")
-    if scheme.lower() != "bearer" or not token.strip():
-        raise StoreUnauthenticated("invalid_token", "the Authorization header must be "
-                         "'Bearer <token>'")  # fmt: skip
     service: StoreService = request.app.state.service
-    return verify_token(service.secret, token.strip(), int(time.time()))
+    return verify_token(service.secret, bearer(authorization), int(time.time()))
 
 
 async def admin(who: Annotated[Principal, Depends(principal)]) -> Principal:

@@ -3,27 +3,22 @@
 - reward periods (UTC day, ISO week, month, lifetime) and what a claim is keyed by;
 - the event ids of the grants an order or a reward claim earns, derived from
   them, so a retried fulfilment or claim can never grant twice;
-- the signed bearer tokens of the API and the signatures of the (simulated)
-  payment provider's callbacks, both HMAC-SHA256 with a secret from settings.
+- the signatures of the (simulated) payment provider's callbacks, HMAC-SHA256 with a
+  secret from settings (the bearer tokens are :mod:`contracts.tokens`).
 """
 
 from __future__ import annotations
 
-import base64
-import hashlib
 import hmac
 import re
-from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Literal
 
-import orjson
-
 from contracts.fields import ID
+from contracts.tokens import mac
 from kernel.errors import StoreInvalid, StoreUnauthenticated
 
 Period = Literal["day", "week", "month", "lifetime"]
-Role = Literal["user", "admin", "service"]
 RewardKind = Literal["signup", "checkin", "event"]
 
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
@@ -96,69 +91,9 @@ def check_product(price_minor: int, original_price_minor: int) -> None:
                            "original_price_minor (a discount shows as both)")  # fmt: skip
 
 
-# -- bearer tokens ---------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Principal:
-    user_id: str
-    role: Role
-    expires_at: int  # unix seconds
-
-
-def _b64(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
-
-
-def _unb64(text: str) -> bytes:
-    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
-
-
-def _mac(secret: bytes, message: bytes) -> bytes:
-    return hmac.new(secret, message, hashlib.sha256).digest()
-
-
-def sign_token(secret: bytes, user_id: str, role: Role, expires_at: int) -> str:
-    """``<payload>.<mac>``, both base64url: payload = {"sub", "role", "exp"}."""
-    check_user_id(user_id)
-    payload = _b64(orjson.dumps({"sub": user_id, "role": role, "exp": expires_at}))
-    return f"{payload}.{_b64(_mac(secret, payload.encode()))}"
-
-
-TOKEN = re.compile(r"[A-Za-z0-9_-]{1,2048}\.[A-Za-z0-9_-]{43}")  # payload . 32-byte MAC
-SIGNATURE = re.compile(r"[0-9a-fA-F]{64}")
-
-
-def verify_token(secret: bytes, token: str, now: int) -> Principal:
-    """The token's principal; StoreUnauthenticated when malformed, tampered with or expired.
-
-    Decoded strictly: base64url without padding, in its one canonical spelling (Python's
-    decoder skips foreign characters and ignores unused bits, which gave one token many
-    spellings)."""
-    if not TOKEN.fullmatch(token):
-        raise StoreUnauthenticated("invalid_token", "the bearer token is malformed")
-    payload, _dot, mac = token.partition(".")
-    given = _unb64(mac)
-    if _b64(given) != mac or _b64(_unb64(payload)) != payload:
-        raise StoreUnauthenticated("invalid_token", "the bearer token is malformed")
-    if not hmac.compare_digest(given, _mac(secret, payload.encode())):
-        raise StoreUnauthenticated("invalid_token", "the bearer token's signature does not match")
-    try:
-        claims = orjson.loads(_unb64(payload))
-        user_id, role, expires_at = claims["sub"], claims["role"], claims["exp"]
-    except (ValueError, KeyError, TypeError) as exc:
-        raise StoreUnauthenticated(
-            "invalid_token", "the bearer token's payload is malformed"
-        ) from exc
-    if role not in ("user", "admin", "service") or not isinstance(expires_at, int) \
-            or not isinstance(user_id, str):  # fmt: skip
-        raise StoreUnauthenticated("invalid_token", "the bearer token's payload is malformed")
-    if expires_at <= now:
-        raise StoreUnauthenticated("token_expired", "the bearer token has expired")
-    return Principal(user_id, role, expires_at)
-
-
 # -- payment callbacks -----------------------------------------------------------------------
+
+SIGNATURE = re.compile(r"[0-9a-fA-F]{64}")
 
 
 def payment_message(order_id: str, payment_reference: str, amount_minor: int,
@@ -169,7 +104,7 @@ def payment_message(order_id: str, payment_reference: str, amount_minor: int,
 def sign_payment(secret: bytes, order_id: str, payment_reference: str, amount_minor: int,
                  currency: str) -> str:  # fmt: skip
     """The provider's signature of a payment callback (hex HMAC-SHA256)."""
-    return _mac(secret, payment_message(order_id, payment_reference, amount_minor,
+    return mac(secret, payment_message(order_id, payment_reference, amount_minor,
                                         currency)).hex()  # fmt: skip
 
 

@@ -29,9 +29,9 @@ from psycopg_pool import PoolTimeout
 from redis.exceptions import RedisError
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from contracts.tokens import Principal, verify_token
 from kernel.errors import CreditLedgerError
 from projections.queries import MAX_LIMIT, ReadModels
-from store.domain import Principal, verify_token
 
 log = logging.getLogger(__name__)
 

@@ -15,10 +15,10 @@ from typing import Any
 
 from contracts.commands import Grant
 from contracts.records import to_ms
+from contracts.tokens import Principal
 from kernel.errors import StoreConflict, StoreForbidden, StoreInvalid
 from store.domain import (
     Period,
-    Principal,
     RewardKind,
     claim_reference,
     is_active,

@@ -28,10 +28,12 @@ REWARD_RULES: list[dict[str, Any]] = [
      "trigger_event": None},
     {"rule_id": "daily-checkin", "kind": "checkin", "description": "Daily check-in",
      "amount_micro": CREDIT // 2, "cap_per_period": 1, "period": "day", "trigger_event": None},
-    {"rule_id": "forum-plan-imported", "kind": "event",
-     "description": "Someone imported a plan you shared on the forum",
+    # The plan plaza's: the author earns when another user imports their plan
+    # (store.event_rewards claims it; importing your own plan earns nothing).
+    {"rule_id": "plaza-plan-imported", "kind": "event",
+     "description": "Someone imported a plan you shared on the plan plaza",
      "amount_micro": CREDIT, "cap_per_period": 5, "period": "day",
-     "trigger_event": "forum.plan_imported"},
+     "trigger_event": "plan.imported"},
 ]  # fmt: skip
 
 

@@ -18,9 +18,10 @@ from typing import Any
 
 from contracts.commands import Grant
 from contracts.records import GRANT_TOPIC, command_from_record
+from contracts.tokens import Role, sign_token
 from kernel.db import connect
 from kernel.settings import Settings, project_path
-from store.domain import Role, sign_payment, sign_token
+from store.domain import sign_payment
 from streams.codec import AvroCodec, load_codec
 from testbed.proxy import ProxyWorld, free_port, wait_http
 from testbed.topics import ScratchTopics

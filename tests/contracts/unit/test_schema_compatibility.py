@@ -37,12 +37,14 @@ def _fields(path: Path) -> list[dict[str, Any]]:
     return fields
 
 
-def test_the_four_contracts_of_the_design_exist() -> None:
+def test_the_contracts_of_the_design_exist() -> None:
+    # The ledger's four, and the plan plaza's events (issue 17).
     assert [p.stem for p in CURRENT] == [
         "credit.charge.requested",
         "credit.commands.rejected",
         "credit.grant.requested",
         "credit.ledger.entries",
+        "plaza.events",
     ]
 
 

@@ -7,7 +7,7 @@ import time
 import pytest
 
 from creditledger.cli import main
-from kernel.errors import EXIT_CONFIG, StoreError
+from kernel.errors import EXIT_CONFIG, Unauthenticated
 
 COMMANDS = [
     [],
@@ -144,13 +144,13 @@ def test_the_simulated_payment_provider_is_off_by_default_and_loopback_only(
 
 
 def test_store_token_ttl_0_means_0_seconds(capsys: pytest.CaptureFixture[str]) -> None:
+    from contracts.tokens import verify_token
     from kernel.settings import load_settings
-    from store.domain import verify_token
 
     secret = load_settings().store.token_secret.get_secret_value().encode()
     assert main(["store", "token", "u-1", "--ttl-s", "0"]) == 0
     token = capsys.readouterr().out.split()[-1]
-    with pytest.raises(StoreError) as caught:
+    with pytest.raises(Unauthenticated) as caught:
         verify_token(secret, token, int(time.time()))
     assert caught.value.code == "token_expired"
     assert main(["store", "token", "u-1", "--ttl-s", "-5"]) == EXIT_CONFIG

@@ -25,10 +25,11 @@ def test_each_role_reads_and_writes_only_what_its_job_needs() -> None:
     allowed = _allowed(Settings())
     assert allowed == {
         "proxy": {("WRITE", CHARGE_TOPIC)},
-        "relay": {("WRITE", CHARGE_TOPIC), ("WRITE", GRANT_TOPIC)},
+        "relay": {("WRITE", CHARGE_TOPIC), ("WRITE", GRANT_TOPIC), ("WRITE", "plaza.events")},
         "worker": {("READ", CHARGE_TOPIC), ("READ", GRANT_TOPIC), ("READ", LEDGER_TOPIC),
                    ("WRITE", LEDGER_TOPIC), ("WRITE", REJECTED_TOPIC)},
         "projector": {("READ", LEDGER_TOPIC)},
+        "rewards": {("READ", "plaza.events")},
     }  # fmt: skip
 
 
@@ -38,7 +39,8 @@ def test_consumer_groups_are_the_configured_ones() -> None:
               if acl.restype == ResourceType.GROUP}  # fmt: skip
     assert groups == {("User:worker", settings.ledger.app_id),
                       ("User:projector", settings.projections.postgres_group),
-                      ("User:projector", settings.projections.redis_group)}  # fmt: skip
+                      ("User:projector", settings.projections.redis_group),
+                      ("User:rewards", settings.store.event_rewards_group)}  # fmt: skip
 
 
 def test_no_listener_accepts_an_unauthenticated_connection() -> None:

@@ -15,10 +15,10 @@ from datetime import UTC, datetime, timedelta
 import pytest
 from openai.types.chat import ChatCompletionMessageParam
 
+from contracts.tokens import Role
 from kernel.db import connect
 from kernel.errors import StoreError
 from kernel.settings import Settings
-from store.domain import Role
 from store.repository import StoreRepository
 from testbed.store import StoreWorld, store_world
 from testbed.topics import ScratchTopics
@@ -164,18 +164,18 @@ def test_reward_caps_idempotency_and_concurrent_claims(world: StoreWorld) -> Non
     assert world.call("POST", "/rewards/signup-bonus/claim", token=alice)[0] == 201
     assert world.call("POST", "/rewards/signup-bonus/claim", token=alice)[0] == 200
     # Event rewards: claimed by the service that saw the event, 5 per day.
-    status, body = world.call("POST", "/rewards/forum-plan-imported/claim", token=alice,
+    status, body = world.call("POST", "/rewards/plaza-plan-imported/claim", token=alice,
                               body={"reference": "imp-x"})  # fmt: skip
     assert status == 403
-    outcomes = [world.call("POST", "/rewards/forum-plan-imported/claim", token=service,
+    outcomes = [world.call("POST", "/rewards/plaza-plan-imported/claim", token=service,
                            body={"user_id": "alice", "reference": f"imp-{n}"})
                 for n in range(7)]  # fmt: skip
     assert [status for status, _ in outcomes] == [201] * 5 + [409] * 2
     assert outcomes[5][1]["error"]["code"] == "reward_cap_reached"
-    again = world.call("POST", "/rewards/forum-plan-imported/claim", token=service,
+    again = world.call("POST", "/rewards/plaza-plan-imported/claim", token=service,
                        body={"user_id": "alice", "reference": "imp-0"})  # fmt: skip
     assert (again[0], again[1]["granted"]) == (200, False)
-    status, body = world.call("POST", "/rewards/forum-plan-imported/claim", token=service,
+    status, body = world.call("POST", "/rewards/plaza-plan-imported/claim", token=service,
                               body={"user_id": "alice"})  # fmt: skip
     assert (status, body["error"]["code"]) == (400, "reference_required")
     grants = sorted((g.event_id, g.amount_micro) for g in world.outbox_grants())
@@ -183,7 +183,7 @@ def test_reward_caps_idempotency_and_concurrent_claims(world: StoreWorld) -> Non
     assert grants == sorted([
         (f"reward:daily-checkin:alice:day:{day}", 500_000),
         ("reward:signup-bonus:alice:lifetime", 5_000_000),
-        *[(f"reward:forum-plan-imported:alice:imp-{n}", 1_000_000) for n in range(5)],
+        *[(f"reward:plaza-plan-imported:alice:imp-{n}", 1_000_000) for n in range(5)],
     ])  # fmt: skip
 
 
@@ -313,11 +313,11 @@ def test_a_service_token_claims_only_event_rewards(world: StoreWorld) -> None:
                                   body={"user_id": "victim"})  # fmt: skip
         assert status == 403, (rule, body)
         assert "only event rewards" in body["error"]["message"]
-    status, _ = world.call("POST", "/rewards/forum-plan-imported/claim", token=service,
+    status, _ = world.call("POST", "/rewards/plaza-plan-imported/claim", token=service,
                            body={"user_id": "victim", "reference": "imp-1"})  # fmt: skip
     assert status == 201
     assert [g.event_id for g in world.outbox_grants()] == [
-        "reward:forum-plan-imported:victim:imp-1"]  # fmt: skip
+        "reward:plaza-plan-imported:victim:imp-1"]  # fmt: skip
 
 
 def test_tokens_have_one_spelling_and_signatures_are_hex(world: StoreWorld) -> None:

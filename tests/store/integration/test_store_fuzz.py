@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from contracts.tokens import Role
 from kernel.settings import Settings
-from store.domain import Role
 from testbed.store import StoreWorld, store_world
 from testbed.topics import ScratchTopics
 

@@ -11,9 +11,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from contracts.tokens import Principal
 from kernel.errors import StoreConflict, StoreError, StoreForbidden, StoreNotFound
 from store import orders as transition
-from store.domain import Principal
 from store.orders import Order, Payment
 from store.rewards import RewardRule, check_claim, check_rule, may_claim, plan_claim
 

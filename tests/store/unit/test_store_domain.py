@@ -6,16 +6,9 @@ from datetime import UTC, datetime
 
 import pytest
 
-from kernel.errors import StoreError, StoreUnauthenticated
-from store.domain import (
-    claim_reference,
-    is_active,
-    period_start,
-    sign_payment,
-    sign_token,
-    verify_payment,
-    verify_token,
-)
+from contracts.tokens import sign_token, verify_token
+from kernel.errors import Refused, Unauthenticated
+from store.domain import claim_reference, is_active, period_start, sign_payment, verify_payment
 
 SECRET = b"unit-secret"
 
@@ -40,7 +33,7 @@ def test_claim_references_are_the_period_or_the_event() -> None:
     for kind, ref, code in [("event", None, "reference_required"),
                             ("event", "bad ref", "invalid_reference"),
                             ("checkin", "x", "unexpected_reference")]:  # fmt: skip
-        with pytest.raises(StoreError) as caught:
+        with pytest.raises(Refused) as caught:
             claim_reference(kind, "day", at(2026, 1, 2), ref)  # type: ignore[arg-type]
         assert caught.value.code == code
 
@@ -61,10 +54,10 @@ def test_tokens_round_trip_and_refuse_tampering_and_expiry() -> None:
     cases = {forged: "invalid_token", token: "token_expired", "nodot": "invalid_token",
              payload + ".!!": "invalid_token"}  # fmt: skip
     for bad, code in cases.items():
-        with pytest.raises(StoreError) as caught:
+        with pytest.raises(Refused) as caught:
             verify_token(SECRET, bad, 2000)
-        assert (type(caught.value), caught.value.code) == (StoreUnauthenticated, code)
-    with pytest.raises(StoreError):
+        assert (type(caught.value), caught.value.code) == (Unauthenticated, code)
+    with pytest.raises(Refused):
         verify_token(b"other-secret", token, 1999)
 
 
@@ -74,5 +67,5 @@ def test_payment_signatures_cover_every_field() -> None:
     verify_payment(SECRET, signature.upper(), "o_1", "pay-1", 500, "USD")
     for changed in [("o_2", "pay-1", 500, "USD"), ("o_1", "pay-2", 500, "USD"),
                     ("o_1", "pay-1", 501, "USD"), ("o_1", "pay-1", 500, "EUR")]:  # fmt: skip
-        with pytest.raises(StoreError):
+        with pytest.raises(Refused):
             verify_payment(SECRET, signature, *changed)

@@ -1,0 +1,386 @@
+"""The plan plaza's Postgres side: plans, tags, likes, imports, comment threads.
+
+Every change and its event (``plaza.events``, keyed by plan id) are written in one
+transaction: the change's rows, then the event into the outbox (migration 0002), which
+the relay publishes. So no crash leaves a change without its event or an event without
+its change. Counts are exact under concurrency: a like, an import or a comment locks its
+plan's row (``FOR NO KEY UPDATE``, which does not block the foreign-key checks of
+other inserts), inserts its own row (unique per user and plan for likes and imports: a
+repeat inserts nothing and changes no count), and only then moves the count.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+import psycopg
+from psycopg import AsyncCursor
+from psycopg.rows import dict_row
+from psycopg.types.json import Jsonb
+from psycopg_pool import AsyncConnectionPool
+
+from contracts.cloudevents import current_trace, event_headers
+from contracts.plaza import PLAZA_EVENTS, PlazaEvent
+from contracts.records import EPOCH
+from kernel.db import open_pool
+from kernel.errors import CreditLedgerError, PlazaNotFound
+from kernel.settings import Settings
+from outbox.enqueue import enqueue_async
+from plaza import domain
+from plaza.domain import Sort
+from plaza.search import tsquery, vector
+from streams.codec import AvroCodec
+
+Row = dict[str, Any]
+
+SUMMARY = (
+    "p.plan_id, p.author_id, p.title, p.summary, p.tags, p.status, p.imported_from, "
+    "p.like_count, p.import_count, p.comment_count, p.popularity, p.created_at, p.updated_at, "
+    "EXISTS (SELECT 1 FROM plaza_likes l WHERE l.plan_id = p.plan_id AND l.user_id = "
+    "%(viewer)s) AS liked, EXISTS (SELECT 1 FROM plaza_imports i WHERE i.plan_id = p.plan_id "
+    "AND i.user_id = %(viewer)s) AS imported"
+)
+COMMENT = (
+    "comment_id, plan_id, parent_id, path, author_id, CASE WHEN deleted_at IS NULL THEN body "
+    "END AS body, deleted_at IS NOT NULL AS deleted, created_at"
+)
+
+
+@dataclass(frozen=True)
+class Page:
+    items: list[Row]
+    next_cursor: str | None
+
+
+@dataclass(frozen=True)
+class Listing:
+    sort: Sort = "newest"
+    tag: str | None = None
+    query: str | None = None
+    cursor: str | None = None
+    limit: int = 20
+
+
+class PlazaRepository:
+    def __init__(self, settings: Settings, codec: AvroCodec, *, dsn: str | None = None) -> None:
+        self.settings = settings
+        self.codec = codec
+        self.dsn = dsn or settings.postgres_dsn
+        self._pool: AsyncConnectionPool[Any] | None = None
+        plaza = settings.plaza
+        self.tag_rules = domain.TagRules(plaza.default_tag, plaza.max_tags, plaza.max_tag_chars)
+
+    async def start(self) -> None:
+        self._pool = await open_pool(self.settings, dsn=self.dsn,
+                                     size=self.settings.plaza.pool_size)  # fmt: skip
+
+    async def close(self) -> None:
+        if self._pool is not None:
+            await self._pool.close()
+            self._pool = None
+
+    @property
+    def pool(self) -> AsyncConnectionPool[Any]:
+        if self._pool is None:
+            raise CreditLedgerError("PlazaRepository used before start()")
+        return self._pool
+
+    async def _all(self, sql: str, params: Any = None) -> list[Row]:
+        async with self.pool.connection() as conn:
+            cursor = conn.cursor(row_factory=dict_row)
+            await cursor.execute(sql, params)
+            rows: list[Row] = await cursor.fetchall()
+            return rows
+
+    async def _emit(self, conn: psycopg.AsyncConnection[Any], event: PlazaEvent) -> None:
+        """The change's event into the outbox, in the change's transaction."""
+        value = self.codec.encode(PLAZA_EVENTS, event.to_record())
+        headers = event_headers(event.event_id, event.type, event.producer,
+                                event.occurred_at_ms, current_trace.get())  # fmt: skip
+        await enqueue_async(conn, event.event_id, self.settings.plaza.topic,
+                            event.plan_id.encode(), value, headers=headers)  # fmt: skip
+
+    def _event(self, kind: str, plan: Row, actor: str, at: datetime, **extra: Any) -> PlazaEvent:
+        return domain.event(kind, plan, actor, at, self.settings.plaza.producer_name, **extra)
+
+    @staticmethod
+    async def _locked(cursor: AsyncCursor[Row], plan_id: str) -> Row:
+        await cursor.execute("SELECT plan_id, author_id, title, tags, status FROM plaza_plans "
+                             "WHERE plan_id = %s FOR NO KEY UPDATE", (plan_id,))  # fmt: skip
+        plan = await cursor.fetchone()
+        if plan is None:
+            raise PlazaNotFound("plan_not_found", f"no plan {plan_id!r}")
+        return plan
+
+    # -- plans ---------------------------------------------------------------------------------
+
+    async def publish(self, author: str, fields: Row, raw_tags: list[str], now: datetime) -> Row:
+        tags = domain.normalise_tags(raw_tags, self.tag_rules)
+        plan = {**fields, "plan_id": domain.new_plan_id(), "author_id": author, "tags": tags}
+        async with self.pool.connection() as conn, conn.transaction():
+            cursor = conn.cursor(row_factory=dict_row)
+            await cursor.execute(
+                "INSERT INTO plaza_plans (plan_id, author_id, title, summary, steps, tags, "
+                "status, search, created_at, updated_at) VALUES (%s, %s, %s, %s, %s, %s, "
+                "'published', %s::tsvector, %s, %s)",
+                (plan["plan_id"], author, plan["title"], plan["summary"], Jsonb(plan["steps"]),
+                 list(tags), _search(plan), now, now),
+            )  # fmt: skip
+            await self._tag_rows(cursor, plan["plan_id"], now, tags)
+            await self._emit(conn, self._event("plan.published", plan, author, now))
+        return await self.plan(plan["plan_id"], author)
+
+    async def update(self, user: str, plan_id: str, fields: Row, raw_tags: list[str],
+                     now: datetime) -> Row:  # fmt: skip
+        tags = domain.normalise_tags(raw_tags, self.tag_rules)
+        async with self.pool.connection() as conn, conn.transaction():
+            cursor = conn.cursor(row_factory=dict_row)
+            plan = await self._locked(cursor, plan_id)
+            domain.check_author(plan, user, "edit")
+            await cursor.execute(
+                "UPDATE plaza_plans SET title = %s, summary = %s, steps = %s, tags = %s, "
+                "search = %s::tsvector, updated_at = %s WHERE plan_id = %s RETURNING created_at",
+                (fields["title"], fields["summary"], Jsonb(fields["steps"]), list(tags),
+                 _search(fields), now, plan_id),
+            )  # fmt: skip
+            created = await cursor.fetchone()
+            assert created is not None, "the plan is locked"
+            if plan["status"] == "published":
+                await self._untag(cursor, plan_id)
+                await self._tag_rows(cursor, plan_id, created["created_at"], tags)
+            changed = {**plan, "title": fields["title"], "tags": tags}
+            await self._emit(conn, self._event("plan.updated", changed, user, now))
+        return await self.plan(plan_id, user)
+
+    async def withdraw(self, user: str, plan_id: str, now: datetime) -> Row:
+        async with self.pool.connection() as conn, conn.transaction():
+            cursor = conn.cursor(row_factory=dict_row)
+            plan = await self._locked(cursor, plan_id)
+            domain.check_author(plan, user, "withdraw")
+            if plan["status"] == "published":
+                await self._untag(cursor, plan_id)
+            await cursor.execute("UPDATE plaza_plans SET status = 'withdrawn', updated_at = %s "
+                                 "WHERE plan_id = %s", (now, plan_id))  # fmt: skip
+            await self._emit(conn, self._event("plan.withdrawn", plan, user, now))
+        return await self.plan(plan_id, user)
+
+    @staticmethod
+    async def _tag_rows(cursor: AsyncCursor[Row], plan_id: str, created_at: datetime,
+                        tags: tuple[str, ...]) -> None:  # fmt: skip
+        await cursor.executemany("INSERT INTO plaza_plan_tags (tag, created_at, plan_id) "
+                                 "VALUES (%s, %s, %s)",
+                                 [(tag, created_at, plan_id) for tag in tags])  # fmt: skip
+        # In sorted order: two publishes sharing tags lock their counters in the same order.
+        await cursor.executemany("INSERT INTO plaza_tags (tag, plans) VALUES (%s, 1) ON "
+                                 "CONFLICT (tag) DO UPDATE SET plans = plaza_tags.plans + 1",
+                                 [(tag,) for tag in sorted(tags)])  # fmt: skip
+
+    @staticmethod
+    async def _untag(cursor: AsyncCursor[Row], plan_id: str) -> None:
+        await cursor.execute("DELETE FROM plaza_plan_tags WHERE plan_id = %s RETURNING tag",
+                             (plan_id,))  # fmt: skip
+        tags = sorted(row["tag"] for row in await cursor.fetchall())
+        await cursor.executemany("UPDATE plaza_tags SET plans = plans - 1 WHERE tag = %s",
+                                 [(tag,) for tag in tags])  # fmt: skip
+
+    async def plan(self, plan_id: str, viewer: str, *, comments: int = 0) -> Row:
+        """One plan with its steps, as ``viewer`` sees it (and its first comments)."""
+        rows = await self._all(f"SELECT {SUMMARY}, p.steps FROM plaza_plans p "
+                               "WHERE p.plan_id = %(plan)s", {"plan": plan_id,
+                               "viewer": viewer})  # fmt: skip
+        if not rows:
+            raise PlazaNotFound("plan_not_found", f"no plan {plan_id!r}")
+        plan = domain.visible(rows[0], viewer)
+        if comments:
+            page = await self.comments(plan_id, viewer, None, comments)
+            plan["comments"] = {"items": page.items, "next_cursor": page.next_cursor}
+        return plan
+
+    async def listing(self, viewer: str, ask: Listing) -> Page:
+        """A page of published plans, newest or most popular first, by tag and search."""
+        params: Row = {"viewer": viewer, "tag": ask.tag, "limit": ask.limit + 1}
+        where = ["p.status = 'published'"]
+        if ask.query is not None:
+            terms = tsquery(ask.query)
+            if terms is None:
+                return Page([], None)
+            where.append("p.search @@ %(terms)s::tsquery")
+            params["terms"] = terms
+        source = "plaza_plans p"
+        if ask.sort == "newest":
+            key, order = "p.created_at", "p.created_at DESC, p.plan_id DESC"
+            if ask.tag is not None and ask.query is None:
+                # The tag's own index: a page is a range of it, however big the tag.
+                source = "plaza_plan_tags t JOIN plaza_plans p USING (plan_id)"
+                where.append("t.tag = %(tag)s")
+                key, order = "t.created_at", "t.created_at DESC, t.plan_id DESC"
+        else:
+            key, order = "p.popularity", "p.popularity DESC, p.plan_id DESC"
+        if ask.tag is not None and source == "plaza_plans p":
+            where.append("p.tags @> ARRAY[%(tag)s]::text[]")
+        if ask.cursor is not None:
+            after, after_id = domain.parse_list_cursor(ask.cursor)
+            params["after"] = EPOCH + timedelta(microseconds=after) if ask.sort == "newest" \
+                else after  # fmt: skip
+            params["after_id"] = after_id
+            where.append(f"({key}, p.plan_id) < (%(after)s, %(after_id)s)")
+        rows = await self._all(f"SELECT {SUMMARY} FROM {source} WHERE {' AND '.join(where)} "
+                               f"ORDER BY {order} LIMIT %(limit)s", params)  # fmt: skip
+        more = len(rows) > ask.limit
+        rows = rows[: ask.limit]
+        return Page(rows, domain.list_cursor(ask.sort, rows[-1]) if more else None)
+
+    async def my_plans(self, user: str, limit: int) -> list[Row]:
+        return await self._all(f"SELECT {SUMMARY} FROM plaza_plans p WHERE p.author_id = "
+                               "%(viewer)s ORDER BY p.updated_at DESC, p.plan_id DESC "
+                               "LIMIT %(limit)s", {"viewer": user, "limit": limit})  # fmt: skip
+
+    async def tags(self, limit: int) -> list[Row]:
+        return await self._all("SELECT tag, plans FROM plaza_tags WHERE plans > 0 ORDER BY "
+                               "plans DESC, tag LIMIT %s", (limit,))  # fmt: skip
+
+    # -- imports and likes ------------------------------------------------------------------
+
+    async def import_plan(self, user: str, plan_id: str, now: datetime) -> tuple[Row, bool]:
+        """Copy the plan into ``user``'s own plans, once: (the copy, whether made now)."""
+        async with self.pool.connection() as conn, conn.transaction():
+            cursor = conn.cursor(row_factory=dict_row)
+            plan = await self._locked(cursor, plan_id)
+            await cursor.execute("SELECT copy_id FROM plaza_imports WHERE plan_id = %s AND "
+                                 "user_id = %s", (plan_id, user))  # fmt: skip
+            existing = await cursor.fetchone()
+            if existing is None:
+                domain.check_published(plan, user, "imported")
+                copy_id = domain.new_plan_id()
+                await cursor.execute(
+                    "INSERT INTO plaza_plans (plan_id, author_id, title, summary, steps, tags, "
+                    "status, imported_from, search, created_at, updated_at) SELECT %s, %s, "
+                    "title, summary, steps, tags, 'private', plan_id, search, %s, %s FROM "
+                    "plaza_plans WHERE plan_id = %s", (copy_id, user, now, now, plan_id),
+                )  # fmt: skip
+                await cursor.execute("INSERT INTO plaza_imports (plan_id, user_id, copy_id, "
+                                     "imported_at) VALUES (%s, %s, %s, %s)",
+                                     (plan_id, user, copy_id, now))  # fmt: skip
+                await cursor.execute("UPDATE plaza_plans SET import_count = import_count + 1 "
+                                     "WHERE plan_id = %s", (plan_id,))  # fmt: skip
+                await self._emit(conn, self._event("plan.imported", plan, user, now,
+                                                   copy_id=copy_id))  # fmt: skip
+        copy = existing["copy_id"] if existing else copy_id
+        return await self.plan(copy, user), existing is None
+
+    async def like(self, user: str, plan_id: str, now: datetime, *, liked: bool) -> Row:
+        """Like (or unlike) the plan; a repeat changes nothing and emits nothing."""
+        async with self.pool.connection() as conn, conn.transaction():
+            cursor = conn.cursor(row_factory=dict_row)
+            plan = await self._locked(cursor, plan_id)
+            domain.check_published(plan, user, "liked")
+            if liked:
+                await cursor.execute("INSERT INTO plaza_likes (plan_id, user_id, liked_at) "
+                                     "VALUES (%s, %s, %s) ON CONFLICT DO NOTHING",
+                                     (plan_id, user, now))  # fmt: skip
+            else:
+                await cursor.execute("DELETE FROM plaza_likes WHERE plan_id = %s AND "
+                                     "user_id = %s", (plan_id, user))  # fmt: skip
+            if cursor.rowcount == 1:
+                step = 1 if liked else -1
+                await cursor.execute("UPDATE plaza_plans SET like_count = like_count + %s "
+                                     "WHERE plan_id = %s", (step, plan_id))  # fmt: skip
+                kind = "plan.liked" if liked else "plan.unliked"
+                await self._emit(conn, self._event(kind, plan, user, now))
+            await cursor.execute("SELECT like_count, import_count FROM plaza_plans WHERE "
+                                 "plan_id = %s", (plan_id,))  # fmt: skip
+            counts = await cursor.fetchone()
+        assert counts is not None, "the plan is locked"
+        return {"plan_id": plan_id, "liked": liked, **counts}
+
+    # -- comments ----------------------------------------------------------------------------
+
+    async def comments(self, plan_id: str, viewer: str, cursor: str | None, limit: int) -> Page:
+        """A page of the plan's thread, depth first, replies in the order written."""
+        after = domain.parse_thread_cursor(cursor) if cursor is not None else []
+        rows = await self._all(f"SELECT {COMMENT} FROM plaza_comments WHERE plan_id = %s AND "
+                               "path > %s::bigint[] ORDER BY path LIMIT %s",
+                               (plan_id, after, limit + 1))  # fmt: skip
+        more = len(rows) > limit
+        rows = rows[:limit]
+        next_cursor = domain.thread_cursor(rows[-1]["path"]) if more else None
+        return Page([_shown(row) for row in rows], next_cursor)
+
+    async def post_comment(self, user: str, plan_id: str, body: str, parent_id: int | None,
+                           now: datetime) -> Row:  # fmt: skip
+        async with self.pool.connection() as conn, conn.transaction():
+            cursor = conn.cursor(row_factory=dict_row)
+            plan = await self._locked(cursor, plan_id)
+            domain.check_published(plan, user, "commented on")
+            path: list[int] = []
+            if parent_id is not None:
+                await cursor.execute("SELECT plan_id, path FROM plaza_comments WHERE "
+                                     "comment_id = %s", (parent_id,))  # fmt: skip
+                parent = await cursor.fetchone()
+                domain.check_reply(parent, plan_id)
+                assert parent is not None
+                path = parent["path"]
+            await cursor.execute("SELECT nextval(pg_get_serial_sequence('plaza_comments', "
+                                 "'comment_id')) AS id")  # fmt: skip
+            new = await cursor.fetchone()
+            assert new is not None
+            comment_id = int(new["id"])
+            await cursor.execute(
+                "INSERT INTO plaza_comments (comment_id, plan_id, parent_id, path, author_id, "
+                f"body, created_at) OVERRIDING SYSTEM VALUE VALUES (%s, %s, %s, %s, %s, %s, %s) "
+                f"RETURNING {COMMENT}",
+                (comment_id, plan_id, parent_id, [*path, comment_id], user, body, now),
+            )  # fmt: skip
+            comment = await cursor.fetchone()
+            assert comment is not None
+            await cursor.execute("UPDATE plaza_plans SET comment_count = comment_count + 1 "
+                                 "WHERE plan_id = %s", (plan_id,))  # fmt: skip
+            await self._emit(conn, self._event("comment.posted", plan, user, now,
+                                               comment_id=comment_id,
+                                               parent_id=parent_id))  # fmt: skip
+        return _shown(comment)
+
+    async def delete_comment(self, user: str, comment_id: int, now: datetime) -> Row:
+        """Soft delete: the text goes, the comment and its replies stay. Repeating it is the
+        same answer and no second event."""
+        async with self.pool.connection() as conn, conn.transaction():
+            cursor = conn.cursor(row_factory=dict_row)
+            # The plan first, as every change of a thread locks it (no lock-order deadlock
+            # with a reply being posted); a comment's plan never changes.
+            await cursor.execute("SELECT plan_id FROM plaza_comments WHERE comment_id = %s",
+                                 (comment_id,))  # fmt: skip
+            found = await cursor.fetchone()
+            if found is None:
+                raise PlazaNotFound("comment_not_found", f"no comment {comment_id}")
+            plan = await self._locked(cursor, found["plan_id"])
+            await cursor.execute("SELECT author_id, deleted_at FROM plaza_comments WHERE "
+                                 "comment_id = %s FOR NO KEY UPDATE", (comment_id,))  # fmt: skip
+            comment = await cursor.fetchone()
+            assert comment is not None, "comments are never deleted"
+            domain.check_comment_author(comment, user)
+            if comment["deleted_at"] is None:
+                await cursor.execute("UPDATE plaza_comments SET body = '', deleted_at = %s "
+                                     "WHERE comment_id = %s", (now, comment_id))  # fmt: skip
+                await self._emit(conn, self._event("comment.deleted", plan, user, now,
+                                                   comment_id=comment_id))  # fmt: skip
+            await cursor.execute(f"SELECT {COMMENT} FROM plaza_comments WHERE comment_id = %s",
+                                 (comment_id,))  # fmt: skip
+            row = await cursor.fetchone()
+        assert row is not None
+        return _shown(row)
+
+
+def _search(plan: Row) -> str:
+    """A plan's search vector: its title, summary and every step's title and detail."""
+    steps = plan["steps"]
+    return vector(plan["title"], plan["summary"],
+                  *(f"{s['title']}\n{s.get('detail') or ''}" for s in steps))  # fmt: skip
+
+
+def _shown(comment: Row) -> Row:
+    """A comment as the API shows it: its depth in the thread instead of its path."""
+    shown = {k: v for k, v in comment.items() if k != "path"}
+    shown["depth"] = len(comment["path"]) - 1
+    return shown
