@@ -16,6 +16,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from creditledger.cli_plaza import add_plaza_commands
 from creditledger.cli_projections import add_projection_commands, credits, project_codec
 from creditledger.cli_proxy import add_proxy_commands
 from creditledger.cli_store import add_store_commands
@@ -268,6 +269,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_projection_commands(commands)
     add_proxy_commands(commands)
     add_store_commands(commands)
+    add_plaza_commands(commands)
     return parser
 
 

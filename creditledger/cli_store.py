@@ -10,6 +10,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from creditledger.cli_plaza import add_event_rewards_command
 from kernel.errors import ConfigError
 from kernel.settings import DEV_SECRET_PREFIX, Settings, StoreSettings
 
@@ -127,3 +128,4 @@ def add_store_commands(commands: Any) -> None:
     p.set_defaults(handler=cmd_store_token)
     p = actions.add_parser("seed", help="add the starting packs and reward rules if missing")
     p.set_defaults(handler=cmd_store_seed)
+    add_event_rewards_command(actions)

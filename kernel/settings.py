@@ -508,6 +508,11 @@ class StoreSettings(_Section):
         "creditledger-event-rewards",
         description="Consumer group of `creditledger store event-rewards`.",
     )
+    plaza_url: str = Field(
+        "http://127.0.0.1:18110/plaza/",
+        description="Where the store page links to the plan plaza (the token follows in the "
+        "URL fragment).",
+    )
 
 
 class PlazaSettings(_Section):
@@ -529,6 +534,17 @@ class PlazaSettings(_Section):
         description="Largest request body, bytes; larger ones get 413 before anything parses them.",
     )  # fmt: skip
     pool_size: int = Field(10, ge=1, le=100, description="Postgres connections per process.")
+    store_url: str = Field(
+        "http://127.0.0.1:18100/credit-store/",
+        description="Where the plaza page links to the credit store (the token follows in the "
+        "URL fragment).",
+    )
+
+    @field_validator("default_tag", mode="before")
+    @classmethod
+    def _empty_is_none(cls, value: object) -> object:
+        # An environment variable cannot say null: an empty one switches the default off.
+        return None if value == "" else value
 
 
 class SchemaSettings(_Section):

@@ -15,6 +15,7 @@ import gc
 import time
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
+from html import escape
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -103,7 +104,7 @@ def create_fastapi(service: PlazaService) -> FastAPI:
                   "tokens: `creditledger store token USER`).")  # fmt: skip
     app.state.service = service
     _errors(app)
-    app.include_router(_page_router())
+    app.include_router(_page_router(service.settings))
     app.include_router(_plan_router(service))
     app.include_router(_comment_router(service))
     return app
@@ -212,13 +213,18 @@ def reply(value: Any, status: int = 200) -> Response:
                     media_type="application/json")  # fmt: skip
 
 
-def _page_router() -> APIRouter:
+def _page_router(settings: Settings) -> APIRouter:
     router = APIRouter()
+    html = (
+        (PAGE_DIR / "index.html")
+        .read_text()
+        .replace("{{store_url}}", escape(settings.plaza.store_url, quote=True))
+    )
 
     @router.get(PREFIX, include_in_schema=False)
     @router.get(f"{PREFIX}/", include_in_schema=False)
     async def page() -> HTMLResponse:
-        return HTMLResponse((PAGE_DIR / "index.html").read_text(), headers=PAGE_HEADERS)
+        return HTMLResponse(html, headers=PAGE_HEADERS)
 
     @router.get(f"{PREFIX}/static/{{name}}", include_in_schema=False)
     async def static(name: str) -> FileResponse:

@@ -32,6 +32,7 @@ from collections.abc import AsyncIterator
 from dataclasses import asdict, is_dataclass
 from datetime import UTC, date, datetime
 from decimal import Decimal
+from html import escape
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -343,21 +344,26 @@ PeriodQ = Annotated[Literal["24h", "7d", "30d", "all"], Query()]
 def _routes(app: FastAPI, service: StoreService) -> None:
     """Every route, by who calls it: the page, users (and services, admins acting for
     them), the payment provider, admins, and the retired token store's forwarding."""
-    app.include_router(_page_router())
+    app.include_router(_page_router(service.settings))
     app.include_router(_user_router(service))
     app.include_router(_payment_router(service))
     app.include_router(_admin_router(service))
     app.include_router(_old_world_router())
 
 
-def _page_router() -> APIRouter:
+def _page_router(settings: Settings) -> APIRouter:
     """The store page: plain HTML and JS, with its security headers."""
     router = APIRouter()
+    html = (
+        (PAGE_DIR / "index.html")
+        .read_text()
+        .replace("{{plaza_url}}", escape(settings.store.plaza_url, quote=True))
+    )
 
     @router.get(PREFIX, include_in_schema=False)
     @router.get(f"{PREFIX}/", include_in_schema=False)
     async def page() -> HTMLResponse:
-        return HTMLResponse((PAGE_DIR / "index.html").read_text(), headers=PAGE_HEADERS)
+        return HTMLResponse(html, headers=PAGE_HEADERS)
 
     @router.get(f"{PREFIX}/static/{{name}}", include_in_schema=False)
     async def static(name: str) -> FileResponse:

@@ -219,6 +219,8 @@ async function main() {
     notice("Open this page with #token=<token> (creditledger store token USER).");
     return;
   }
+  const plazaLink = document.getElementById("plaza-link");
+  plazaLink.href = plazaLink.getAttribute("href") + "#token=" + encodeURIComponent(token());
   switcher("periods", "period", loadConsumption);
   switcher("metrics", "metric", loadConsumption);
   document.getElementById("more").addEventListener("click", () => loadHistory());
