@@ -11,7 +11,7 @@ import openai
 from openai.types.chat import ChatCompletionMessageParam
 
 from contracts.cloudevents import command_headers
-from contracts.commands import Grant
+from contracts.commands import Entry, Grant
 from contracts.records import GRANT_TOPIC, LEDGER_TOPIC, command_to_record, entry_from_record
 from contracts.redis_keys import balance_key
 from kernel.db import connect
@@ -120,9 +120,9 @@ def buy_starter(world: StoreWorld, user: str, traceparent: str | None = None) ->
     assert status == 200, paid
 
 
-def ledger_of(stack_settings: Settings, users: set[str]) -> dict[str, tuple[int, int, int]]:
-    """user -> (balance, charges, distinct charge event ids), read from the ledger topic;
-    an entry is identified by (user, seq), so a redelivered copy counts once."""
+def entries_of(stack_settings: Settings, users: set[str]) -> dict[str, list[Entry]]:
+    """user -> its entries in seq order, read from the ledger topic; an entry is identified
+    by (user, seq), so a redelivered copy counts once, and a gap in seq fails."""
     codec = load_codec(project_path(stack_settings.schemas.avro_dir))
     entries = {}
     for record in read_topic(stack_settings, LEDGER_TOPIC):
@@ -134,6 +134,14 @@ def ledger_of(stack_settings: Settings, users: set[str]) -> dict[str, tuple[int,
     for user in users:
         mine = sorted((e for (u, _), e in entries.items() if u == user), key=lambda e: e.seq)
         assert [e.seq for e in mine] == list(range(1, len(mine) + 1)), f"{user}: seq gaps"
+        out[user] = mine
+    return out
+
+
+def ledger_of(stack_settings: Settings, users: set[str]) -> dict[str, tuple[int, int, int]]:
+    """user -> (balance, charges, distinct charge event ids), read from the ledger topic."""
+    out = {}
+    for user, mine in entries_of(stack_settings, users).items():
         charges = [e.event_id for e in mine if e.kind == "charge"]
         out[user] = (mine[-1].balance_after_micro, len(charges), len(set(charges)))
     return out
