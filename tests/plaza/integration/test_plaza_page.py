@@ -59,7 +59,7 @@ def test_plaza_page_in_chromium(world: PlazaWorld, unique: str) -> None:
         expect(page.locator("body")).to_have_attribute("data-ready", "true", timeout=15000)
         assert page.evaluate("location.hash") == ""  # the token left the address bar
         expect(page.locator("#store-link")).to_have_attribute(
-            "href", f"{world.store_url}/#token={world.token(reader)}"
+            "href", f"{world.store_url}/#token={token}"
         )
         expect(page.locator(".plan")).to_have_count(2)
         # HTML in a title is text: shown as typed, never run.
