@@ -1,6 +1,7 @@
 """ASGI pieces every HTTP face of the project shares (the credit store, the plan plaza).
 
 - :class:`BodyLimit` refuses an over-long request body with 413 before anything parses it;
+- :func:`page_router` serves a plain page (``index.html``, ``app.js``, ``style.css``);
 - :data:`PAGE_HEADERS` are the security headers of the plain HTML pages: scripts only from
   the page's own origin (so an injected ``<script>`` in user text could never run even if
   it were rendered as HTML), no framing, no referrer.
@@ -8,8 +9,14 @@
 
 from __future__ import annotations
 
-from starlette.responses import JSONResponse
+from html import escape
+from pathlib import Path
+
+from fastapi import APIRouter
+from starlette.responses import FileResponse, HTMLResponse, JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from kernel.errors import NotFound
 
 PAGE_HEADERS = {
     "Content-Security-Policy": "default-src 'none'; script-src 'self'; style-src 'self'; "
@@ -74,3 +81,28 @@ class BodyLimit:
         response = json_error(413, "request_too_large", f"request bodies are limited to "
                          f"{self.limit} bytes")  # fmt: skip
         await response(scope, receive, send)
+
+
+PAGE_FILES = {"app.js": "text/javascript", "style.css": "text/css"}
+
+
+def page_router(prefix: str, page_dir: Path, links: dict[str, str]) -> APIRouter:
+    """``prefix`` and ``prefix/`` answer ``index.html`` (each ``{{name}}`` in it replaced by
+    ``links[name]``, HTML-escaped) with :data:`PAGE_HEADERS`; ``prefix/static/`` its files."""
+    html = (page_dir / "index.html").read_text()
+    for name, url in links.items():
+        html = html.replace("{{" + name + "}}", escape(url, quote=True))
+    router = APIRouter()
+
+    @router.get(prefix, include_in_schema=False)
+    @router.get(f"{prefix}/", include_in_schema=False)
+    async def page() -> HTMLResponse:
+        return HTMLResponse(html, headers=PAGE_HEADERS)
+
+    @router.get(f"{prefix}/static/{{name}}", include_in_schema=False)
+    async def static(name: str) -> FileResponse:
+        if name not in PAGE_FILES:
+            raise NotFound("not_found", f"no file {name!r}")
+        return FileResponse(page_dir / name, media_type=PAGE_FILES[name])
+
+    return router

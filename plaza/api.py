@@ -15,7 +15,6 @@ import gc
 import time
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
-from html import escape
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -23,7 +22,7 @@ import orjson
 import psycopg
 from fastapi import APIRouter, Depends, FastAPI, Header, Query, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
+from fastapi.responses import JSONResponse, Response
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
@@ -36,13 +35,12 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from contracts.cloudevents import current_trace, new_traceparent
 from contracts.tokens import Principal, bearer, verify_token
-from kernel.asgi import PAGE_HEADERS, BodyLimit, json_error
+from kernel.asgi import BodyLimit, json_error, page_router
 from kernel.errors import (
     Conflict,
     Forbidden,
     Invalid,
     NotFound,
-    PlazaNotFound,
     Refused,
     StackError,
     Unauthenticated,
@@ -104,7 +102,9 @@ def create_fastapi(service: PlazaService) -> FastAPI:
                   "tokens: `creditledger store token USER`).")  # fmt: skip
     app.state.service = service
     _errors(app)
-    app.include_router(_page_router(service.settings))
+    app.include_router(
+        page_router(PREFIX, PAGE_DIR, {"store_url": service.settings.plaza.store_url})
+    )
     app.include_router(_plan_router(service))
     app.include_router(_comment_router(service))
     return app
@@ -211,29 +211,6 @@ def now() -> datetime:
 def reply(value: Any, status: int = 200) -> Response:
     return Response(orjson.dumps(value, option=orjson.OPT_UTC_Z), status_code=status,
                     media_type="application/json")  # fmt: skip
-
-
-def _page_router(settings: Settings) -> APIRouter:
-    router = APIRouter()
-    html = (
-        (PAGE_DIR / "index.html")
-        .read_text()
-        .replace("{{store_url}}", escape(settings.plaza.store_url, quote=True))
-    )
-
-    @router.get(PREFIX, include_in_schema=False)
-    @router.get(f"{PREFIX}/", include_in_schema=False)
-    async def page() -> HTMLResponse:
-        return HTMLResponse(html, headers=PAGE_HEADERS)
-
-    @router.get(f"{PREFIX}/static/{{name}}", include_in_schema=False)
-    async def static(name: str) -> FileResponse:
-        files = {"app.js": "text/javascript", "style.css": "text/css"}
-        if name not in files:
-            raise PlazaNotFound("not_found", f"no file {name!r}")
-        return FileResponse(PAGE_DIR / name, media_type=files[name])
-
-    return router
 
 
 def _plan_router(service: PlazaService) -> APIRouter:

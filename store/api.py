@@ -32,7 +32,6 @@ from collections.abc import AsyncIterator
 from dataclasses import asdict, is_dataclass
 from datetime import UTC, date, datetime
 from decimal import Decimal
-from html import escape
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -40,7 +39,7 @@ import orjson
 import psycopg
 from fastapi import APIRouter, Depends, FastAPI, Header, Query, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
+from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from psycopg_pool import PoolTimeout
 from redis.exceptions import RedisError
@@ -48,7 +47,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from contracts.cloudevents import current_trace, new_traceparent
 from contracts.tokens import Principal, bearer, verify_token
-from kernel.asgi import PAGE_HEADERS, BodyLimit, json_error
+from kernel.asgi import BodyLimit, json_error, page_router
 from kernel.errors import (
     Conflict,
     Forbidden,
@@ -344,35 +343,13 @@ PeriodQ = Annotated[Literal["24h", "7d", "30d", "all"], Query()]
 def _routes(app: FastAPI, service: StoreService) -> None:
     """Every route, by who calls it: the page, users (and services, admins acting for
     them), the payment provider, admins, and the retired token store's forwarding."""
-    app.include_router(_page_router(service.settings))
+    app.include_router(
+        page_router(PREFIX, PAGE_DIR, {"plaza_url": service.settings.store.plaza_url})
+    )
     app.include_router(_user_router(service))
     app.include_router(_payment_router(service))
     app.include_router(_admin_router(service))
     app.include_router(_old_world_router())
-
-
-def _page_router(settings: Settings) -> APIRouter:
-    """The store page: plain HTML and JS, with its security headers."""
-    router = APIRouter()
-    html = (
-        (PAGE_DIR / "index.html")
-        .read_text()
-        .replace("{{plaza_url}}", escape(settings.store.plaza_url, quote=True))
-    )
-
-    @router.get(PREFIX, include_in_schema=False)
-    @router.get(f"{PREFIX}/", include_in_schema=False)
-    async def page() -> HTMLResponse:
-        return HTMLResponse(html, headers=PAGE_HEADERS)
-
-    @router.get(f"{PREFIX}/static/{{name}}", include_in_schema=False)
-    async def static(name: str) -> FileResponse:
-        files = {"app.js": "text/javascript", "style.css": "text/css"}
-        if name not in files:
-            raise StoreNotFound("not_found", f"no file {name!r}")
-        return FileResponse(PAGE_DIR / name, media_type=files[name])
-
-    return router
 
 
 def _user_router(service: StoreService) -> APIRouter:

@@ -83,18 +83,23 @@ def example_events(
             "rejected_at": at,
             "rejected_by": "ledger-agent@example",
         },
-        "plaza.events": {
-            "event_id": f"plaza:import:p_0123456789abcdef01234567:{user_id}",
-            "type": "plan.imported",
-            "plan_id": "p_0123456789abcdef01234567",
-            "author_id": "author-7",
-            "actor_id": user_id,
-            "occurred_at": at,
-            "producer": "plan-plaza@example",
-            "title": None,
-            "tags": [],
-            "copy_id": "p_89abcdef0123456789abcdef",
-            "comment_id": None,
-            "parent_id": None,
-        },
+        "plaza.events": plaza_example(user_id, at),
+    }
+
+
+def plaza_example(user_id: str = "user-42", at: datetime = FIXED_TIME) -> dict[str, Any]:
+    """A plaza event: ``user_id`` imported author-7's plan."""
+    return {
+        "event_id": f"plaza:import:p_0123456789abcdef01234567:{user_id}",
+        "type": "plan.imported",
+        "plan_id": "p_0123456789abcdef01234567",
+        "author_id": "author-7",
+        "actor_id": user_id,
+        "occurred_at": at,
+        "producer": "plan-plaza@example",
+        "title": None,
+        "tags": [],
+        "copy_id": "p_89abcdef0123456789abcdef",
+        "comment_id": None,
+        "parent_id": None,
     }
