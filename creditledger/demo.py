@@ -6,7 +6,9 @@ duplicate, a conflict, an invalid one and a debt) and print the ledger and
 the dead letters; then run both projectors and read the balances, the
 consumption and the history back from Redis and Postgres, and verify them
 against the ledger; then send real traffic through the LLM proxy (see
-:mod:`creditledger.proxy_demo`) and read the charges back from both stores.
+:mod:`creditledger.proxy_demo`) and read the charges back from both stores; then
+buy a pack in the credit store and earn a reward on the plan plaza
+(:mod:`creditledger.store_demo`, :mod:`creditledger.plaza_demo`).
 """
 
 from __future__ import annotations

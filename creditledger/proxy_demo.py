@@ -26,6 +26,7 @@ import yaml
 from contracts.cloudevents import command_headers
 from contracts.commands import Grant
 from contracts.records import GRANT_TOPIC, command_to_record
+from creditledger.plaza_demo import plaza_demo, start_plaza
 from creditledger.store_demo import start_store, store_demo
 from creditledger.tables import render_table
 from kernel.settings import Settings, project_path
@@ -198,16 +199,7 @@ def proxy_demo(settings: Settings, codec: AvroCodec, run: str) -> bool:
             f"proxy demo: {'every charge arrived once' if ok else 'MISMATCH'} "
             "(balances = grants - prices computed from the answers' usage)"
         )
-        keep = os.environ.get("CREDITLEDGER_DEMO_KEEP_STORE", "1") != "0"
-        store = start_store(settings, env, keep)
-        if not keep:
-            processes["store"] = store
-        ok = store_demo(settings, store, users["ada"]) and ok
-        if keep and store.poll() is None:
-            print(f"the store keeps running (pid {store.pid}; stop it with: kill {store.pid}); "
-                  "to buy from the page, also run `creditledger worker`, `creditledger outbox "
-                  "relay` and `creditledger project redis`")  # fmt: skip
-        return ok
+        return _store_and_plaza(settings, env, processes, users, run) and ok
     finally:
         for process in processes.values():
             if process.poll() is None:
@@ -217,6 +209,28 @@ def proxy_demo(settings: Settings, codec: AvroCodec, run: str) -> bool:
                 process.wait(timeout=60)
             except subprocess.TimeoutExpired:
                 process.kill()
+
+
+def _store_and_plaza(settings: Settings, env: dict[str, str],
+                     processes: dict[str, subprocess.Popen[bytes]], users: dict[str, str],
+                     run: str) -> bool:  # fmt: skip
+    """Steps 7 and 8, while the worker, relay and projectors of step 6 still run."""
+    keep = os.environ.get("CREDITLEDGER_DEMO_KEEP_STORE", "1") != "0"
+    store, plaza = start_store(settings, env, keep), start_plaza(settings, env, keep)
+    if not keep:
+        processes.update(store=store, plaza=plaza)
+    ok = store_demo(settings, store, users["ada"])
+    processes["rewards"] = _spawn(settings, "event-rewards", ["store", "event-rewards"], env)
+    ok = plaza_demo(settings, plaza, users["grace"], users["linus"], run) and ok
+    kept = [p for p in (store, plaza) if keep and p.poll() is None]
+    if kept:
+        pids = " ".join(str(p.pid) for p in kept)
+        print(
+            f"the store and the plaza keep running (stop them with: kill {pids}); to buy "
+            "or import from the pages, also run `creditledger worker`, `creditledger outbox "
+            "relay`, `creditledger project redis` and `creditledger store event-rewards`"
+        )
+    return ok
 
 
 def _wait_balances(settings: Settings, users: dict[str, str], expected: dict[str, int],

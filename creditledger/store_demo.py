@@ -25,12 +25,22 @@ from stack.processes import wait_http
 from store.seed import seed
 
 
-def _call(base: str, method: str, path: str, token: str) -> Any:
-    data = b"" if method == "POST" else None
+def call_json(base: str, method: str, path: str, token: str, body: Any = None) -> Any:
+    """One JSON call with a bearer token; an HTTP error raises (the demo stops on it)."""
     headers = {"Authorization": f"Bearer {token}"}
+    data = None if method in ("GET", "HEAD") else b""
+    if body is not None:
+        data = json.dumps(body).encode()
+        headers["Content-Type"] = "application/json"
     request = urllib.request.Request(base + path, method=method, data=data, headers=headers)
     with urllib.request.urlopen(request, timeout=30) as response:
         return json.loads(response.read())
+
+
+def user_token(settings: Settings, user: str) -> str:
+    """A user's bearer token for the store and the plaza, signed with the store's secret."""
+    secret = settings.store.token_secret.get_secret_value().encode()
+    return sign_token(secret, user, "user", int(time.time()) + settings.store.token_ttl_s)
 
 
 def start_store(settings: Settings, env: dict[str, str], keep: bool) -> subprocess.Popen[bytes]:
@@ -49,22 +59,19 @@ def store_demo(settings: Settings, store: subprocess.Popen[bytes], user: str) ->
         print(f"the store did not start; see {Path(settings.stack.state_dir) / 'demo-store.log'}")
         return False
     products, rules = seed(settings)
-    secret = settings.store.token_secret.get_secret_value().encode()
-    token = sign_token(secret, user, "user", int(time.time()) + settings.store.token_ttl_s)
-    before = _call(base, "GET", "/balance", token)
+    token = user_token(settings, user)
+    before = call_json(base, "GET", "/balance", token)
     t0 = time.monotonic()
-    order = json.loads(urllib.request.urlopen(urllib.request.Request(
-        f"{base}/orders", data=b'{"product_id": "starter"}', method="POST",
-        headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"}),
-        timeout=30).read())  # fmt: skip
-    paid = _call(base, "POST", f"/simulated-provider/orders/{order['order_id']}/checkout", token)
+    order = call_json(base, "POST", "/orders", token, {"product_id": "starter"})
+    checkout = f"/simulated-provider/orders/{order['order_id']}/checkout"
+    paid = call_json(base, "POST", checkout, token)
     t_paid = time.monotonic()
     expected = before["balance_micro"] + order["credits_micro"]
     after = before
     deadline = t0 + 120
     while after["balance_micro"] != expected and time.monotonic() < deadline:
         time.sleep(0.05)
-        after = _call(base, "GET", "/balance", token)
+        after = call_json(base, "GET", "/balance", token)
     t_seen = time.monotonic()
     ok = bool(after["balance_micro"] == expected and paid["status"] == "fulfilled")
     print(f"catalogue: {products} pack(s) and {rules} reward rule(s) added")

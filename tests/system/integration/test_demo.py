@@ -23,4 +23,6 @@ def test_the_demo_passes(stack_settings: Settings) -> None:
     assert "(as expected)" in result.stdout
     assert "the purchase arrived once" in result.stdout
     assert "store page: http://" in result.stdout
+    assert "the import earned one reward" in result.stdout
+    assert "plaza page: http://" in result.stdout
     assert "demo passed" in result.stdout
