@@ -43,15 +43,17 @@ def run_demo(settings: Settings) -> bool:
     admin = _stack_and_topics(settings, t0)
     codec = load_codec(project_path(settings.schemas.avro_dir))
     stamp = datetime.now(UTC).replace(microsecond=0)
-    ok = _round_trips(settings, admin, codec, stamp)
+    passed = {"3 round trips": _round_trips(settings, admin, codec, stamp)}
     print()
-    ledger_ok, users = ledger_demo(settings, codec, stamp)
-    ok = ledger_ok and ok
+    passed["4 ledger"], users = ledger_demo(settings, codec, stamp)
     print()
-    ok = projections_demo(settings, codec, users) and ok
+    passed["5 projections"] = projections_demo(settings, codec, users)
     print()
-    ok = proxy_demo(settings, codec, stamp.strftime("%H%M%S")) and ok
-    print(f"\ndemo {'passed' if ok else 'FAILED'} in {time.monotonic() - t0:.1f} s")
+    passed["6-8 proxy, store, plaza"] = proxy_demo(settings, codec, stamp.strftime("%H%M%S"))
+    ok = all(passed.values())
+    # Name the failed steps on the last lines: that is what a truncated CI log still shows.
+    failed = "" if ok else ": step " + ", ".join(step for step, good in passed.items() if not good)
+    print(f"\ndemo {'passed' if ok else 'FAILED'} in {time.monotonic() - t0:.1f} s{failed}")
     print("the stack keeps running; stop it with: .venv/bin/creditledger stack down")
     return ok
 

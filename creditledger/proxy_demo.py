@@ -199,6 +199,8 @@ def proxy_demo(settings: Settings, codec: AvroCodec, run: str) -> bool:
             f"proxy demo: {'every charge arrived once' if ok else 'MISMATCH'} "
             "(balances = grants - prices computed from the answers' usage)"
         )
+        if not ok:
+            print("failed: step 6 (proxy)")
         return _store_and_plaza(settings, env, processes, users, run) and ok
     finally:
         for process in processes.values():
@@ -219,9 +221,14 @@ def _store_and_plaza(settings: Settings, env: dict[str, str],
     store, plaza = start_store(settings, env, keep), start_plaza(settings, env, keep)
     if not keep:
         processes.update(store=store, plaza=plaza)
-    ok = store_demo(settings, store, users["ada"])
+    store_ok = store_demo(settings, store, users["ada"])
     processes["rewards"] = _spawn(settings, "event-rewards", ["store", "event-rewards"], env)
-    ok = plaza_demo(settings, plaza, users["grace"], users["linus"], run) and ok
+    plaza_ok = plaza_demo(settings, plaza, users["grace"], users["linus"], run)
+    if not (store_ok and plaza_ok):
+        steps = [name for name, good in (("7 (store)", store_ok), ("8 (plaza)", plaza_ok))
+                 if not good]  # fmt: skip
+        print(f"\nfailed: step {', '.join(steps)}")
+    ok = store_ok and plaza_ok
     kept = [p for p in (store, plaza) if keep and p.poll() is None]
     if kept:
         pids = " ".join(str(p.pid) for p in kept)

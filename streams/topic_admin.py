@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-from confluent_kafka import KafkaException
+from confluent_kafka import KafkaError, KafkaException
 from confluent_kafka.admin import (  # type: ignore[attr-defined]  # re-exported, untyped
     AdminClient,
     ConfigResource,
@@ -65,7 +65,15 @@ def describe(admin: AdminClient, names: list[str], timeout_s: float) -> dict[str
     )
     states: dict[str, TopicState] = {}
     for resource, future in futures.items():
-        entries = future.result(timeout=timeout_s)
+        try:
+            entries = future.result(timeout=timeout_s)
+        except KafkaException as exc:
+            # In a cluster the broker answering DescribeConfigs may not have heard of a
+            # topic that another one just listed: it is not visible yet, and `apply`
+            # waits for it as for a topic missing from the metadata.
+            if exc.args[0].code() != KafkaError.UNKNOWN_TOPIC_OR_PART:
+                raise
+            continue
         topic = metadata.topics[resource.name]
         replicas = {len(p.replicas) for p in topic.partitions.values()} or {0}
         states[resource.name] = TopicState(

@@ -58,7 +58,7 @@ def cluster_settings(base: Settings, state_dir: Path, brokers: int = BROKERS) ->
                    {"kafka_brokers": brokers, "kafka_controller_port": FIRST_PORT + 1})  # fmt: skip
 
 
-SECURE_PORT = 39092
+SECURE_PORT = 29592
 
 
 def secure_settings(base: Settings, state_dir: Path) -> Settings:
