@@ -1,6 +1,6 @@
 """Concurrent lookups answered together: one query for the requests that wait at once.
 
-Under load the credit-store API has dozens of reads in flight, each one a query whose
+Under load the credit-store and plaza APIs have dozens of reads in flight, each one a query whose
 fixed cost (a round trip, the driver's bookkeeping, Postgres's executor start) is most of
 its price. :class:`Batcher` lets at most ``max_running`` fetches run at once; a lookup that
 arrives while they are all busy waits, and the next free fetch takes every waiting lookup

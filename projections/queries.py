@@ -26,10 +26,10 @@ import redis.asyncio as aioredis
 from psycopg_pool import AsyncConnectionPool
 
 from contracts.redis_keys import balance_key
+from kernel.batching import Batcher
 from kernel.db import open_pool
 from kernel.errors import QueryError
 from kernel.settings import Settings
-from projections.batching import Batcher
 from projections.periods import PERIODS, Window, window
 
 MAX_USER_ID = 256
@@ -143,7 +143,7 @@ def make_cursor(seq: int) -> str:
     return f"s{seq}"
 
 
-# Each query answers a batch of users (see :mod:`projections.batching`): ``n`` is a
+# Each query answers a batch of users (see :mod:`kernel.batching`): ``n`` is a
 # user's place in the batch, 1-based, and the rows come ordered by it.
 #
 # Postgres adds up the series, the per-model and the overall totals (grouping sets) so the

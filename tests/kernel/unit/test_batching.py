@@ -7,8 +7,8 @@ import asyncio
 
 import pytest
 
+from kernel.batching import Batcher
 from kernel.errors import QueryError
-from projections.batching import Batcher
 
 
 class Source:

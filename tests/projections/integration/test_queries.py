@@ -152,7 +152,7 @@ def test_balance_from_redis_and_from_postgres_when_redis_is_down(world: World) -
 
 
 def test_reads_batched_together_equal_each_read_alone(world: World) -> None:
-    """Concurrent reads share queries (``projections.batching``); each user still gets
+    """Concurrent reads share queries (``kernel.batching``); each user still gets
     exactly their own figures and pages, as when read alone, duplicates and empty users
     included."""
     w = Writer(world.settings, world.topic, world.codec)
