@@ -4,14 +4,21 @@
 - :func:`page_router` serves a plain page (``index.html``, ``app.js``, ``style.css``);
 - :data:`PAGE_HEADERS` are the security headers of the plain HTML pages: scripts only from
   the page's own origin (so an injected ``<script>`` in user text could never run even if
-  it were rendered as HTML), no framing, no referrer.
+  it were rendered as HTML), no framing, no referrer;
+- :class:`Fallback`, :func:`query_of`, :func:`only`, :func:`bearer_of` and :func:`send_json`
+  are what a fast path ahead of FastAPI needs (the store's hot reads, the plaza's): it
+  answers only a request it can answer exactly as the route would, and hands anything
+  else to the route with :class:`Fallback`.
 """
 
 from __future__ import annotations
 
 from html import escape
 from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qsl
 
+import orjson
 from fastapi import APIRouter
 from starlette.responses import FileResponse, HTMLResponse, JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -26,6 +33,68 @@ PAGE_HEADERS = {
     "X-Frame-Options": "DENY",
     "X-Content-Type-Options": "nosniff",
 }
+
+
+class Fallback(Exception):
+    """This request is not one the fast path answers; the FastAPI route will."""
+
+
+Query = dict[str, str]
+JSON_HEADERS = [(b"content-type", b"application/json")]
+
+
+def query_of(scope: Scope) -> Query:
+    """The query string's parameters; Fallback when it is malformed or repeats one (how
+    FastAPI reads a repeated parameter decides)."""
+    raw: bytes = scope["query_string"]
+    if not raw:
+        return {}
+    try:
+        pairs = parse_qsl(raw.decode("latin-1"), keep_blank_values=True, strict_parsing=True,
+                          errors="strict")  # fmt: skip
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise Fallback from exc
+    query = dict(pairs)
+    if len(query) != len(pairs):
+        raise Fallback
+    return query
+
+
+def only(query: Query, allowed: tuple[str, ...]) -> None:
+    """Fallback unless every parameter is one of ``allowed``."""
+    if any(name not in allowed for name in query):
+        raise Fallback
+
+
+def bounded_int(text: str | None, default: int, low: int, high: int) -> int:
+    """An integer parameter as FastAPI would take it when it is plain digits in range;
+    anything else (signs, spaces, out of range) is the route's to refuse."""
+    if text is None:
+        return default
+    if not text.isascii() or not text.isdigit() or not low <= int(text) <= high:
+        raise Fallback
+    return int(text)
+
+
+def bearer_of(scope: Scope) -> str:
+    """The bearer token of the request's ``Authorization`` header; Fallback without one."""
+    for name, value in scope["headers"]:
+        if name == b"authorization":
+            text: str = value.decode("latin-1")
+            scheme, _, token = text.partition(" ")
+            token = token.strip()
+            if scheme.lower() != "bearer" or not token:
+                raise Fallback
+            return token
+    raise Fallback
+
+
+async def send_json(send: Send, value: Any, status: int = 200) -> None:
+    """``value`` as the JSON reply (orjson, times in UTC with a ``Z``)."""
+    body = orjson.dumps(value, option=orjson.OPT_UTC_Z)
+    headers = [*JSON_HEADERS, (b"content-length", str(len(body)).encode())]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
 
 
 def json_error(status: int, code: str, message: str) -> JSONResponse:

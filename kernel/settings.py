@@ -534,6 +534,21 @@ class PlazaSettings(_Section):
         description="Largest request body, bytes; larger ones get 413 before anything parses them.",
     )  # fmt: skip
     pool_size: int = Field(10, ge=1, le=100, description="Postgres connections per process.")
+    fast_reads: bool = Field(
+        True,
+        description="Answer the list, a plan's detail and a like ahead of the framework "
+        "(same replies, a fraction of the CPU); off: every request goes through FastAPI.",
+    )
+    read_batch: int = Field(
+        16, ge=1, le=500,
+        description="Most list, detail or like requests one batch answers: requests that wait "
+        "together share one set of queries (1: queries per request).",
+    )  # fmt: skip
+    read_queries: int = Field(
+        4, ge=1, le=20,
+        description="Batches of each kind in flight at once; requests beyond them wait and "
+        "form the next batch.",
+    )  # fmt: skip
     store_url: str = Field(
         "http://127.0.0.1:18100/credit-store/",
         description="Where the plaza page links to the credit store (the token follows in the "

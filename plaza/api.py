@@ -1,6 +1,9 @@
 """The ``/plaza`` HTTP API and the plaza page (FastAPI on uvicorn).
 
-Handlers are thin: check who asks, call :class:`PlazaRepository`, shape the reply.
+Handlers are thin: check who asks, call :class:`PlazaRepository`, shape the reply. The
+busiest requests (the list, a plan's detail, a like) are answered ahead of FastAPI by
+:class:`plaza.fast.FastPath`, with batched reads (:class:`plaza.reads.PlazaReads`) and the
+same replies; the routes here are the contract it is tested against.
 Tokens are the credit store's (:mod:`contracts.tokens`, ``store.token_secret``): the same
 user is the same principal on both. Anyone with a token reads the plaza; changes are the
 caller's own (a plan's author edits and withdraws it, a comment's author deletes it).
@@ -47,6 +50,8 @@ from kernel.errors import (
 )
 from kernel.settings import Settings, project_path
 from plaza.domain import Sort, normalise_tag
+from plaza.fast import FastPath
+from plaza.reads import PlazaReads
 from plaza.repository import Listing, PlazaRepository
 from plaza.schemas import CommentId, CommentIn, PlanId, PlanIn
 from streams.codec import load_codec
@@ -62,6 +67,9 @@ class PlazaService:
         self.secret = settings.store.token_secret.get_secret_value().encode()
         codec = load_codec(project_path(settings.schemas.avro_dir))
         self.repo = PlazaRepository(settings, codec, dsn=dsn)
+        plaza = settings.plaza
+        self.reads = PlazaReads(self.repo, batch_max=plaza.read_batch,
+                                batch_queries=plaza.read_queries)  # fmt: skip
 
     async def start(self) -> None:
         await self.repo.start()
@@ -78,9 +86,12 @@ class PlazaService:
 
 
 def create_app(settings: Settings, *, dsn: str | None = None) -> ASGIApp:
-    """The plaza's ASGI app: metrics and operator routes outermost, then the body limit."""
+    """The plaza's ASGI app: metrics and operator routes outermost, then the body limit, then
+    the fast path (unless ``plaza.fast_reads`` is off), then FastAPI."""
     service = PlazaService(settings, dsn=dsn)
-    inner = create_fastapi(service)
+    inner: ASGIApp = create_fastapi(service)
+    if settings.plaza.fast_reads:
+        inner = FastPath(inner, service, PREFIX)
     return Observed(BodyLimit(inner, settings.plaza.max_body_bytes), service)
 
 
@@ -145,7 +156,8 @@ class Observed:
             await self.app(scope, receive, observed)
         finally:
             route = scope.get("route")
-            label = str(route.path) if route is not None and hasattr(route, "path") else "other"
+            label = str(route.path) if route is not None and hasattr(route, "path") \
+                else scope.get("fast_route", "other")  # fmt: skip
             self.requests.labels(label, scope["method"], str(status)).inc()
             self.seconds.labels(label).observe(time.perf_counter() - started)
 
@@ -230,7 +242,8 @@ def _plan_router(service: PlazaService) -> APIRouter:
                     q: Annotated[str | None, Query(max_length=200)] = None,
                     cursor: Cursor = None, limit: Limit = 20) -> Any:  # fmt: skip
         wanted = normalise_tag(tag, plaza.max_tag_chars) if tag else None
-        page = await repo.listing(who.user_id, Listing(sort, wanted, q or None, cursor, limit))
+        ask = Listing(sort, wanted, q or None, cursor, limit)
+        page = await repo.listing(who.user_id, ask)
         return reply({"plans": page.items, "next_cursor": page.next_cursor})
 
     @router.post(f"{PREFIX}/plans", status_code=201, summary="Publish a plan")

@@ -35,13 +35,18 @@ from streams.codec import AvroCodec
 
 Row = dict[str, Any]
 
-SUMMARY = (
+COLUMNS = (
     "p.plan_id, p.author_id, p.title, p.summary, p.tags, p.status, p.imported_from, "
-    "p.like_count, p.import_count, p.comment_count, p.popularity, p.created_at, p.updated_at, "
-    "EXISTS (SELECT 1 FROM plaza_likes l WHERE l.plan_id = p.plan_id AND l.user_id = "
-    "%(viewer)s) AS liked, EXISTS (SELECT 1 FROM plaza_imports i WHERE i.plan_id = p.plan_id "
-    "AND i.user_id = %(viewer)s) AS imported"
+    "p.like_count, p.import_count, p.comment_count, p.popularity, p.created_at, p.updated_at"
 )
+# What a viewer sees of a plan: its columns and whether the viewer liked and imported it
+# (plaza.reads adds the last two to a batch's rows itself, in this order).
+FLAGS = (
+    "EXISTS (SELECT 1 FROM plaza_likes l WHERE l.plan_id = {plan} AND l.user_id = %(viewer)s) "
+    "AS liked, EXISTS (SELECT 1 FROM plaza_imports i WHERE i.plan_id = {plan} AND i.user_id = "
+    "%(viewer)s) AS imported"
+)
+SUMMARY = f"{COLUMNS}, {FLAGS.format(plan='p.plan_id')}"
 COMMENT = (
     "comment_id, plan_id, parent_id, path, author_id, CASE WHEN deleted_at IS NULL THEN body "
     "END AS body, deleted_at IS NOT NULL AS deleted, created_at"
@@ -199,35 +204,18 @@ class PlazaRepository:
         return plan
 
     async def listing(self, viewer: str, ask: Listing) -> Page:
-        """A page of published plans, newest or most popular first, by tag and search."""
-        params: Row = {"viewer": viewer, "tag": ask.tag, "limit": ask.limit + 1}
-        where = ["p.status = 'published'"]
-        if ask.query is not None:
-            terms = tsquery(ask.query)
-            if terms is None:
-                return Page([], None)
-            where.append("p.search @@ %(terms)s::tsquery")
-            params["terms"] = terms
-        source = "plaza_plans p"
-        if ask.sort == "newest":
-            key, order = "p.created_at", "p.created_at DESC, p.plan_id DESC"
-            if ask.tag is not None and ask.query is None:
-                # The tag's own index: a page is a range of it, however big the tag.
-                source = "plaza_plan_tags t JOIN plaza_plans p USING (plan_id)"
-                where.append("t.tag = %(tag)s")
-                key, order = "t.created_at", "t.created_at DESC, t.plan_id DESC"
-        else:
-            key, order = "p.popularity", "p.popularity DESC, p.plan_id DESC"
-        if ask.tag is not None and source == "plaza_plans p":
-            where.append("p.tags @> ARRAY[%(tag)s]::text[]")
-        if ask.cursor is not None:
-            after, after_id = domain.parse_list_cursor(ask.cursor)
-            params["after"] = EPOCH + timedelta(microseconds=after) if ask.sort == "newest" \
-                else after  # fmt: skip
-            params["after_id"] = after_id
-            where.append(f"({key}, p.plan_id) < (%(after)s, %(after_id)s)")
-        rows = await self._all(f"SELECT {SUMMARY} FROM {source} WHERE {' AND '.join(where)} "
-                               f"ORDER BY {order} LIMIT %(limit)s", params)  # fmt: skip
+        """A page of published plans, newest or most popular first, by tag and search, as
+        ``viewer`` sees them: one query for the page and the viewer's flags. (The fast path
+        reads pages in batches, plaza.reads; this is what the route answers with.)"""
+        query = listing_sql(ask)
+        if query is None:
+            return Page([], None)
+        key = "x.created_at" if ask.sort == "newest" else "x.popularity"
+        rows = await self._all(
+            f"SELECT x.*, {FLAGS.format(plan='x.plan_id')} FROM {ONE_ASK} CROSS JOIN LATERAL "
+            f"({query.shape}) x ORDER BY {key} DESC, x.plan_id DESC",
+            {"viewer": viewer, **query.params()},
+        )
         more = len(rows) > ask.limit
         rows = rows[: ask.limit]
         return Page(rows, domain.list_cursor(ask.sort, rows[-1]) if more else None)
@@ -306,7 +294,7 @@ class PlazaRepository:
         more = len(rows) > limit
         rows = rows[:limit]
         next_cursor = domain.thread_cursor(rows[-1]["path"]) if more else None
-        return Page([_shown(row) for row in rows], next_cursor)
+        return Page([shown_comment(row) for row in rows], next_cursor)
 
     async def post_comment(self, user: str, plan_id: str, body: str, parent_id: int | None,
                            now: datetime) -> Row:  # fmt: skip
@@ -340,7 +328,7 @@ class PlazaRepository:
             await self._emit(conn, self._event("comment.posted", plan, user, now,
                                                comment_id=comment_id,
                                                parent_id=parent_id))  # fmt: skip
-        return _shown(comment)
+        return shown_comment(comment)
 
     async def delete_comment(self, user: str, comment_id: int, now: datetime) -> Row:
         """Soft delete: the text goes, the comment and its replies stay. Repeating it is the
@@ -369,7 +357,67 @@ class PlazaRepository:
                                  (comment_id,))  # fmt: skip
             row = await cursor.fetchone()
         assert row is not None
-        return _shown(row)
+        return shown_comment(row)
+
+
+@dataclass(frozen=True)
+class ListQuery:
+    """A page of published plans as a query: ``shape`` is its SQL, written over one row
+    ``a`` of parameters (``a.tag``, ``a.terms``, ``a.after_ts``, ``a.after_n``,
+    ``a.after_id``, ``a.lim``), so pages of one shape are read for many asks in a single
+    statement (plaza.reads); ``values`` are this ask's. The query reads ``limit + 1`` rows
+    (the last says there is more) and not the viewer's flags."""
+
+    shape: str
+    values: tuple[Any, ...]
+
+    def params(self) -> dict[str, Any]:
+        """The values by name, as :data:`ONE_ASK` takes them."""
+        return dict(zip(ASK_PARAMS, self.values, strict=True))
+
+
+ASK_PARAMS = ("tag", "terms", "after_ts", "after_n", "after_id", "lim")
+# One ask's row of parameters, ``a``, for a ListQuery's shape.
+ONE_ASK = (
+    "(SELECT %(tag)s::text AS tag, %(terms)s::text AS terms, %(after_ts)s::timestamptz AS "
+    "after_ts, %(after_n)s::bigint AS after_n, %(after_id)s::text AS after_id, %(lim)s::int AS "
+    "lim) a"
+)
+
+
+def listing_sql(ask: Listing) -> ListQuery | None:
+    """The query of ``ask``: newest or most popular first, by tag and search; None when
+    the search has no searchable term. A malformed cursor is refused here."""
+    terms = None
+    where = ["p.status = 'published'"]
+    if ask.query is not None:
+        terms = tsquery(ask.query)
+        if terms is None:
+            return None
+        where.append("p.search @@ a.terms::tsquery")
+    source = "plaza_plans p"
+    if ask.sort == "newest":
+        key, order = "p.created_at", "p.created_at DESC, p.plan_id DESC"
+        if ask.tag is not None and ask.query is None:
+            # The tag's own index: a page is a range of it, however big the tag.
+            source = "plaza_plan_tags t JOIN plaza_plans p USING (plan_id)"
+            where.append("t.tag = a.tag")
+            key, order = "t.created_at", "t.created_at DESC, t.plan_id DESC"
+    else:
+        key, order = "p.popularity", "p.popularity DESC, p.plan_id DESC"
+    if ask.tag is not None and source == "plaza_plans p":
+        where.append("p.tags @> ARRAY[a.tag]")
+    after_ts = after_n = after_id = None
+    if ask.cursor is not None:
+        after, after_id = domain.parse_list_cursor(ask.cursor)
+        if ask.sort == "newest":
+            after_ts = EPOCH + timedelta(microseconds=after)
+        else:
+            after_n = after
+        where.append(f"({key}, p.plan_id) < (a.after_{'ts' if after_ts else 'n'}, a.after_id)")
+    shape = f"SELECT {COLUMNS} FROM {source} WHERE {' AND '.join(where)} ORDER BY {order} " \
+        "LIMIT a.lim"  # fmt: skip
+    return ListQuery(shape, (ask.tag, terms, after_ts, after_n, after_id, ask.limit + 1))
 
 
 def _search(plan: Row) -> str:
@@ -379,7 +427,7 @@ def _search(plan: Row) -> str:
                   *(f"{s['title']}\n{s.get('detail') or ''}" for s in steps))  # fmt: skip
 
 
-def _shown(comment: Row) -> Row:
+def shown_comment(comment: Row) -> Row:
     """A comment as the API shows it: its depth in the thread instead of its path."""
     shown = {k: v for k, v in comment.items() if k != "path"}
     shown["depth"] = len(comment["path"]) - 1

@@ -21,29 +21,21 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
-from urllib.parse import parse_qsl
 
-import orjson
 import psycopg
 from psycopg_pool import PoolTimeout
 from redis.exceptions import RedisError
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from contracts.tokens import Principal, verify_token
+from kernel.asgi import Fallback, Query, bearer_of, bounded_int, only, query_of, send_json
 from kernel.errors import CreditLedgerError
 from projections.queries import MAX_LIMIT, ReadModels
 
 log = logging.getLogger(__name__)
 
-Query = dict[str, str]
-
 PERIODS = frozenset(("24h", "7d", "30d", "all"))
 CURSOR_MAX = 32  # as the FastAPI route's ``Query(max_length=32)``
-JSON_HEADERS = [(b"content-type", b"application/json")]
-
-
-class Fallback(Exception):
-    """This request is not one the fast path answers; FastAPI will."""
 
 
 class HotReads:
@@ -64,7 +56,7 @@ class HotReads:
             return
         try:
             who = self._principal(scope)
-            value = await route(who, _query(scope))
+            value = await route(who, query_of(scope))
         except Fallback:
             await self.app(scope, receive, send)
             return
@@ -73,60 +65,29 @@ class HotReads:
             log.debug("hot read handed to the route after %r", exc)
             await self.app(scope, receive, send)
             return
-        body = orjson.dumps(value, option=orjson.OPT_UTC_Z)
-        headers = [*JSON_HEADERS, (b"content-length", str(len(body)).encode())]
-        await send({"type": "http.response.start", "status": 200, "headers": headers})
-        await send({"type": "http.response.body", "body": body})
+        await send_json(send, value)
 
     def _principal(self, scope: Scope) -> Principal:
-        for name, value in scope["headers"]:
-            if name == b"authorization":
-                scheme, _, token = value.decode("latin-1").partition(" ")
-                token = token.strip()
-                if scheme.lower() != "bearer" or not token:
-                    raise Fallback
-                try:
-                    return verify_token(self.secret, token, int(time.time()))
-                except CreditLedgerError as exc:
-                    raise Fallback from exc
-        raise Fallback
+        try:
+            return verify_token(self.secret, bearer_of(scope), int(time.time()))
+        except CreditLedgerError as exc:
+            raise Fallback from exc
 
     async def _balance(self, who: Principal, query: Query) -> Any:
-        _only(query, ())
+        only(query, ())
         return await self.reads.balance(who.user_id)
 
     async def _consumption(self, who: Principal, query: Query) -> Any:
-        _only(query, ("period",))
+        only(query, ("period",))
         period = query.get("period", "24h")
         if period not in PERIODS:
             raise Fallback
         return await self.reads.consumption(who.user_id, period)
 
     async def _ledger(self, who: Principal, query: Query) -> Any:
-        _only(query, ("cursor", "limit"))
+        only(query, ("cursor", "limit"))
         cursor = query.get("cursor")
-        limit_text = query.get("limit", "20")
-        if (cursor is not None and len(cursor) > CURSOR_MAX) or not limit_text.isascii() \
-                or not limit_text.isdigit() or not 1 <= int(limit_text) <= MAX_LIMIT:  # fmt: skip
+        limit = bounded_int(query.get("limit"), 20, 1, MAX_LIMIT)
+        if cursor is not None and len(cursor) > CURSOR_MAX:
             raise Fallback
-        return await self.reads.history(who.user_id, cursor=cursor, limit=int(limit_text))
-
-
-def _query(scope: Scope) -> Query:
-    raw: bytes = scope["query_string"]
-    if not raw:
-        return {}
-    try:
-        pairs = parse_qsl(raw.decode("latin-1"), keep_blank_values=True, strict_parsing=True,
-                          errors="strict")  # fmt: skip
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise Fallback from exc
-    query = dict(pairs)
-    if len(query) != len(pairs):  # a repeated parameter: FastAPI's reading of it decides
-        raise Fallback
-    return query
-
-
-def _only(query: Query, allowed: tuple[str, ...]) -> None:
-    if any(name not in allowed for name in query):
-        raise Fallback
+        return await self.reads.history(who.user_id, cursor=cursor, limit=limit)

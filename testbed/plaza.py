@@ -38,13 +38,16 @@ class PlazaWorld(StoreWorld):
             "CREDITLEDGER_PLAZA__STORE_URL": f"{self.store_url}/",
         })  # fmt: skip
 
-    def start_plaza(self, name: str = "plaza", **settings: str) -> str:
-        """Start a plaza process (settings as ``plaza.<name>=value``); its base URL."""
+    def start_plaza(self, name: str = "plaza", port: int | None = None, **settings: str) -> str:
+        """Start a plaza process (settings as ``plaza.<name>=value``; on ``port``, default
+        the world's plaza port); its base URL."""
         for key, value in settings.items():
             self.extra_env[f"CREDITLEDGER_PLAZA__{key.upper()}"] = value
-        process = self.start_process(name, "plaza", "serve", "--port", str(self.plaza_port))
-        wait_http(f"{self.plaza_url}/openapi.json", process, self.logdir / f"{name}.log")
-        return self.plaza_url
+        port = port or self.plaza_port
+        url = f"http://127.0.0.1:{port}/plaza"
+        process = self.start_process(name, "plaza", "serve", "--port", str(port))
+        wait_http(f"{url}/openapi.json", process, self.logdir / f"{name}.log")
+        return url
 
     def start_event_rewards(self, name: str = "event-rewards") -> None:
         self.start_process(name, "store", "event-rewards")
