@@ -173,14 +173,18 @@ def wrk_available() -> bool:
 
 
 def run_wrk(port: int, paths: list[str], tokens: list[bytes], clients: int,
-            seconds: float) -> LoadResult:  # fmt: skip
+            seconds: float, method: str = "GET") -> LoadResult:  # fmt: skip
     """The same closed loop as :func:`run_clients` (``clients`` keep-alive connections, a
     random path and token per request), driven by ``wrk``: a standard load generator, so
     the figures do not rest on our own HTTP client. Latencies are wrk's (all responses)."""
-    with tempfile.NamedTemporaryFile("wb", suffix=".tokens") as token_file:
+    with tempfile.NamedTemporaryFile("wb", suffix=".tokens") as token_file, \
+            tempfile.NamedTemporaryFile("w", suffix=".paths") as path_file:  # fmt: skip
         token_file.write(b"\n".join(tokens) + b"\n")
         token_file.flush()
-        env = {**os.environ, "WRK_TOKENS": token_file.name, "WRK_PATHS": " ".join(paths)}
+        path_file.write("\n".join(paths) + "\n")
+        path_file.flush()
+        env = {**os.environ, "WRK_TOKENS": token_file.name, "WRK_PATHS_FILE": path_file.name,
+               "WRK_METHOD": method}  # fmt: skip
         command = ["wrk", f"-t{min(2, clients)}", f"-c{clients}", f"-d{max(1, round(seconds))}s",
                    "-s", str(WRK_SCRIPT), f"http://127.0.0.1:{port}"]  # fmt: skip
         done = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
@@ -198,3 +202,31 @@ def summarize(latencies: list[float], failures: int) -> LoadResult:
     """:func:`run_clients`' output as a :class:`LoadResult`."""
     return LoadResult(len(latencies), failures, pct(latencies, 0.5), pct(latencies, 0.99),
                       max(latencies, default=float("nan")))  # fmt: skip
+
+
+def http_load(tool: str, port: int, paths: list[str], tokens: list[bytes], clients: int,
+              seconds: float, method: str = "GET") -> LoadResult:  # fmt: skip
+    """A closed loop of ``clients`` on ``port``: ``method`` on a random path of ``paths``
+    with a random bearer token of ``tokens``, from ``wrk`` or this module's Python client
+    (``tool``)."""
+    if tool == "wrk":
+        return run_wrk(port, paths, tokens, clients, seconds, method)
+    import random
+
+    import uvloop
+
+    def request(_: int) -> tuple[bytes, bytes]:
+        head = (f"{method} {random.choice(paths)} HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                "Content-Length: 0\r\n".encode()
+                + b"Authorization: Bearer " + random.choice(tokens) + b"\r\n\r\n")  # fmt: skip
+        return head, b""
+
+    return summarize(*uvloop.run(run_clients(port, request, clients, seconds)))
+
+
+def load_tool(parser: argparse.ArgumentParser, choice: str) -> str:
+    """``--load``'s tool: wrk when installed (auto), else the Python client."""
+    tool = choice if choice != "auto" else ("wrk" if wrk_available() else "python")
+    if tool == "wrk" and not wrk_available():
+        parser.error("wrk is not installed: `./dev bench` installs it, or use --load python")
+    return tool

@@ -26,15 +26,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.common import (
-    CpuMeter,
-    LoadResult,
-    bench_parser,
-    run_clients,
-    run_wrk,
-    summarize,
-    wrk_available,
-)
+from bench.common import CpuMeter, bench_parser, http_load, load_tool
 from bench.projections import ensure_query_data
 from contracts.redis_keys import balance_key
 from contracts.tokens import sign_token
@@ -70,20 +62,6 @@ def seed_redis(settings_url: str, rows: list[tuple[str, int, int]]) -> None:
     client.close()
 
 
-def load(tool: str, paths: list[str], tokens: list[bytes], clients: int,
-         seconds: float) -> LoadResult:  # fmt: skip
-    if tool == "wrk":
-        return run_wrk(PORT, paths, tokens, clients, seconds)
-    import uvloop
-
-    def request(_: int) -> tuple[bytes, bytes]:
-        head = (f"GET {random.choice(paths)} HTTP/1.1\r\nHost: 127.0.0.1\r\n".encode()
-                + b"Authorization: Bearer " + random.choice(tokens) + b"\r\n\r\n")  # fmt: skip
-        return head, b""
-
-    return summarize(*uvloop.run(run_clients(PORT, request, clients, seconds)))
-
-
 def main() -> int:
     parser = bench_parser(__doc__)
     parser.add_argument("--clients", type=int, default=100, help="concurrent clients")
@@ -93,9 +71,7 @@ def main() -> int:
     parser.add_argument("--load", choices=("auto", "wrk", "python"), default="auto",
                         help="load generator (auto: wrk when installed, else python)")  # fmt: skip
     args = parser.parse_args()
-    tool = args.load if args.load != "auto" else ("wrk" if wrk_available() else "python")
-    if tool == "wrk" and not wrk_available():
-        parser.error("wrk is not installed: `./dev bench store` installs it, or use --load python")
+    tool = load_tool(parser, args.load)
     entries, users = (200_000, 2_000) if args.quick else (10_000_000, 100_000)
     base = load_settings()
     settings = ensure_query_data(base, entries, users, rebuild=False)
@@ -137,9 +113,9 @@ def measure(env: dict[str, str], workers: int, tokens: list[bytes], clients: int
         runs.append(("all three, mixed", list(ENDPOINTS.values())))
         meter = CpuMeter(process.pid)
         for name, paths in runs:
-            load(tool, paths, tokens, clients, 2.0)  # warm up
+            http_load(tool, PORT, paths, tokens, clients, 2.0)  # warm up
             meter.start()
-            result = load(tool, paths, tokens, clients, seconds)
+            result = http_load(tool, PORT, paths, tokens, clients, seconds)
             cpu = meter.stop(seconds)
             rows.append((name, workers, result.ok, result.failed, f"{result.ok / seconds:.0f}",
                          f"{result.p50_ms:.1f}", f"{result.p99_ms:.1f}", f"{result.max_ms:.1f}",

@@ -1,18 +1,27 @@
 -- Requests for wrk (bench.common.run_wrk): each one a random path of WRK_PATHS
--- (space-separated) with a random bearer token, one per line of the file WRK_TOKENS.
+-- (space-separated) with a random bearer token, one per line of the file WRK_TOKENS,
+-- with the method WRK_METHOD (GET unless set; no body).
 -- done() prints one JSON line that bench.common reads.
 local tokens = {}
 for line in io.lines(os.getenv("WRK_TOKENS")) do
   if #line > 0 then tokens[#tokens + 1] = line end
 end
+-- WRK_PATHS_FILE (one path per line) instead when there are too many for the environment.
 local paths = {}
-for path in string.gmatch(os.getenv("WRK_PATHS"), "[^ ]+") do paths[#paths + 1] = path end
+if os.getenv("WRK_PATHS_FILE") then
+  for line in io.lines(os.getenv("WRK_PATHS_FILE")) do
+    if #line > 0 then paths[#paths + 1] = line end
+  end
+else
+  for path in string.gmatch(os.getenv("WRK_PATHS"), "[^ ]+") do paths[#paths + 1] = path end
+end
+local method = os.getenv("WRK_METHOD") or "GET"
 
 -- Each wrk thread runs this file in a Lua state of its own: seed each differently.
 math.randomseed(os.time() + tonumber(tostring({}):sub(8), 16))
 
 request = function()
-  return wrk.format("GET", paths[math.random(#paths)],
+  return wrk.format(method, paths[math.random(#paths)],
                     {["Authorization"] = "Bearer " .. tokens[math.random(#tokens)]})
 end
 
