@@ -52,6 +52,7 @@ from store.seed import REWARD_RULES
 from streams import topic_admin
 from streams.codec import load_codec
 from streams.kafka_clients import make_consumer
+from streams.topics import settings_topics
 from testbed.ledger import WorkerGroup
 from testbed.plaza import PlazaWorld
 from testbed.topics import ScratchTopics
@@ -130,11 +131,13 @@ def generate(world: PlazaWorld, size: Size, rng: random.Random) -> tuple[dict[st
               ((tag, p[7], p[0]) for p in plans for tag in p[5]))  # fmt: skip
         conn.execute("INSERT INTO plaza_tags (tag, plans) SELECT tag, count(*) FROM "
                      "plaza_plan_tags GROUP BY tag")  # fmt: skip
+        conn.execute("INSERT INTO plaza_plan_counts (plan_id, published) SELECT plan_id, true "
+                     "FROM plaza_plans")  # fmt: skip
         # About five per plan, skewed: a few plans have many (the popular list's head).
         _copy(conn, "COPY plaza_likes (plan_id, user_id, liked_at) FROM STDIN",
               _likes([p[0] for p in plans], users, rng, now))  # fmt: skip
         conn.execute(
-            "UPDATE plaza_plans p SET like_count = l.n FROM (SELECT plan_id, count(*) "
+            "UPDATE plaza_plan_counts p SET like_count = l.n FROM (SELECT plan_id, count(*) "
             "AS n FROM plaza_likes GROUP BY plan_id) l WHERE l.plan_id = p.plan_id"
         )
         _comments(conn, [p[0] for p in plans], users, size.comments, rng, now)
@@ -186,7 +189,7 @@ def _comments(conn: Any, plan_ids: list[str], users: list[str], total: int,
                  (next_id,))  # fmt: skip
     conn.execute("CREATE TEMP TABLE comment_counts (plan_id text, n bigint)")
     _copy(conn, "COPY comment_counts FROM STDIN", ((p, n) for p, n in counts.items() if n))
-    conn.execute("UPDATE plaza_plans p SET comment_count = c.n FROM comment_counts c WHERE "
+    conn.execute("UPDATE plaza_plan_counts p SET comment_count = c.n FROM comment_counts c WHERE "
                  "c.plan_id = p.plan_id")  # fmt: skip
 
 
@@ -355,7 +358,11 @@ def main() -> int:
     settings = load_settings()
     codec = load_codec(project_path(settings.schemas.avro_dir))
     unique = "bp" + uuid.uuid4().hex[:8]
-    scratch = ScratchTopics(topic_admin.make_admin(settings), unique)
+    admin = topic_admin.make_admin(settings)
+    # As every process does at its start: on a fresh stack the command and ledger topics do
+    # not exist yet, and the reward path's groups cannot be started at their end.
+    topic_admin.apply(admin, settings_topics(settings), timeout_s=30)
+    scratch = ScratchTopics(admin, unique)
     world = PlazaWorld(settings, scratch, unique, codec, ledger_topic=LEDGER_TOPIC)
     try:
         t0 = time.monotonic()

@@ -16,6 +16,10 @@ from kernel.errors import StackError
 from kernel.settings import Settings
 
 SESSION_OPTIONS = "-c TimeZone=UTC -c statement_timeout=0"
+# The pools serve requests: short queries, many at once. A parallel plan starts worker
+# processes for each query (~5 ms here) and takes cores the other requests need; the
+# planner picks one when it cannot see a LIMIT's value (a batched page's ``LIMIT a.lim``).
+SERVING_OPTIONS = f"{SESSION_OPTIONS} -c max_parallel_workers_per_gather=0"
 
 
 def connect(settings: Settings, *, dsn: str | None = None, autocommit: bool = False) -> (
@@ -35,12 +39,13 @@ def connect(settings: Settings, *, dsn: str | None = None, autocommit: bool = Fa
 
 async def open_pool(settings: Settings, *, dsn: str | None = None,
                     size: int = 10) -> AsyncConnectionPool[Any]:  # fmt: skip
-    """An open autocommit pool of UTC sessions, or a :class:`StackError` saying how to start
-    Postgres. The pool starts with one connection and grows to ``size`` under load."""
+    """An open autocommit pool of UTC sessions that serve requests (no parallel plans), or
+    a :class:`StackError` saying how to start Postgres. The pool starts with one connection
+    and grows to ``size`` under load."""
     timeout = settings.postgres.connect_timeout_s
     pool: AsyncConnectionPool[Any] = AsyncConnectionPool(
         dsn or settings.postgres_dsn, min_size=1, max_size=size, open=False,
-        kwargs={"options": SESSION_OPTIONS, "autocommit": True, "connect_timeout": timeout,
+        kwargs={"options": SERVING_OPTIONS, "autocommit": True, "connect_timeout": timeout,
                 "application_name": "creditledger"},
     )  # fmt: skip
     try:

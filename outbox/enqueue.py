@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
 import psycopg
@@ -77,3 +77,38 @@ async def enqueue_async(conn: psycopg.AsyncConnection[Any], event_id: str, topic
     params = _params(event_id, topic, key, value, fingerprint, headers)
     cursor = await conn.execute(ENQUEUE_SQL, params)
     return _outcome(await cursor.fetchone(), params)
+
+
+# Many events in one statement; the ids it did not insert are looked up after it.
+ENQUEUE_MANY_SQL = (
+    "INSERT INTO outbox (event_id, topic, message_key, message_value, fingerprint, headers) "
+    "SELECT * FROM unnest(%s::text[], %s::text[], %s::bytea[], %s::bytea[], %s::text[], "
+    "%s::jsonb[]) ON CONFLICT (event_id) DO NOTHING RETURNING event_id"
+)
+EXISTING_SQL = (
+    "SELECT event_id, coalesce(fingerprint, encode(sha256(message_value), 'hex')) FROM "
+    "outbox WHERE event_id = ANY(%s)"
+)
+
+
+async def enqueue_many_async(conn: psycopg.AsyncConnection[Any],
+                             events: Sequence[tuple[str, str, bytes, bytes, Mapping[str, str]]]
+                             ) -> list[Enqueued]:  # fmt: skip
+    """Several events, each ``(event_id, topic, key, value, headers)``, added in the
+    caller's transaction as :func:`enqueue_async` adds one, in one statement (their ids
+    must differ): what a change made for many callers at once (the plaza's batched likes)
+    writes. Each is ``inserted`` or ``duplicate``; raises :class:`OutboxConflict` as
+    :func:`enqueue` does when an id is taken by another event."""
+    params = [_params(*event[:4], None, event[4]) for event in events]
+    if len({p["event_id"] for p in params}) != len(params):
+        raise ValueError("enqueue_many_async: two events share an id")
+    columns = ("event_id", "topic", "key", "value", "fingerprint", "headers")
+    cursor = await conn.execute(ENQUEUE_MANY_SQL, [[p[c] for p in params] for c in columns])
+    inserted = {row[0] for row in await cursor.fetchall()}
+    others = [p["event_id"] for p in params if p["event_id"] not in inserted]
+    existing: dict[str, str] = {}
+    if others:
+        cursor = await conn.execute(EXISTING_SQL, (others,))
+        existing = dict(await cursor.fetchall())
+    return [_outcome((p["event_id"] in inserted, existing.get(p["event_id"])), p)
+            for p in params]  # fmt: skip

@@ -39,6 +39,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from contracts.cloudevents import current_trace, new_traceparent
 from contracts.tokens import Principal, bearer, verify_token
 from kernel.asgi import BodyLimit, json_error, page_router
+from kernel.batching import Batcher
 from kernel.errors import (
     Conflict,
     Forbidden,
@@ -52,7 +53,7 @@ from kernel.settings import Settings, project_path
 from plaza.domain import Sort, normalise_tag
 from plaza.fast import FastPath
 from plaza.reads import PlazaReads
-from plaza.repository import Listing, PlazaRepository
+from plaza.repository import LikeAsk, Listing, PlazaRepository, Row
 from plaza.schemas import CommentId, CommentIn, PlanId, PlanIn
 from streams.codec import load_codec
 
@@ -70,6 +71,12 @@ class PlazaService:
         plaza = settings.plaza
         self.reads = PlazaReads(self.repo, batch_max=plaza.read_batch,
                                 batch_queries=plaza.read_queries)  # fmt: skip
+        # Likes that wait together are made in one transaction: one commit for them all.
+        self.likes = Batcher[LikeAsk, Row | Refused](
+            lambda asks: self.repo.like_many(asks, now()),
+            max_batch=plaza.read_batch,
+            max_running=plaza.read_queries,
+        )
 
     async def start(self) -> None:
         await self.repo.start()

@@ -20,18 +20,18 @@ import logging
 import re
 import time
 from collections.abc import Awaitable, Callable
-from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 import psycopg
 from psycopg_pool import PoolTimeout
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from contracts.cloudevents import current_trace
 from contracts.tokens import Principal, verify_token
 from kernel.asgi import Fallback, Query, bearer_of, bounded_int, only, query_of, send_json
-from kernel.errors import CreditLedgerError
+from kernel.errors import CreditLedgerError, Refused
 from plaza.domain import normalise_tag
-from plaza.repository import Listing
+from plaza.repository import LikeAsk, Listing
 
 if TYPE_CHECKING:
     from plaza.api import PlazaService
@@ -112,5 +112,7 @@ class FastPath:
 
     async def _like(self, who: Principal, query: Query, plan_id: str) -> Any:
         only(query, ())
-        now = datetime.now(UTC)
-        return await self.service.repo.like(who.user_id, plan_id, now, liked=True)
+        made = await self.service.likes.get(LikeAsk(who.user_id, plan_id, current_trace.get()))
+        if isinstance(made, Refused):
+            raise made  # the route words it
+        return made

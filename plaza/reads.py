@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections import defaultdict
 from typing import Any
 
+from psycopg import AsyncConnection, AsyncCursor
 from psycopg.rows import dict_row
 
 from kernel.batching import Batcher
@@ -23,6 +24,7 @@ from plaza.repository import (
     COLUMNS,
     COMMENT,
     ONE_ASK,
+    PLANS,
     Listing,
     ListQuery,
     Page,
@@ -86,18 +88,10 @@ class PlazaReads:
             shapes[query.shape].append((ask, query))
         pages: dict[Listing, list[Row]] = {ask: [] for ask in asks}
         async with self.repo.pool.connection() as conn:
-            cursor = conn.cursor(row_factory=dict_row)
-            for shape, group in shapes.items():
-                if "a.terms" in shape:
-                    for ask, query in group:
-                        await cursor.execute(ONE_PAGE.format(shape=shape), query.params())
-                        pages[ask] = await cursor.fetchall()
-                    continue
-                columns = list(zip(*(query.values for _, query in group), strict=True))
-                await cursor.execute(PAGES.format(shape=shape),
-                                     [list(range(len(group))), *map(list, columns)])  # fmt: skip
+            for group, cursor in await _send_pages(conn, shapes):
                 for row in await cursor.fetchall():
-                    pages[group[row.pop("n")][0]].append(row)
+                    pages[group[row.pop("n", 0)][0]].append(row)
+            cursor = conn.cursor(row_factory=dict_row, binary=True)
             plans = {row["plan_id"] for rows in pages.values() for row in rows}
             flags = await _flags(cursor, {viewer for viewer, _ in keys}, plans)
         result = []
@@ -113,8 +107,8 @@ class PlazaReads:
         for plan_id, _, comments in keys:
             wanted[plan_id] = max(wanted.get(plan_id, 0), comments)
         async with self.repo.pool.connection() as conn:
-            cursor = conn.cursor(row_factory=dict_row)
-            await cursor.execute(f"SELECT {COLUMNS}, p.steps FROM plaza_plans p WHERE "
+            cursor = conn.cursor(row_factory=dict_row, binary=True)
+            await cursor.execute(f"SELECT {COLUMNS}, p.steps FROM {PLANS} WHERE "
                                  "p.plan_id = ANY(%s)", (list(wanted),))  # fmt: skip
             plans = {row["plan_id"]: row for row in await cursor.fetchall()}
             flags = await _flags(cursor, {viewer for _, viewer, _ in keys}, set(plans))
@@ -129,6 +123,29 @@ class PlazaReads:
 
 
 Flags = dict[tuple[str, str], set[str]]
+Sent = list[tuple[list[tuple[Listing, ListQuery]], AsyncCursor[Row]]]
+
+
+async def _send_pages(conn: AsyncConnection[Any], shapes: dict[str, list[tuple[Listing, ListQuery]]]
+                      ) -> Sent:  # fmt: skip
+    """Every page query of a batch, in one round trip (a pipeline): a query per shape for
+    many asks, and one per search (a batch's distinct searches, one after another, were most
+    of a search's wait under load). Each cursor holds its asks' rows."""
+    sent: Sent = []
+    async with conn.pipeline():
+        for shape, group in shapes.items():
+            if "a.terms" in shape:
+                for ask, query in group:
+                    cursor = conn.cursor(row_factory=dict_row, binary=True)
+                    await cursor.execute(ONE_PAGE.format(shape=shape), query.params())
+                    sent.append(([(ask, query)], cursor))
+                continue
+            columns = list(zip(*(query.values for _, query in group), strict=True))
+            cursor = conn.cursor(row_factory=dict_row, binary=True)
+            await cursor.execute(PAGES.format(shape=shape),
+                                 [list(range(len(group))), *map(list, columns)])  # fmt: skip
+            sent.append((group, cursor))
+    return sent
 
 
 async def _flags(cursor: Any, viewers: set[str], plans: set[str]) -> Flags:

@@ -11,6 +11,7 @@ repeat inserts nothing and changes no count), and only then moves the count.
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -25,9 +26,9 @@ from contracts.cloudevents import current_trace, event_headers
 from contracts.plaza import PLAZA_EVENTS, PlazaEvent
 from contracts.records import EPOCH
 from kernel.db import open_pool
-from kernel.errors import CreditLedgerError, PlazaNotFound
+from kernel.errors import CreditLedgerError, PlazaNotFound, Refused
 from kernel.settings import Settings
-from outbox.enqueue import enqueue_async
+from outbox.enqueue import enqueue_async, enqueue_many_async
 from plaza import domain
 from plaza.domain import Sort
 from plaza.search import tsquery, vector
@@ -37,7 +38,7 @@ Row = dict[str, Any]
 
 COLUMNS = (
     "p.plan_id, p.author_id, p.title, p.summary, p.tags, p.status, p.imported_from, "
-    "p.like_count, p.import_count, p.comment_count, p.popularity, p.created_at, p.updated_at"
+    "c.like_count, c.import_count, c.comment_count, c.popularity, p.created_at, p.updated_at"
 )
 # What a viewer sees of a plan: its columns and whether the viewer liked and imported it
 # (plaza.reads adds the last two to a batch's rows itself, in this order).
@@ -47,6 +48,8 @@ FLAGS = (
     "%(viewer)s) AS imported"
 )
 SUMMARY = f"{COLUMNS}, {FLAGS.format(plan='p.plan_id')}"
+# Where COLUMNS come from: a plan and its counts.
+PLANS = "plaza_plans p JOIN plaza_plan_counts c ON c.plan_id = p.plan_id"
 COMMENT = (
     "comment_id, plan_id, parent_id, path, author_id, CASE WHEN deleted_at IS NULL THEN body "
     "END AS body, deleted_at IS NOT NULL AS deleted, created_at"
@@ -101,11 +104,16 @@ class PlazaRepository:
 
     async def _emit(self, conn: psycopg.AsyncConnection[Any], event: PlazaEvent) -> None:
         """The change's event into the outbox, in the change's transaction."""
+        event_id, topic, key, value, headers = self._outbox_item(event, current_trace.get())
+        await enqueue_async(conn, event_id, topic, key, value, headers=headers)
+
+    def _outbox_item(self, event: PlazaEvent, trace: str | None
+                     ) -> tuple[str, str, bytes, bytes, dict[str, str]]:  # fmt: skip
+        """The event as the outbox takes it: id, topic, key (the plan), Avro bytes, headers."""
         value = self.codec.encode(PLAZA_EVENTS, event.to_record())
         headers = event_headers(event.event_id, event.type, event.producer,
-                                event.occurred_at_ms, current_trace.get())  # fmt: skip
-        await enqueue_async(conn, event.event_id, self.settings.plaza.topic,
-                            event.plan_id.encode(), value, headers=headers)  # fmt: skip
+                                event.occurred_at_ms, trace)  # fmt: skip
+        return event.event_id, self.settings.plaza.topic, event.plan_id.encode(), value, headers
 
     def _event(self, kind: str, plan: Row, actor: str, at: datetime, **extra: Any) -> PlazaEvent:
         return domain.event(kind, plan, actor, at, self.settings.plaza.producer_name, **extra)
@@ -133,6 +141,8 @@ class PlazaRepository:
                 (plan["plan_id"], author, plan["title"], plan["summary"], Jsonb(plan["steps"]),
                  list(tags), _search(plan), now, now),
             )  # fmt: skip
+            await cursor.execute("INSERT INTO plaza_plan_counts (plan_id, published) VALUES "
+                                 "(%s, true)", (plan["plan_id"],))  # fmt: skip
             await self._tag_rows(cursor, plan["plan_id"], now, tags)
             await self._emit(conn, self._event("plan.published", plan, author, now))
         return await self.plan(plan["plan_id"], author)
@@ -168,6 +178,8 @@ class PlazaRepository:
                 await self._untag(cursor, plan_id)
             await cursor.execute("UPDATE plaza_plans SET status = 'withdrawn', updated_at = %s "
                                  "WHERE plan_id = %s", (now, plan_id))  # fmt: skip
+            await cursor.execute("UPDATE plaza_plan_counts SET published = false WHERE "
+                                 "plan_id = %s", (plan_id,))  # fmt: skip
             await self._emit(conn, self._event("plan.withdrawn", plan, user, now))
         return await self.plan(plan_id, user)
 
@@ -192,7 +204,7 @@ class PlazaRepository:
 
     async def plan(self, plan_id: str, viewer: str, *, comments: int = 0) -> Row:
         """One plan with its steps, as ``viewer`` sees it (and its first comments)."""
-        rows = await self._all(f"SELECT {SUMMARY}, p.steps FROM plaza_plans p "
+        rows = await self._all(f"SELECT {SUMMARY}, p.steps FROM {PLANS} "
                                "WHERE p.plan_id = %(plan)s", {"plan": plan_id,
                                "viewer": viewer})  # fmt: skip
         if not rows:
@@ -221,7 +233,7 @@ class PlazaRepository:
         return Page(rows, domain.list_cursor(ask.sort, rows[-1]) if more else None)
 
     async def my_plans(self, user: str, limit: int) -> list[Row]:
-        return await self._all(f"SELECT {SUMMARY} FROM plaza_plans p WHERE p.author_id = "
+        return await self._all(f"SELECT {SUMMARY} FROM {PLANS} WHERE p.author_id = "
                                "%(viewer)s ORDER BY p.updated_at DESC, p.plan_id DESC "
                                "LIMIT %(limit)s", {"viewer": user, "limit": limit})  # fmt: skip
 
@@ -248,11 +260,13 @@ class PlazaRepository:
                     "title, summary, steps, tags, 'private', plan_id, search, %s, %s FROM "
                     "plaza_plans WHERE plan_id = %s", (copy_id, user, now, now, plan_id),
                 )  # fmt: skip
+                await cursor.execute("INSERT INTO plaza_plan_counts (plan_id, published) "
+                                     "VALUES (%s, false)", (copy_id,))  # fmt: skip
                 await cursor.execute("INSERT INTO plaza_imports (plan_id, user_id, copy_id, "
                                      "imported_at) VALUES (%s, %s, %s, %s)",
                                      (plan_id, user, copy_id, now))  # fmt: skip
-                await cursor.execute("UPDATE plaza_plans SET import_count = import_count + 1 "
-                                     "WHERE plan_id = %s", (plan_id,))  # fmt: skip
+                await cursor.execute("UPDATE plaza_plan_counts SET import_count = import_count "
+                                     "+ 1 WHERE plan_id = %s", (plan_id,))  # fmt: skip
                 await self._emit(conn, self._event("plan.imported", plan, user, now,
                                                    copy_id=copy_id))  # fmt: skip
         copy = existing["copy_id"] if existing else copy_id
@@ -273,15 +287,61 @@ class PlazaRepository:
                                      "user_id = %s", (plan_id, user))  # fmt: skip
             if cursor.rowcount == 1:
                 step = 1 if liked else -1
-                await cursor.execute("UPDATE plaza_plans SET like_count = like_count + %s "
+                await cursor.execute("UPDATE plaza_plan_counts SET like_count = like_count + %s "
                                      "WHERE plan_id = %s", (step, plan_id))  # fmt: skip
                 kind = "plan.liked" if liked else "plan.unliked"
                 await self._emit(conn, self._event(kind, plan, user, now))
-            await cursor.execute("SELECT like_count, import_count FROM plaza_plans WHERE "
+            await cursor.execute("SELECT like_count, import_count FROM plaza_plan_counts WHERE "
                                  "plan_id = %s", (plan_id,))  # fmt: skip
             counts = await cursor.fetchone()
         assert counts is not None, "the plan is locked"
         return {"plan_id": plan_id, "liked": liked, **counts}
+
+    async def like_many(self, asks: list[LikeAsk], now: datetime) -> list[Row | Refused]:
+        """Many users' likes in one transaction (one commit for all): to each ask, what
+        :meth:`like` would answer it alone, or its refusal. The plans are locked in one
+        order (no deadlock between two batches, nor with a change of one plan), a like
+        already there changes nothing, and each new like counts once and writes its
+        ``plan.liked`` event, with the trace of the request that asked for it."""
+        async with self.pool.connection() as conn, conn.transaction():
+            cursor = conn.cursor(row_factory=dict_row)
+            await cursor.execute("SELECT plan_id, author_id, title, tags, status FROM "
+                                 "plaza_plans WHERE plan_id = ANY(%s) ORDER BY plan_id FOR NO "
+                                 "KEY UPDATE", (sorted({a.plan_id for a in asks}),))  # fmt: skip
+            plans = {row["plan_id"]: row for row in await cursor.fetchall()}
+            refused, wanted = _checked_likes(asks, plans)
+            counts: dict[str, Row] = {}
+            if wanted:
+                await self._add_likes(conn, cursor, wanted, plans, now)
+                await cursor.execute("SELECT plan_id, like_count, import_count FROM "
+                                     "plaza_plan_counts "
+                                     "WHERE plan_id = ANY(%s)",
+                                     (list({a.plan_id for a in wanted}),))  # fmt: skip
+                counts = {row.pop("plan_id"): row for row in await cursor.fetchall()}
+        return [refused[n] if n in refused else {"plan_id": ask.plan_id, "liked": True,
+                **counts[ask.plan_id]} for n, ask in enumerate(asks)]  # fmt: skip
+
+    async def _add_likes(self, conn: psycopg.AsyncConnection[Any], cursor: AsyncCursor[Row],
+                         wanted: list[LikeAsk], plans: dict[str, Row],
+                         now: datetime) -> None:  # fmt: skip
+        await cursor.execute("INSERT INTO plaza_likes (plan_id, user_id, liked_at) SELECT "
+                             "plan_id, user_id, %s FROM unnest(%s::text[], %s::text[]) AS "
+                             "a(plan_id, user_id) ON CONFLICT DO NOTHING RETURNING plan_id, "
+                             "user_id", (now, [a.plan_id for a in wanted],
+                             [a.user_id for a in wanted]))  # fmt: skip
+        new = {(row["plan_id"], row["user_id"]) for row in await cursor.fetchall()}
+        if not new:
+            return
+        gained = Counter(plan_id for plan_id, _ in new)
+        await cursor.execute("UPDATE plaza_plan_counts p SET like_count = p.like_count + g.n FROM "
+                             "unnest(%s::text[], %s::int[]) AS g(plan_id, n) WHERE p.plan_id = "
+                             "g.plan_id", (list(gained), list(gained.values())))  # fmt: skip
+        events = []
+        for ask in wanted:  # in the asks' order, so the outbox keeps their arrival order
+            if (ask.plan_id, ask.user_id) in new:
+                event = self._event("plan.liked", plans[ask.plan_id], ask.user_id, now)
+                events.append(self._outbox_item(event, ask.trace))
+        await enqueue_many_async(conn, events)
 
     # -- comments ----------------------------------------------------------------------------
 
@@ -323,7 +383,7 @@ class PlazaRepository:
             )  # fmt: skip
             comment = await cursor.fetchone()
             assert comment is not None
-            await cursor.execute("UPDATE plaza_plans SET comment_count = comment_count + 1 "
+            await cursor.execute("UPDATE plaza_plan_counts SET comment_count = comment_count + 1 "
                                  "WHERE plan_id = %s", (plan_id,))  # fmt: skip
             await self._emit(conn, self._event("comment.posted", plan, user, now,
                                                comment_id=comment_id,
@@ -395,17 +455,20 @@ def listing_sql(ask: Listing) -> ListQuery | None:
         if terms is None:
             return None
         where.append("p.search @@ a.terms::tsquery")
-    source = "plaza_plans p"
-    if ask.sort == "newest":
-        key, order = "p.created_at", "p.created_at DESC, p.plan_id DESC"
-        if ask.tag is not None and ask.query is None:
-            # The tag's own index: a page is a range of it, however big the tag.
-            source = "plaza_plan_tags t JOIN plaza_plans p USING (plan_id)"
-            where.append("t.tag = a.tag")
-            key, order = "t.created_at", "t.created_at DESC, t.plan_id DESC"
-    else:
-        key, order = "p.popularity", "p.popularity DESC, p.plan_id DESC"
-    if ask.tag is not None and source == "plaza_plans p":
+    # The source, and the order as its index has it: a page is a range of that index.
+    source, key, key_id = PLANS, "p.created_at", "p.plan_id"
+    if ask.sort == "newest" and ask.tag is not None and ask.query is None:
+        # The tag's own index: a page is a range of it, however big the tag.
+        source = ("plaza_plan_tags t JOIN plaza_plans p ON p.plan_id = t.plan_id "
+                  "JOIN plaza_plan_counts c ON c.plan_id = p.plan_id")  # fmt: skip
+        where.append("t.tag = a.tag")
+        key, key_id = "t.created_at", "t.plan_id"
+    elif ask.sort == "popular":
+        # The counts' popular index (published plans only).
+        source = "plaza_plan_counts c JOIN plaza_plans p ON p.plan_id = c.plan_id"
+        where.append("c.published")
+        key, key_id = "c.popularity", "c.plan_id"
+    if ask.tag is not None and key != "t.created_at":
         where.append("p.tags @> ARRAY[a.tag]")
     after_ts = after_n = after_id = None
     if ask.cursor is not None:
@@ -414,10 +477,40 @@ def listing_sql(ask: Listing) -> ListQuery | None:
             after_ts = EPOCH + timedelta(microseconds=after)
         else:
             after_n = after
-        where.append(f"({key}, p.plan_id) < (a.after_{'ts' if after_ts else 'n'}, a.after_id)")
+        after_key = "a.after_ts" if ask.sort == "newest" else "a.after_n"
+        where.append(f"({key}, {key_id}) < ({after_key}, a.after_id)")
+    order = f"{key} DESC, {key_id} DESC"
     shape = f"SELECT {COLUMNS} FROM {source} WHERE {' AND '.join(where)} ORDER BY {order} " \
         "LIMIT a.lim"  # fmt: skip
     return ListQuery(shape, (ask.tag, terms, after_ts, after_n, after_id, ask.limit + 1))
+
+
+@dataclass(frozen=True)
+class LikeAsk:
+    """One request's like: who, which plan, and the request's trace (its event's)."""
+
+    user_id: str
+    plan_id: str
+    trace: str | None
+
+
+def _checked_likes(asks: list[LikeAsk], plans: dict[str, Row]
+                   ) -> tuple[dict[int, Refused], list[LikeAsk]]:  # fmt: skip
+    """The refusals by the asks' places, and the likes that may be made (each (user, plan)
+    once, the first ask's trace)."""
+    refused: dict[int, Refused] = {}
+    wanted: dict[tuple[str, str], LikeAsk] = {}
+    for n, ask in enumerate(asks):
+        try:
+            plan = plans.get(ask.plan_id)
+            if plan is None:
+                raise PlazaNotFound("plan_not_found", f"no plan {ask.plan_id!r}")
+            domain.check_published(plan, ask.user_id, "liked")
+        except Refused as refusal:
+            refused[n] = refusal
+            continue
+        wanted.setdefault((ask.user_id, ask.plan_id), ask)
+    return refused, list(wanted.values())
 
 
 def _search(plan: Row) -> str:

@@ -2,20 +2,23 @@
 
 from __future__ import annotations
 
+import asyncio
 import random
 import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import psycopg
 import pytest
 
 from agents.domain import Ledger
 from contracts.commands import Grant
 from contracts.records import CHARGE_TOPIC, command_from_record, command_to_record, command_topic
 from kernel.db import connect
+from kernel.errors import OutboxConflict
 from kernel.settings import Settings, project_path
-from outbox.enqueue import enqueue
+from outbox.enqueue import enqueue, enqueue_async
 from streams.codec import load_codec
 from streams.reading import read_topic
 from testbed.topics import ScratchTopics
@@ -135,3 +138,36 @@ def test_the_spool_moves_only_charges_into_the_outbox(world: World, tmp_path: Pa
         (charge.event_id, codec.encode(CHARGE_TOPIC, command_to_record(charge))),
     ]
     assert list(directory.iterdir()) == []
+
+
+def test_many_events_in_one_statement_answer_as_one_by_one(world: World) -> None:
+    """enqueue_many_async: new events inserted in order, the same event again a duplicate,
+    an id taken by another event an OutboxConflict that leaves the transaction's rows out."""
+    from outbox.enqueue import enqueue_many_async
+
+    headers = {"ce_id": "x"}
+
+    async def run() -> None:
+        dsn = world.settings.postgres_dsn
+        async with await psycopg.AsyncConnection.connect(dsn) as conn:
+            async with conn.transaction():
+                await enqueue_async(conn, "e-0", "t", b"k", b"zero")
+                outcomes = await enqueue_many_async(conn, [
+                    ("e-1", "t", b"k1", b"one", headers), ("e-0", "t", b"k", b"zero", headers),
+                    ("e-2", "t", b"k2", b"two", headers)])  # fmt: skip
+                assert outcomes == ["inserted", "duplicate", "inserted"]
+            with pytest.raises(OutboxConflict):
+                async with conn.transaction():
+                    taken = [
+                        ("e-3", "t", b"k", b"three", headers),
+                        ("e-1", "t", b"k", b"x", headers),
+                    ]
+                    await enqueue_many_async(conn, taken)
+            with pytest.raises(ValueError):
+                await enqueue_many_async(conn, [("e-4", "t", b"k", b"a", headers)] * 2)
+            cursor = await conn.execute("SELECT event_id, message_value, headers FROM outbox "
+                                        "ORDER BY id")  # fmt: skip
+            rows = [(e, bytes(v), h) for e, v, h in await cursor.fetchall()]
+        assert rows == [("e-0", b"zero", None), ("e-1", b"one", headers), ("e-2", b"two", headers)]
+
+    asyncio.run(run())

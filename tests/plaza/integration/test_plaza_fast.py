@@ -16,12 +16,16 @@ from __future__ import annotations
 import asyncio
 import json
 import urllib.parse
+from collections import defaultdict
 from collections.abc import Awaitable, Iterator, MutableMapping
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, NamedTuple
 
 import pytest
 from pydantic import SecretStr
 
+from contracts.cloudevents import trace_id
+from kernel.db import connect
 from kernel.errors import Refused
 from kernel.settings import Settings
 from plaza.api import PREFIX, PlazaService
@@ -157,6 +161,56 @@ def test_fast_path_answers_byte_for_byte_as_the_routes(seeded: Seeded) -> None:
     listed = json.loads(body)["plans"]
     assert len(listed) == 6
     assert any(plan["liked"] for plan in listed)
+
+
+def test_likes_made_together_count_once_each_with_their_own_event(seeded: Seeded) -> None:
+    """Forty users like three plans at once through the fast path, each twice, so likes
+    are made in batches, repeats among them: every count is exact, every new like has one
+    ``plan.liked`` event carrying the trace of the request that made it, and a like of a
+    withdrawn plan is still the route's 404."""
+    world, ids = seeded
+    fast_url = world.start_plaza("plaza-fast", free_port(), fast_reads="true")
+    plans = [ids[4], ids[5], ids[6]]  # nobody liked them yet; the last is withdrawn
+    users = [f"liker-{n:02d}" for n in range(40)]
+    tokens = {user: world.token(user) for user in users}
+    before = {event.event_id for event in world.plaza_events()}
+
+    def like(job: tuple[int, str, str]) -> tuple[str, str, str, int, Any]:
+        n, user, plan_id = job
+        trace = f"00-{n + 1:032x}-{n + 1:016x}-01"  # (all-zero ids are not a trace)
+        status, _, body = world.raw("PUT", f"/plans/{plan_id}/like", token=tokens[user],
+                                    headers={"traceparent": trace}, base=fast_url)  # fmt: skip
+        return user, plan_id, trace, status, json.loads(body)
+
+    jobs = [(n, user, plan_id) for n, (user, plan_id) in enumerate(
+        (user, plan_id) for _ in range(2) for user in users for plan_id in plans)]  # fmt: skip
+    with ThreadPoolExecutor(max_workers=32) as pool:
+        answers = list(pool.map(like, jobs))
+    for _, plan_id, _, status, body in answers:
+        if plan_id == ids[6]:
+            assert (status, body["error"]["code"]) == (404, "plan_not_found"), body
+        else:
+            assert status == 200, body
+            assert body["plan_id"] == plan_id
+            assert body["liked"] is True
+            assert 1 <= body["like_count"] <= len(users)
+    for plan_id in plans[:2]:
+        status, _, body = world.raw("GET", f"/plans/{plan_id}", token=tokens[users[0]],
+                                    base=fast_url)  # fmt: skip
+        assert json.loads(body)["like_count"] == len(users)
+    events = [e for e in world.plaza_events() if e.event_id not in before]
+    assert sorted((e.type, e.actor_id, e.plan_id) for e in events) == sorted(
+        ("plan.liked", user, plan_id) for user in users for plan_id in plans[:2])  # fmt: skip
+    with connect(world.env_settings()) as conn:
+        rows = conn.execute("SELECT event_id, headers FROM outbox WHERE topic = %s",
+                            (world.plaza_topic,)).fetchall()  # fmt: skip
+    headers = dict(rows)
+    asked: dict[tuple[str, str], set[str]] = defaultdict(set)  # the traces of its requests
+    for user, plan_id, trace, _, _ in answers:
+        asked[(user, plan_id)].add(trace_id(trace))
+    for event in events:
+        trace = trace_id(headers[event.event_id]["traceparent"])
+        assert trace in asked[(event.actor_id, event.plan_id)], event
 
 
 class Downstream:
