@@ -508,6 +508,16 @@ class StoreSettings(_Section):
         "creditledger-event-rewards",
         description="Consumer group of `creditledger store event-rewards`.",
     )
+    event_rewards_wait_ms: int = Field(
+        50, ge=1, le=10_000,
+        description="How long event-rewards waits for more events before claiming what it "
+        "has (the latency it adds to an import's reward).",
+    )  # fmt: skip
+    event_rewards_claims: int = Field(
+        4, ge=1, le=32,
+        description="Claims event-rewards makes at once, for different users (one user's "
+        "claims stay in the order of their events); also its Postgres connections.",
+    )  # fmt: skip
     plaza_url: str = Field(
         "http://127.0.0.1:18110/plaza/",
         description="Where the store page links to the plan plaza (the token follows in the "

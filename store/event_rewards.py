@@ -21,6 +21,7 @@ import asyncio
 import logging
 import signal
 import time
+from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -64,7 +65,8 @@ class EventRewards:
                  registry: CollectorRegistry | None = None) -> None:  # fmt: skip
         self.settings = settings
         self.codec: AvroCodec = load_codec(project_path(settings.schemas.avro_dir))
-        self.repo = StoreRepository(settings, self.codec, dsn=dsn, pool_size=2)
+        self.repo = StoreRepository(settings, self.codec, dsn=dsn,
+                                    pool_size=settings.store.event_rewards_claims)  # fmt: skip
         self.rules: list[RewardRule] = []
         self.rules_read_at = 0.0
         self.stopping = False
@@ -84,28 +86,50 @@ class EventRewards:
         setattr(self.tally, outcome, getattr(self.tally, outcome) + 1)
         self.outcomes.labels(outcome).inc()
 
-    async def handle(self, value: bytes | None) -> None:
-        """One record: claim every rule it triggers (the outcome is counted)."""
+    async def handle(self, values: Sequence[bytes | None]) -> None:
+        """A batch of records: every rule each triggers claimed (each outcome counted).
+        Different users' claims run at once; one user's run in the order of their events,
+        so their cap is met by the earliest, as when read one by one."""
+        claims: dict[str, list[tuple[RewardRule, PlazaEvent]]] = defaultdict(list)
+        for value in values:
+            triggered = await self._triggered(value)
+            if triggered is not None:
+                user, event, rules = triggered
+                claims[user] += [(rule, event) for rule in rules]
+        room = asyncio.Semaphore(self.settings.store.event_rewards_claims)
+
+        async def claim_in_order(user: str, todo: list[tuple[RewardRule, PlazaEvent]]) -> None:
+            async with room:
+                for rule, event in todo:
+                    await self._claim(rule, user, event)
+
+        # A failure cancels the rest: the batch is not committed, and is read again.
+        async with asyncio.TaskGroup() as group:
+            for user, todo in claims.items():
+                group.create_task(claim_in_order(user, todo))
+
+    async def _triggered(self, value: bytes | None
+                         ) -> tuple[str, PlazaEvent, list[RewardRule]] | None:  # fmt: skip
+        """Who the record rewards, and by which rules; None (counted why) for nothing."""
         try:
             decoded = self.codec.decode(value or b"")
         except CodecError as exc:
             log.warning("skipping an undecodable event: %s", exc)
             self._count("undecodable")
-            return
+            return None
         if decoded.event_type != PLAZA_EVENTS:
             self._count("no_rule")
-            return
+            return None
         event = PlazaEvent.from_record(decoded.record)
         rules = [rule for rule in await self._rules() if rule.trigger_event == event.type]
         user = recipient(event)
         if not rules:
             self._count("no_rule")
-            return
+            return None
         if user is None:
             self._count("own")
-            return
-        for rule in rules:
-            await self._claim(rule, user, event)
+            return None
+        return user, event, rules
 
     async def _claim(self, rule: RewardRule, user: str, event: PlazaEvent) -> None:
         try:
@@ -127,12 +151,14 @@ class EventRewards:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stop)
         idle_since = time.monotonic()
+        # consume() returns after BATCH records or this wait, whichever comes first: the
+        # wait is what a lone import's reward waits here.
+        wait_s = self.settings.store.event_rewards_wait_ms / 1000
         try:
             while not self.stopping:
-                batch = await asyncio.to_thread(consumer.consume, BATCH, 1.0)
+                batch = await asyncio.to_thread(consumer.consume, BATCH, wait_s)
                 records = _records(batch)
-                for message in records:
-                    await self.handle(message.value())
+                await self.handle([message.value() for message in records])
                 if records:
                     # After the claims are committed: a crash before this line reads them
                     # again and finds them (the claim is unique by rule, user and event).
