@@ -314,8 +314,7 @@ class PlazaRepository:
             if wanted:
                 await self._add_likes(conn, cursor, wanted, plans, now)
                 await cursor.execute("SELECT plan_id, like_count, import_count FROM "
-                                     "plaza_plan_counts "
-                                     "WHERE plan_id = ANY(%s)",
+                                     "plaza_plan_counts WHERE plan_id = ANY(%s)",
                                      (list({a.plan_id for a in wanted}),))  # fmt: skip
                 counts = {row.pop("plan_id"): row for row in await cursor.fetchall()}
         return [refused[n] if n in refused else {"plan_id": ask.plan_id, "liked": True,
