@@ -265,6 +265,12 @@ class ProjectionSettings(_Section):
     batch_max: int = Field(
         5000, ge=1, description="Most ledger entries applied per projector transaction."
     )
+    redis_refill: bool = Field(
+        True,
+        description="A Redis projector that finds no progress in Redis (it restarted empty) "
+        "refills the snapshots from the Postgres read model and reads the ledger from the "
+        "Postgres progress on; off: it reads the ledger from its start.",
+    )
     poll_timeout_ms: int = Field(
         20,
         ge=1,

@@ -9,8 +9,11 @@ meanwhile, nothing is written and the projector plans again. Snapshots never
 go backwards because the script compares ``seq`` before writing.
 
 Redis runs without persistence here; if it restarts empty, the stored
-progress is gone too, so the projector seeks back to the beginning of the log
-and rebuilds every snapshot by itself.
+progress is gone too. The sink then refills the snapshots and the progress
+from the Postgres read model (:mod:`projections.redis_refill`) and the
+projector reads the ledger only from there on; without a Postgres progress
+(or with ``projections.redis_refill`` off) it seeks back to the beginning of
+the log and rebuilds every snapshot by itself.
 """
 
 from __future__ import annotations
@@ -44,6 +47,7 @@ from projections.entries import (
     split_storable,
 )
 from projections.progress import BatchPlan, plan_batch
+from projections.redis_refill import refill_from_postgres
 
 log = logging.getLogger(__name__)
 
@@ -140,10 +144,19 @@ class RedisSink:
         self.prefix = prefix or settings.projections.redis_key_prefix
         self._client: redis.Redis | None = None
         self._apply: Any = None
+        self._rebuild: Any = None
 
     def start(self) -> None:
         self._client = connect_redis(self.settings)
         self._apply = self._client.register_script(APPLY_LUA)
+        self._rebuild = self._client.register_script(REBUILD_LUA)
+
+    def _refill(self, topic: str, missing: list[int]) -> dict[int, int]:
+        """Progress for ``missing`` partitions (none in Redis) from Postgres, if allowed."""
+        if not missing or not self.settings.projections.redis_refill:
+            return {}
+        return refill_from_postgres(self.settings, self.client, self._rebuild, self.prefix,
+                                    topic, missing)  # fmt: skip
 
     def close(self) -> None:
         if self._client is not None:
@@ -160,9 +173,11 @@ class RedisSink:
         try:
             values = self.client.hmget(progress_key(self.prefix, topic),
                                        [str(p) for p in partitions])  # fmt: skip
+            stored = {p: int(v) for p, v in zip(partitions, values, strict=True) if v is not None}
+            stored.update(self._refill(topic, [p for p in partitions if p not in stored]))
         except redis.RedisError as exc:
             raise ProjectionError(f"reading the Redis progress failed: {exc}") from exc
-        return {p: int(v) for p, v in zip(partitions, values, strict=True) if v is not None}
+        return stored
 
     def apply(self, topic: str, rows: dict[int, list[Row]], lows: dict[int, int],
               sought: dict[int, int]) -> BatchPlan:  # fmt: skip
@@ -172,6 +187,9 @@ class RedisSink:
         for _attempt in range(RETRIES):
             try:
                 raw = self.client.hmget(key, fields)
+                missing = [p for p, v in zip(partitions, raw, strict=True) if v is None]
+                if self._refill(topic, missing):  # Redis restarted empty under us
+                    raw = self.client.hmget(key, fields)
                 stored = {p: int(v) if v is not None else lows.get(p, 0)
                           for p, v in zip(partitions, raw, strict=True)}  # fmt: skip
                 plan = plan_batch(rows, stored, sought)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import ast
 import random
+import re
 import threading
 import time
 from collections.abc import Iterator
@@ -261,3 +263,43 @@ def test_verify_fails_on_a_stalled_projector(world: World) -> None:
     stopped = world.command("verify", "--quiet", "--redis-only", "--expect-running")
     assert stopped.returncode == 1, stopped.stdout + stopped.stderr
     assert "a running projector" in stopped.stdout
+
+
+def test_a_redis_that_comes_back_empty_is_refilled_from_postgres(world: World) -> None:
+    """Redis loses every key of the world (as a restart without persistence would) while
+    entries keep coming: the Redis projector refills the snapshots from Postgres and reads
+    the ledger only from the Postgres progress on, and ends equal to the auditor."""
+    seed = random.randrange(2**32)
+    workload = build_entries(seed, world.unique, commands=20_000, users=800)
+    half = len(workload.entries) // 2
+    world.start_projector("postgres")
+    world.start_projector("redis")
+    world.produce(workload.entries[:half])
+    world.wait_caught_up()
+    rest = workload.entries[half:]
+    chunks = [rest[i : i + 1000] for i in range(0, len(rest), 1000)]
+
+    def send_rest() -> None:
+        for chunk in chunks:
+            world.produce(chunk)
+
+    producer = threading.Thread(target=send_rest)
+    producer.start()
+    client = connect_redis(world.settings)
+    keys = list(client.scan_iter(match=f"{world.prefix}:*", count=1000))
+    assert progress_key(world.prefix, world.topic).encode() in keys
+    client.delete(*keys)  # one command: Redis is empty for this world at one instant
+    client.close()
+    producer.join()
+    world.wait_caught_up()
+    assert_equals_auditor(world, workload, seed)
+    result = world.command("verify", "--quiet")
+    assert result.returncode == 0, f"seed {seed}: {result.stdout}{result.stderr}"
+    found = re.findall(r"refilled (\d+) snapshots from Postgres and going on from (\{[^}]*\})",
+                       world.log_tail("redis", 100_000))  # fmt: skip
+    assert found, f"seed {seed}: no refill in the Redis projector's log"
+    snapshots, going_on = int(found[-1][0]), ast.literal_eval(found[-1][1])
+    # Postgres had every entry of the first half when Redis emptied: the projector went on
+    # from there, not from offset 0, and so read none of those entries again.
+    assert sum(going_on.values()) >= half, (seed, going_on)
+    assert snapshots >= len({entry.user_id for entry in workload.entries[:half]}), seed
