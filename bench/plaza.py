@@ -72,6 +72,9 @@ _CHINESE = (
     "考试 复习 面试 减脂 睡眠 冥想 绘画 钢琴 骑行 露营 家务 育儿 园艺 书法"
 )
 CHINESE = tuple(_CHINESE.split())
+# Words in no generated plan: a search for them finds nothing (the generated vocabulary's
+# words are each in about half of the plans).
+RARE = ("zebra", "xylophone", "quantum", "量子", "火山", "origami")
 TAGS = [f"tag-{n:02d}" for n in range(40)] + ["general", "学习", "健身", "travel", "reading",
         "cooking", "英语", "理财", "morning", "hiking", "writing", "sleep", "career", "yoga",
         "编程", "家居", "摄影", "chess", "piano", "garden"]  # fmt: skip
@@ -207,6 +210,7 @@ def routes(plan_ids: list[str], rng: random.Random) -> list[Route]:
         ("list newest, by tag", "GET", [f"{base}?limit=20&tag={_q(t)}" for t in TAGS]),
         ("list popular", "GET", [f"{base}?limit=20&sort=popular"]),
         ("search (en + zh)", "GET", [f"{base}?limit=20&q={_q(w)}" for w in (*ENGLISH, *CHINESE)]),
+        ("search, rare words", "GET", [f"{base}?limit=20&q={_q(w)}" for w in RARE]),
         ("detail + first 20 comments", "GET", [f"{base}/{p}?comments=20" for p in sample]),
         ("like (PUT)", "PUT", [f"{base}/{p}/like" for p in sample]),
     ]
