@@ -17,7 +17,7 @@ import asyncio
 import json
 import urllib.parse
 from collections import defaultdict
-from collections.abc import Awaitable, Iterator, MutableMapping
+from collections.abc import Awaitable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, NamedTuple
 
@@ -32,6 +32,7 @@ from plaza.api import PREFIX, PlazaService
 from plaza.fast import FastPath
 from plaza.reads import PlazaReads
 from plaza.repository import Listing, Page, Row
+from testbed.asgi import HANDED_ON, Downstream, http_scope, status_of
 from testbed.plaza import PlazaWorld, plaza_world
 from testbed.proxy import free_port
 from testbed.store import TOKEN_SECRET
@@ -213,23 +214,9 @@ def test_likes_made_together_count_once_each_with_their_own_event(seeded: Seeded
         assert trace in asked[(event.actor_id, event.plan_id)], event
 
 
-class Downstream:
-    """Stands in for the FastAPI app behind the fast path and records what reaches it."""
-
-    def __init__(self) -> None:
-        self.paths: list[str] = []
-
-    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        self.paths.append(scope["path"] + "?" + scope["query_string"].decode())
-        await send({"type": "http.response.start", "status": 299, "headers": []})
-        await send({"type": "http.response.body", "body": b"downstream"})
-
-
 def scope(path: str, query: str = "", token: str | None = None,
           method: str = "GET") -> dict[str, Any]:  # fmt: skip
-    headers = [] if token is None else [(b"authorization", f"Bearer {token}".encode())]
-    return {"type": "http", "method": method, "path": PREFIX + path,
-            "query_string": query.encode(), "headers": headers}  # fmt: skip
+    return http_scope(PREFIX + path, query, token, method)
 
 
 def test_the_fast_path_answers_good_requests_and_hands_on_the_rest(seeded: Seeded) -> None:
@@ -242,19 +229,6 @@ def test_the_fast_path_answers_good_requests_and_hands_on_the_rest(seeded: Seede
         downstream = Downstream()
         app = FastPath(downstream, service, PREFIX)
         try:
-
-            async def status(request: dict[str, Any]) -> int:
-                sent: list[MutableMapping[str, Any]] = []
-
-                async def send(message: MutableMapping[str, Any]) -> None:
-                    sent.append(message)
-
-                async def receive() -> dict[str, Any]:
-                    return {"type": "http.request", "body": b"", "more_body": False}
-
-                await app(request, receive, send)
-                return int(sent[0]["status"])
-
             answered = [
                 scope("/plans", token=token),
                 scope("/plans", "sort=popular&tag=running&limit=3", token),
@@ -263,7 +237,7 @@ def test_the_fast_path_answers_good_requests_and_hands_on_the_rest(seeded: Seede
                 scope(f"/plans/{ids[5]}/like", token=token, method="PUT"),
             ]
             for request in answered:
-                assert await status(request) == 200, request
+                assert await status_of(app, request) == 200, request
             assert downstream.paths == []
             handed_on = [
                 scope("/plans"),  # no token
@@ -280,7 +254,7 @@ def test_the_fast_path_answers_good_requests_and_hands_on_the_rest(seeded: Seede
                 scope("/tags", token=token),
             ]
             for request in handed_on:
-                assert await status(request) == 299, request
+                assert await status_of(app, request) == HANDED_ON, request
             assert len(downstream.paths) == len(handed_on)
         finally:
             await service.stop()

@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import Iterator, MutableMapping
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import Any
 
@@ -24,6 +24,7 @@ from contracts.commands import Entry
 from kernel.settings import Settings
 from projections.queries import ReadModels
 from store.hot_reads import HotReads
+from testbed.asgi import HANDED_ON, Downstream, http_scope, status_of
 from testbed.proxy import free_port
 from testbed.store import TOKEN_SECRET, StoreWorld, store_world
 from testbed.topics import ScratchTopics
@@ -98,23 +99,9 @@ def test_fast_reads_answer_byte_for_byte_as_the_routes(world: StoreWorld) -> Non
     assert status == 200 and json.loads(body)["total"]["calls"] == 30
 
 
-class Downstream:
-    """Stands in for the FastAPI app behind the fast path and records what reaches it."""
-
-    def __init__(self) -> None:
-        self.paths: list[str] = []
-
-    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        self.paths.append(scope["path"] + "?" + scope["query_string"].decode())
-        await send({"type": "http.response.start", "status": 299, "headers": []})
-        await send({"type": "http.response.body", "body": b"downstream"})
-
-
 def scope(path: str, query: str = "", token: str | None = None,
           method: str = "GET") -> dict[str, Any]:  # fmt: skip
-    headers = [] if token is None else [(b"authorization", f"Bearer {token}".encode())]
-    return {"type": "http", "method": method, "path": path, "query_string": query.encode(),
-            "headers": headers}  # fmt: skip
+    return http_scope(path, query, token, method)
 
 
 def test_the_fast_path_answers_good_requests_and_hands_on_the_rest(world: StoreWorld) -> None:
@@ -127,19 +114,6 @@ def test_the_fast_path_answers_good_requests_and_hands_on_the_rest(world: StoreW
         downstream = Downstream()
         app = HotReads(downstream, reads, TOKEN_SECRET.encode(), "/credit-store")
         try:
-
-            async def status(request: dict[str, Any]) -> int:
-                sent: list[MutableMapping[str, Any]] = []
-
-                async def send(message: MutableMapping[str, Any]) -> None:
-                    sent.append(message)
-
-                async def receive() -> dict[str, Any]:
-                    return {"type": "http.request", "body": b"", "more_body": False}
-
-                await app(request, receive, send)
-                return int(sent[0]["status"])
-
             answered = [
                 scope("/credit-store/balance", token=token),
                 scope("/credit-store/consumption", "period=30d", token),
@@ -147,7 +121,7 @@ def test_the_fast_path_answers_good_requests_and_hands_on_the_rest(world: StoreW
                 scope("/credit-store/ledger", "cursor=", token),
             ]
             for request in answered:
-                assert await status(request) == 200, request
+                assert await status_of(app, request) == 200, request
             assert downstream.paths == []
             handed_on = [
                 scope("/credit-store/balance"),  # no token
@@ -162,7 +136,7 @@ def test_the_fast_path_answers_good_requests_and_hands_on_the_rest(world: StoreW
                 scope("/credit-store/products", token=token),  # not a hot read
             ]
             for request in handed_on:
-                assert await status(request) == 299, request
+                assert await status_of(app, request) == HANDED_ON, request
             assert len(downstream.paths) == len(handed_on)
         finally:
             await reads.close()
