@@ -98,7 +98,8 @@ def create_app(settings: Settings, *, dsn: str | None = None) -> ASGIApp:
     service = PlazaService(settings, dsn=dsn)
     inner: ASGIApp = create_fastapi(service)
     if settings.plaza.fast_reads:
-        inner = FastPath(inner, service, PREFIX)
+        inner = FastPath(inner, service.reads, service.likes, service.secret, PREFIX,
+                         settings.plaza.max_tag_chars)  # fmt: skip
     return Observed(BodyLimit(inner, settings.plaza.max_body_bytes), service)
 
 

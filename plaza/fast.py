@@ -20,7 +20,7 @@ import logging
 import re
 import time
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import psycopg
 from psycopg_pool import PoolTimeout
@@ -29,12 +29,11 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from contracts.cloudevents import current_trace
 from contracts.tokens import Principal, verify_token
 from kernel.asgi import Fallback, Query, bearer_of, bounded_int, only, query_of, send_json
+from kernel.batching import Batcher
 from kernel.errors import CreditLedgerError, Refused
 from plaza.domain import normalise_tag
-from plaza.repository import LikeAsk, Listing
-
-if TYPE_CHECKING:
-    from plaza.api import PlazaService
+from plaza.reads import PlazaReads
+from plaza.repository import LikeAsk, Listing, Row
 
 log = logging.getLogger(__name__)
 
@@ -44,13 +43,18 @@ TEXT_MAX = 200  # the routes' Query(max_length=200) for tag and q
 CURSOR_MAX = 700
 MAX_LIMIT = 50
 
+Likes = Batcher[LikeAsk, Row | Refused]  # likes that wait together, made in one transaction
 Handler = Callable[[Principal, Query, str], Awaitable[Any]]
 
 
 class FastPath:
-    def __init__(self, app: ASGIApp, service: PlazaService, prefix: str) -> None:
+    def __init__(self, app: ASGIApp, reads: PlazaReads, likes: Likes, secret: bytes,
+                 prefix: str, max_tag_chars: int) -> None:  # fmt: skip
         self.app = app
-        self.service = service
+        self.reads = reads
+        self.likes = likes
+        self.secret = secret
+        self.max_tag_chars = max_tag_chars
         self.list_path = f"{prefix}/plans"
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -88,7 +92,7 @@ class FastPath:
 
     def _principal(self, scope: Scope) -> Principal:
         try:
-            return verify_token(self.service.secret, bearer_of(scope), int(time.time()))
+            return verify_token(self.secret, bearer_of(scope), int(time.time()))
         except CreditLedgerError as exc:
             raise Fallback from exc
 
@@ -100,19 +104,19 @@ class FastPath:
                 or len(cursor or "") > CURSOR_MAX:  # fmt: skip
             raise Fallback
         limit = bounded_int(query.get("limit"), 20, 1, MAX_LIMIT)
-        wanted = normalise_tag(tag, self.service.settings.plaza.max_tag_chars) if tag else None
+        wanted = normalise_tag(tag, self.max_tag_chars) if tag else None
         ask = Listing(sort, wanted, q or None, cursor, limit)  # type: ignore[arg-type]
-        page = await self.service.reads.listing(who.user_id, ask)
+        page = await self.reads.listing(who.user_id, ask)
         return {"plans": page.items, "next_cursor": page.next_cursor}
 
     async def _detail(self, who: Principal, query: Query, plan_id: str) -> Any:
         only(query, ("comments",))
         comments = bounded_int(query.get("comments"), 20, 1, MAX_LIMIT)
-        return await self.service.reads.plan(plan_id, who.user_id, comments)
+        return await self.reads.plan(plan_id, who.user_id, comments)
 
     async def _like(self, who: Principal, query: Query, plan_id: str) -> Any:
         only(query, ())
-        made = await self.service.likes.get(LikeAsk(who.user_id, plan_id, current_trace.get()))
+        made = await self.likes.get(LikeAsk(who.user_id, plan_id, current_trace.get()))
         if isinstance(made, Refused):
             raise made  # the route words it
         return made

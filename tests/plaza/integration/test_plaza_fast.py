@@ -227,7 +227,8 @@ def test_the_fast_path_answers_good_requests_and_hands_on_the_rest(seeded: Seede
         service = PlazaService(service_settings(world))
         await service.start()
         downstream = Downstream()
-        app = FastPath(downstream, service, PREFIX)
+        app = FastPath(downstream, service.reads, service.likes, service.secret, PREFIX,
+                       service.settings.plaza.max_tag_chars)  # fmt: skip
         try:
             answered = [
                 scope("/plans", token=token),
