@@ -13,7 +13,7 @@ LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s %(message)s"
 
 
 def cmd_plaza_serve(args: argparse.Namespace, settings: Settings) -> int:
-    from creditledger.cli_store import is_loopback
+    from creditledger.hosts import is_loopback
     from plaza.server import serve
     from projections.migrate import migrate
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import ipaddress
 import logging
 import time
 from typing import Any
@@ -11,6 +10,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from creditledger.cli_plaza import add_event_rewards_command
+from creditledger.hosts import is_loopback
 from kernel.errors import ConfigError
 from kernel.settings import DEV_SECRET_PREFIX, Settings, StoreSettings
 
@@ -66,15 +66,6 @@ def check_secrets(store: StoreSettings) -> None:
     logging.getLogger("store").warning(
         "%s: the development default; fine on loopback, refused on any other address", names
     )
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:  # a host name: it may resolve anywhere
-        return False
 
 
 def cmd_store_token(args: argparse.Namespace, settings: Settings) -> int:

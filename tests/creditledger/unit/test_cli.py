@@ -106,7 +106,8 @@ def test_store_refuses_development_secrets_off_loopback(
 def test_store_secrets_check() -> None:
     from pydantic import SecretStr
 
-    from creditledger.cli_store import check_secrets, is_loopback
+    from creditledger.cli_store import check_secrets
+    from creditledger.hosts import is_loopback
     from kernel.errors import ConfigError
     from kernel.settings import StoreSettings
 
