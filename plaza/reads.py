@@ -38,7 +38,7 @@ from plaza.repository import (
 
 RARE_FOR_S = 60.0  # how long a term found rare goes straight to its matching plans
 RARE_TERMS_MAX = 10_000
-ListKey = tuple[str, Listing]  # (viewer, the page asked for)
+ListKey = tuple[str, Listing, ListQuery]  # (viewer, the page asked for, its query)
 DetailKey = tuple[str, str, int]  # (plan, viewer, first comments)
 
 FLAGS = (
@@ -80,9 +80,10 @@ class PlazaReads:
 
     async def listing(self, viewer: str, ask: Listing) -> Page:
         """A page of published plans as ``viewer`` sees them (see :func:`listing_sql`)."""
-        if listing_sql(ask) is None:  # also checks the cursor: its error is this request's
+        query = listing_sql(ask)  # also checks the cursor: its error is this request's
+        if query is None:
             return Page([], None)
-        return await self._lists.get((viewer, ask))
+        return await self._lists.get((viewer, ask, query))
 
     async def plan(self, plan_id: str, viewer: str, comments: int) -> Row:
         """A plan with its steps and its first ``comments`` comments, as ``viewer`` sees it."""
@@ -92,19 +93,16 @@ class PlazaReads:
         return found
 
     async def _fetch_lists(self, keys: list[ListKey]) -> list[Page]:
-        asks = list(dict.fromkeys(ask for _, ask in keys))
         shapes: dict[str, Group] = defaultdict(list)
-        for ask in asks:
-            query = listing_sql(ask)
-            assert query is not None, "checked by listing()"
+        for ask, query in dict.fromkeys((ask, query) for _, ask, query in keys):
             shapes[query.shape].append((ask, query))
         async with self.repo.pool.connection() as conn:
             pages, short = await _read_pages(conn, shapes, self._is_rare)
             cursor = conn.cursor(row_factory=dict_row, binary=True)
             plans = {row["plan_id"] for rows in pages.values() for row in rows}
-            flags = await _flags(cursor, {viewer for viewer, _ in keys}, plans)
+            flags = await _flags(cursor, {viewer for viewer, _, _ in keys}, plans)
         result = []
-        for viewer, ask in keys:
+        for viewer, ask, _ in keys:
             ordered = sorted(pages[ask], key=_sort_key(ask), reverse=True)
             rows = [_with_flags(row, viewer, flags) for row in ordered[: ask.limit]]
             more = len(ordered) > ask.limit
