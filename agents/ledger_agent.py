@@ -45,6 +45,7 @@ import logging
 import os
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from confluent_kafka import KafkaError, TopicPartition
@@ -53,6 +54,7 @@ from faust.types import TP
 from agents.app import LedgerApp
 from agents.domain import Account, Applied, Duplicate, Limits, Seen, decide, evolve
 from agents.metrics import LedgerMetrics
+from agents.snapshots import FoldSnapshots
 from agents.state import LedgerStateTable, StateWrite
 from contracts.cloudevents import TRACEPARENT, event_headers, header, kafka_headers
 from contracts.commands import Command
@@ -443,7 +445,8 @@ def report_lag(folder: LedgerFolder, consumer: Any) -> None:
 
 
 def register_ledger_agent(ledger_app: LedgerApp, settings: Settings, worker_name: str,
-                          metrics: LedgerMetrics | None = None) -> LedgerFolder:  # fmt: skip
+                          metrics: LedgerMetrics | None = None,
+                          snapshots: FoldSnapshots | None = None) -> LedgerFolder:  # fmt: skip
     """Attach the fold to the app: one agent instance, one batch in flight.
 
     The agent drains its channel's queue in bulk instead of iterating Faust's
@@ -454,11 +457,14 @@ def register_ledger_agent(ledger_app: LedgerApp, settings: Settings, worker_name
     hands over one message per await, so a batch needs a moment to gather:
     when fewer than ``ledger.batch_max`` are queued, the agent waits
     ``ledger.batch_within_ms`` before draining (under load it never waits).
-    Events are acked only after their batch is durable.
+    Events are acked only after their batch is durable. With ``snapshots``, partitions
+    are restored from snapshots when assigned, and snapshotted between batches when due.
     """
     folder = LedgerFolder(settings, ledger_app.codec, ledger_app.state,
                           ledger_app.partitions, worker_name, metrics)  # fmt: skip
     ledger_app.state.on_recovered = folder.metrics.recovered.inc
+    ledger_app.state.snapshots = snapshots
+    checkpoints = Path(ledger_app.app.conf.datadir) / "checkpoints"
     batch_max = settings.ledger.batch_max
     within_s = settings.ledger.batch_within_ms / 1000
     monitor = ledger_app.app.monitor
@@ -478,6 +484,8 @@ def register_ledger_agent(ledger_app: LedgerApp, settings: Settings, worker_name
                     break
             fold_or_die(folder, batch)
             ack_batch(ledger_app.app.consumer, monitor, batch, folder.filled)
+            if snapshots is not None:
+                snapshots.maybe_take(ledger_app.state.open_partitions(), checkpoints)
             if time.monotonic() >= lag_due[0]:
                 lag_due[0] = time.monotonic() + LAG_EVERY_S
                 report_lag(folder, ledger_app.app.consumer)

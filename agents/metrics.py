@@ -5,6 +5,7 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 BATCH_SIZES = (1, 10, 50, 100, 250, 500, 1000, 2000, 5000)
+SNAPSHOT_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 25.0, 60.0, 120.0, 300.0)
 BATCH_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
@@ -33,3 +34,16 @@ class LedgerMetrics:
                                  registry=r)  # fmt: skip
         self.last_batch = Gauge("ledger_last_batch_timestamp_seconds", "When the worker last "
                                 "made a batch durable (Unix time).", registry=r)  # fmt: skip
+        self.snapshots = Counter("ledger_snapshots", "Fold-state snapshots written to Postgres, "
+                                 "by outcome (taken, failed).", ["outcome"],
+                                 registry=r)  # fmt: skip
+        self.snapshot_seconds = Histogram("ledger_snapshot_seconds", "Time to write one "
+                                          "partition's snapshot.", buckets=SNAPSHOT_BUCKETS,
+                                          registry=r)  # fmt: skip
+        self.snapshot_bytes = Gauge("ledger_snapshot_bytes", "Size of the newest snapshot "
+                                    "written, per partition.", ["partition"],
+                                    registry=r)  # fmt: skip
+        self.snapshot_restores = Counter("ledger_snapshot_restores", "Partitions' states "
+                                         "restored from snapshots on assignment, by outcome "
+                                         "(restored, corrupt, failed).", ["outcome"],
+                                         registry=r)  # fmt: skip

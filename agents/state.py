@@ -25,7 +25,7 @@ import struct
 from collections.abc import Callable, Iterable, MutableMapping
 from dataclasses import dataclass
 from types import SimpleNamespace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import faust
 from faust.types import TP
@@ -34,6 +34,9 @@ from agents.domain import Account, Seen
 from contracts.records import LEDGER_TOPIC
 from kernel.errors import CodecError
 from streams.codec import AvroCodec
+
+if TYPE_CHECKING:
+    from agents.snapshots import FoldSnapshots
 
 log = logging.getLogger(__name__)
 
@@ -83,13 +86,33 @@ def _store_event(partition: int, offset: int, key: bytes, value: bytes) -> Any:
 
 
 class LedgerStateTable(faust.Table[bytes, bytes]):
-    # Told how many entries each recovery batch read back (the worker's metrics).
-    on_recovered: Callable[[int], None] | None = None
-
     """A Faust table folded from the ledger topic (its changelog)."""
 
+    # Told how many entries each recovery batch read back (the worker's metrics).
+    on_recovered: Callable[[int], None] | None = None
     codec: AvroCodec | None = None
+    # Restores a newly assigned partition's local state from a snapshot (agents.snapshots).
+    snapshots: FoldSnapshots | None = None
     _getter: Any = None
+
+    async def on_rebalance(self, assigned: set[TP], revoked: set[TP], newly_assigned: set[TP],
+                           generation_id: int = 0) -> None:  # fmt: skip
+        """Before Faust opens the stores of newly assigned partitions (and then recovers them
+        from their persisted offsets), bring missing or far-behind ones up to a snapshot."""
+        if self.snapshots is not None:
+            store = self.data
+            partition_path = getattr(store, "partition_path", None)
+            opened: dict[int, Any] = getattr(store, "_dbs", {})
+            if partition_path is not None:  # RocksDB (the memory store has nothing to restore)
+                await self.snapshots.restore({
+                    tp.partition: partition_path(tp.partition) for tp in newly_assigned
+                    if tp.topic == LEDGER_TOPIC and tp.partition not in opened
+                })  # fmt: skip
+        await super().on_rebalance(assigned, revoked, newly_assigned, generation_id)
+
+    def open_partitions(self) -> dict[int, Any]:
+        """The partitions whose stores are open on this worker (RocksDB), by number."""
+        return dict(getattr(self.data, "_dbs", {}))
 
     def _raw_get(self, partition: int, key: bytes) -> bytes | None:
         getter = self._getter

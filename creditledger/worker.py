@@ -12,9 +12,10 @@ import subprocess
 import sys
 import time
 from types import FrameType
+from typing import Any
 
 from contracts.records import CHARGE_TOPIC, GRANT_TOPIC, LEDGER_TOPIC, REJECTED_TOPIC
-from kernel.errors import EXIT_CONFIG
+from kernel.errors import EXIT_CONFIG, CreditLedgerError
 from kernel.settings import Settings
 from streams import topic_admin
 from streams.access import check_access
@@ -60,11 +61,29 @@ def run_worker(settings: Settings, name: str, loglevel: str, store: str | None,
     if metrics_port:
         serve_metrics(settings.metrics.host, metrics_port,
                       with_runtime_collectors(metrics.registry))  # fmt: skip
-    register_ledger_agent(ledger_app, settings, worker_name=name, metrics=metrics)
+    register_ledger_agent(ledger_app, settings, worker_name=name, metrics=metrics,
+                          snapshots=fold_snapshots(settings, name, metrics))  # fmt: skip
     worker = faust.Worker(ledger_app.app, loglevel=loglevel)
     logging.getLogger("agents").setLevel(LOG_LEVELS[loglevel])
     worker.execute_from_commandline()
     return 0
+
+
+def fold_snapshots(settings: Settings, name: str, metrics: Any) -> Any:
+    """The worker's snapshots (``ledger.snapshot_every_entries`` > 0), their tables migrated.
+    Postgres being down does not stop the fold: it only loses snapshots (and, at a restart
+    without local state, the time they save)."""
+    from agents.snapshots import FoldSnapshots
+    from projections.migrate import migrate
+
+    if settings.ledger.snapshot_every_entries <= 0:
+        return None
+    try:
+        migrate(settings)
+    except CreditLedgerError as exc:
+        log.warning("snapshots: Postgres not ready (%s); the worker starts without them until "
+                    "it is", exc)  # fmt: skip
+    return FoldSnapshots(settings, name, metrics)
 
 
 def supervise_worker(child_args: list[str]) -> int:

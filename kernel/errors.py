@@ -66,6 +66,11 @@ class EncodeError(CodecError):
     reason = "invalid"
 
 
+class SnapshotError(CreditLedgerError):
+    """A fold-state snapshot could not be written, or one read back is not usable (its
+    checksum, its format or its files): the reader falls back to an older one."""
+
+
 class ProjectionError(CreditLedgerError):
     """A projector, ``replay`` or ``migrate`` cannot go on (the read models are left as they
     were: every write is one transaction or one atomic script)."""

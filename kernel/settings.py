@@ -244,6 +244,39 @@ class LedgerSettings(_Section):
     commit_interval_ms: int = Field(
         1000, ge=100, description="How often workers commit command offsets."
     )
+    snapshot_every_entries: int = Field(
+        200_000,
+        ge=0,
+        description=(
+            "Snapshot a ledger partition's fold state to Postgres once it has this many new "
+            "entries since its last snapshot (0: never). Bounds what a worker without local "
+            "state folds after restoring: this many entries at most, per partition."
+        ),
+    )
+    snapshot_interval_s: int = Field(
+        600,
+        ge=1,
+        description="Also snapshot a partition this long after its last snapshot, when it "
+        "has any new entry (a quiet ledger still gets fresh snapshots).",
+    )
+    snapshot_keep: int = Field(
+        2,
+        ge=1,
+        description="Snapshots kept per partition: a corrupt newest falls back to the next.",
+    )
+    snapshot_chunk_bytes: int = Field(
+        4 << 20, ge=1024, description="Size of the pieces a snapshot is stored in (bytea rows)."
+    )
+    idempotency_window_days: int = Field(
+        35,
+        ge=1,
+        description=(
+            "How long an applied event_id is remembered, by occurred_at. A command older "
+            "than this goes to the DLQ as `stale` (never applied blindly); `ledger dlq "
+            "redrive` applies it after checking the ledger. Must exceed the command topics' "
+            "retention and any outbox, spool or relay delay."
+        ),
+    )
 
 
 class ProjectionSettings(_Section):

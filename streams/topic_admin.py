@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-from confluent_kafka import KafkaError, KafkaException
+from confluent_kafka import KafkaError, KafkaException, TopicCollection
 from confluent_kafka.admin import (  # type: ignore[attr-defined]  # re-exported, untyped
     AdminClient,
     ConfigResource,
@@ -166,3 +166,13 @@ def delete(admin: AdminClient, names: list[str], timeout_s: float) -> None:
     if doomed:
         for future in admin.delete_topics(doomed, request_timeout=timeout_s).values():
             future.result(timeout=timeout_s)
+
+
+def topic_id(admin: AdminClient, name: str, timeout_s: float) -> str:
+    """The topic's id: a topic deleted and created again under the same name gets a new one,
+    so what was derived from the old log (a state snapshot) is never taken for the new."""
+    try:
+        future = admin.describe_topics(TopicCollection([name]), request_timeout=timeout_s)[name]
+        return str(future.result(timeout=timeout_s).topic_id)
+    except KafkaException as exc:
+        raise StackError(f"cannot describe topic {name}: {exc}") from exc
