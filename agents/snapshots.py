@@ -264,6 +264,7 @@ class FoldSnapshots:
         self._topic_id: str | None = None
         self._last: dict[int, _Last] = {}
         self._retry_at = 0.0
+        self._swept = False
         self._pool = concurrent.futures.ThreadPoolExecutor(1, "snapshot")
         self._running: concurrent.futures.Future[None] | None = None
 
@@ -357,6 +358,9 @@ class FoldSnapshots:
         and hand them to the upload thread. One upload at a time; the fold goes on."""
         if not self.enabled or (self._running is not None and not self._running.done()):
             return
+        if not self._swept:  # checkpoints a killed process left behind
+            shutil.rmtree(root, ignore_errors=True)
+            self._swept = True
         now = time.monotonic()
         if now < self._retry_at:
             return

@@ -2,6 +2,8 @@
 
     .venv/bin/python -m bench.ledger [--commands 200000] [--users 10000]
                                      [--restart-accounts 1000000] [--quick]
+    .venv/bin/python -m bench.ledger --recovery [--sizes 1000000,5000000,10000000]
+                                     [--accounts 1000000] [--quick]
 
 Prints one table:
 - throughput: commands folded per second by one worker, then by two, end to
@@ -11,7 +13,10 @@ Prints one table:
 - latency: command produced -> entry visible, p50/p99, at a steady 1,000/s;
 - restart: a worker with 1M accounts in its state is SIGKILLed and restarted;
   time from restart to the first new entry (state kept locally), and the same
-  with the local state lost (recovery folds the whole ledger again).
+  with the local state lost (restored from a snapshot, or the whole ledger folded).
+
+``--recovery`` prints the recovery table instead (bench/ledger_recovery.py): cold
+starts without local state at 1M, 5M and 10M ledger entries over 1M accounts.
 
 Each run uses a fresh consumer group whose offsets start at the current end
 of the command topics, so earlier data in the stack does not count. Needs the
@@ -317,6 +322,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--latency-seconds", type=int, default=20)
     parser.add_argument("--restart-accounts", type=int, default=1_000_000)
     parser.add_argument("--quick", action="store_true", help="small sizes, to check it runs")
+    parser.add_argument("--recovery", action="store_true",
+                        help="only the recovery table (bench/ledger_recovery.py): cold starts "
+                        "without local state at each of --sizes ledger entries")  # fmt: skip
+    parser.add_argument(
+        "--sizes",
+        default="1000000,5000000,10000000",
+        help="ledger sizes (entries) for --recovery, comma-separated",
+    )
+    parser.add_argument(
+        "--accounts",
+        type=int,
+        default=1_000_000,
+        help="users the --recovery commands are spread over",
+    )
     args = parser.parse_args(argv)
     # SIGTERM must run the `finally` blocks: they stop the worker processes,
     # which live in sessions of their own and would otherwise go on folding.
@@ -330,6 +349,17 @@ def main(argv: list[str] | None = None) -> int:
     # yet, and a group cannot be started at their end.
     topic_admin.apply(topic_admin.make_admin(settings),
                       settings_topics(settings), timeout_s=30)  # fmt: skip
+    if args.recovery:
+        from bench.ledger_recovery import recovery
+        from bench.ledger_recovery import rows as recovery_rows
+
+        sizes = [int(size) for size in args.sizes.split(",")]
+        if args.quick:
+            sizes, args.accounts = [size // 100 for size in sizes], args.accounts // 100
+        steps = recovery(settings, codec, sizes, args.accounts)
+        print(render_table(["measure", "size", "result", "notes"],
+                           recovery_rows(steps, args.accounts)))  # fmt: skip
+        return 0
     rows: list[tuple[Any, ...]] = []
 
     one, one_s = throughput(settings, codec, 1, args.commands, args.users)
