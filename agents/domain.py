@@ -8,9 +8,13 @@ Rules (see DESIGN.md):
 
 - money is integer micro-credits; a charge is post-paid and always applied in
   full, so a balance may go negative (debt is recorded, not hidden);
-- ``event_id`` is the idempotency key forever: the same id with the same
-  content is a :class:`Duplicate` that points at the first entry; with other
-  content it is rejected as ``idempotency_conflict`` and never applied;
+- ``event_id`` is the idempotency key within the idempotency window (by
+  ``occurred_at``, :attr:`Limits.idempotency_window_ms`): the same id with the
+  same content is a :class:`Duplicate` that points at the first entry; with
+  other content it is rejected as ``idempotency_conflict`` and never applied;
+- a command whose ``occurred_at`` is older than the window is ``stale``: the
+  index may have forgotten its id, so it is never applied blindly (an operator
+  re-drives it after checking the ledger, and the re-drive skips this rule);
 - ``seq`` is gap-free per account: 1, 2, 3, ...;
 - an entry is fully determined by (state, command, recorded_at_ms), so the fold
   gives the same ledger whenever it is replayed.
@@ -25,7 +29,8 @@ from typing import Literal
 from contracts.commands import GRANT_KINDS, LONG_MAX, LONG_MIN, Charge, Command, Entry, Grant
 from contracts.fields import EVENT_ID, ID, field_problems
 
-RejectReason = Literal["malformed", "unknown_schema", "idempotency_conflict", "invalid"]
+RejectReason = Literal["malformed", "unknown_schema", "idempotency_conflict", "invalid", "stale"]
+DAY_MS = 86_400_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,6 +38,7 @@ class Limits:
     """Configured bounds on what one command may move."""
 
     max_amount_micro: int = 1_000_000_000_000  # one million credits
+    idempotency_window_ms: int = 35 * DAY_MS
 
 
 @dataclass(frozen=True, slots=True)
@@ -155,6 +161,7 @@ def decide(
     limits: Limits,
     recorded_at_ms: int,
     digest: str | None = None,
+    now_ms: int | None = None,
 ) -> Outcome:
     """Fold one command into the account's state. Pure: no I/O, no clock.
 
@@ -162,6 +169,8 @@ def decide(
     ``recorded_at_ms`` comes from the command's message (its Kafka timestamp),
     so that deciding the same command again gives the identical entry.
     ``digest`` may be passed when the caller computed it already.
+    ``now_ms`` is the folding worker's clock, for the idempotency window; None skips
+    the window (a re-drive checked against the ledger).
     """
     problem = validate(command, limits)
     if problem is not None:
@@ -169,6 +178,17 @@ def decide(
         event_id = command.event_id if EVENT_ID.ok(command.event_id) else None
         user_id = command.user_id if ID.ok(command.user_id) else None
         return Rejected("invalid", problem, event_id, user_id)
+    if now_ms is not None and command.occurred_at_ms < now_ms - limits.idempotency_window_ms:
+        # Before the index is asked: what it answers for an id this old is not to be trusted.
+        age_ms = now_ms - command.occurred_at_ms
+        return Rejected(
+            "stale",
+            f"occurred_at is {age_ms // DAY_MS} days {age_ms % DAY_MS // 3_600_000} hours "
+            f"old ({age_ms} ms), older than the {limits.idempotency_window_ms // DAY_MS}-day "
+            "idempotency window; re-drive it after checking the ledger",
+            command.event_id,
+            command.user_id,
+        )
     digest = digest or command_digest(command)
     if seen is not None:
         if seen.command_digest == digest:  # the digest covers user_id too

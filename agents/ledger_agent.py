@@ -52,11 +52,17 @@ from confluent_kafka import KafkaError, TopicPartition
 from faust.types import TP
 
 from agents.app import LedgerApp
-from agents.domain import Account, Applied, Duplicate, Limits, Seen, decide, evolve
+from agents.domain import DAY_MS, Account, Applied, Duplicate, Limits, Seen, decide, evolve
 from agents.metrics import LedgerMetrics
 from agents.snapshots import FoldSnapshots
 from agents.state import LedgerStateTable, StateWrite
-from contracts.cloudevents import TRACEPARENT, event_headers, header, kafka_headers
+from contracts.cloudevents import (
+    REDRIVE_CHECKED,
+    TRACEPARENT,
+    event_headers,
+    header,
+    kafka_headers,
+)
 from contracts.commands import Command
 from contracts.records import LEDGER_TOPIC, REJECTED_TOPIC, command_from_record, entry_to_record
 from kernel.errors import CodecError, CreditLedgerError
@@ -73,6 +79,8 @@ log = logging.getLogger(__name__)
 EXIT_FATAL = 70  # EX_SOFTWARE
 STATS_EVERY_S = 10.0
 LAG_EVERY_S = 5.0  # how often the lag gauges are refreshed (after a batch)
+FORGET_EVERY_S = 60.0  # how often event ids older than the idempotency window are forgotten
+FORGET_MAX = 50_000  # per partition and round: a bounded pause of the loop
 HOME_CACHE_MAX = 1_000_000  # users whose partition is remembered (pure-Python murmur2 is slow)
 
 
@@ -88,6 +96,8 @@ class Incoming:
     timestamp_ms: int
     # The W3C traceparent the command's producer sent; copied onto its entry.
     traceparent: str | None = None
+    # A stale command re-driven after a check against the ledger (no idempotency window).
+    redriven: bool = False
 
     @classmethod
     def from_faust(cls, event: Any) -> Incoming:
@@ -95,7 +105,8 @@ class Incoming:
         # Faust reports the Kafka timestamp in (float) seconds; Kafka stores whole ms.
         return cls(message.topic, message.partition, message.offset, message.key,
                    message.value, round(message.timestamp * 1000),
-                   header(message.headers, TRACEPARENT))  # fmt: skip
+                   header(message.headers, TRACEPARENT),
+                   header(message.headers, REDRIVE_CHECKED) is not None)  # fmt: skip
 
 
 class FoldError(CreditLedgerError):
@@ -135,6 +146,8 @@ class Batch:
     acked_max: dict[int, int] = field(default_factory=dict)
     acked: int = 0
     failures: list[KafkaError] = field(default_factory=list)
+    # The worker's clock for the idempotency window: one reading per batch.
+    now_ms: int = field(default_factory=lambda: time.time_ns() // 1_000_000)
 
     def entry_delivered(self, err: KafkaError | None, msg: Any) -> None:
         if err is not None:
@@ -164,7 +177,9 @@ class LedgerFolder:
         self.state = state
         self.worker_name = worker_name
         self.source = f"{settings.ledger.app_id}/{worker_name}"  # ce_source of what it writes
-        self.limits = Limits(max_amount_micro=settings.ledger.max_amount_micro)
+        self.limits = Limits(max_amount_micro=settings.ledger.max_amount_micro,
+                             idempotency_window_ms=settings.ledger.idempotency_window_days
+                             * DAY_MS)  # fmt: skip
         self.stats = FoldStats()
         self._producer: Any = None
         self._reader: Any = None  # committed offsets and hole filling
@@ -218,9 +233,11 @@ class LedgerFolder:
                     continue
                 offset = message.offset()
                 if start <= offset < end:
+                    headers = message.headers()
+                    redriven = header(headers, REDRIVE_CHECKED) is not None
                     found[offset] = Incoming(topic, partition, offset, message.key(),
                                              message.value(), message.timestamp()[1],
-                                             header(message.headers(), TRACEPARENT))  # fmt: skip
+                                             header(headers, TRACEPARENT), redriven)  # fmt: skip
         reader.unassign()
         if len(found) < end - start:
             # Offsets may be missing for good (deleted by retention): take what exists,
@@ -320,7 +337,8 @@ class LedgerFolder:
             account = self.state.account(partition, command.user_id)
         first = batch.seen.get(command.event_id) or self.state.seen(partition, command.event_id)
         # The message's own timestamp: a redelivered command decides identically.
-        outcome = decide(account, first, command, self.limits, message.timestamp_ms)
+        outcome = decide(account, first, command, self.limits, message.timestamp_ms,
+                         now_ms=None if message.redriven else batch.now_ms)  # fmt: skip
         if isinstance(outcome, Applied):
             entry = outcome.entry
             value = self.codec.encode(LEDGER_TOPIC, entry_to_record(entry), checked=False)
@@ -333,7 +351,7 @@ class LedgerFolder:
             batch.seen[entry.event_id] = Seen(entry.user_id, entry.seq, entry.command_digest)
             batch.writes.append(StateWrite(partition, 0, entry.user_id, entry.seq,
                                            entry.balance_after_micro, entry.event_id,
-                                           entry.command_digest))  # fmt: skip
+                                           entry.command_digest, entry.occurred_at_ms))  # fmt: skip
             self.stats.applied += 1
             self.metrics.applied.inc()
         elif isinstance(outcome, Duplicate):
@@ -469,6 +487,7 @@ def register_ledger_agent(ledger_app: LedgerApp, settings: Settings, worker_name
     within_s = settings.ledger.batch_within_ms / 1000
     monitor = ledger_app.app.monitor
     lag_due = [0.0]
+    forget_due = [time.monotonic() + FORGET_EVERY_S]
 
     async def fold(stream: Any) -> None:
         folder.start()
@@ -486,6 +505,9 @@ def register_ledger_agent(ledger_app: LedgerApp, settings: Settings, worker_name
             ack_batch(ledger_app.app.consumer, monitor, batch, folder.filled)
             if snapshots is not None:
                 snapshots.maybe_take(ledger_app.state.open_partitions(), checkpoints)
+            if time.monotonic() >= forget_due[0]:
+                forget_due[0] = time.monotonic() + FORGET_EVERY_S
+                ledger_app.state.forget_old_ids(folder.limits.idempotency_window_ms, FORGET_MAX)
             if time.monotonic() >= lag_due[0]:
                 lag_due[0] = time.monotonic() + LAG_EVERY_S
                 report_lag(folder, ledger_app.app.consumer)

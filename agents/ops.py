@@ -12,11 +12,11 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from agents.domain import Account
+from agents.domain import Account, command_digest
 from agents.fold_check import FoldChecker
-from contracts.cloudevents import event_headers, kafka_headers
-from contracts.commands import Entry
-from contracts.records import LEDGER_TOPIC, REJECTED_TOPIC, entry_from_record
+from contracts.cloudevents import REDRIVE_CHECKED, event_headers, kafka_headers
+from contracts.commands import Command, Entry
+from contracts.records import LEDGER_TOPIC, REJECTED_TOPIC, command_from_record, entry_from_record
 from kernel.errors import CodecError, CreditLedgerError
 from kernel.settings import Settings
 from streams.codec import AvroCodec
@@ -91,11 +91,61 @@ def dead_letters(settings: Settings, codec: AvroCodec, reason: str | None = None
     return letters
 
 
-def redrive(settings: Settings, letters: list[DeadLetter]) -> int:
+@dataclass(frozen=True)
+class StaleCheck:
+    """What the ledger says of a ``stale`` dead letter's event id."""
+
+    letter: DeadLetter
+    send: bool  # not in the ledger: re-driven past the idempotency window
+    detail: str
+
+
+def check_stale(settings: Settings, codec: AvroCodec, letters: list[DeadLetter],
+                partitions: int, progress: bool = True) -> list[StaleCheck]:  # fmt: skip
+    """Look each stale letter's event id up in the ledger itself (its user's partition, from
+    the start): the fold's index may have forgotten it, the ledger has not. Only a command
+    the ledger has never applied may be sent past the window."""
+    commands: dict[int, Command] = {}
+    checks: list[StaleCheck] = []
+    for letter in letters:
+        record = letter.record
+        try:
+            decoded = codec.decode(record["original_value"], plain_times=True)
+            commands[letter.offset] = command_from_record(record["topic"], decoded.record)
+        except (CodecError, KeyError, TypeError) as exc:
+            checks.append(StaleCheck(letter, False, f"does not decode: {exc}"))
+    wanted = {command.event_id for command in commands.values()}
+    homes = sorted({partition_of(c.user_id, partitions) for c in commands.values()})
+    found: dict[str, Entry] = {}
+    if homes:
+        for _record, read in read_entries(settings, codec, homes, progress):
+            if isinstance(read, Entry) and read.event_id in wanted:
+                found.setdefault(read.event_id, read)
+    for letter in letters:
+        command = commands.get(letter.offset)
+        if command is None:
+            continue
+        entry = found.get(command.event_id)
+        if entry is None:
+            checks.append(StaleCheck(letter, True, "not in the ledger: re-driven past the "
+                                     "idempotency window"))  # fmt: skip
+        elif entry.command_digest == command_digest(command):
+            checks.append(StaleCheck(letter, False, f"already applied as entry {entry.seq} of "
+                                     f"{entry.user_id}: not sent"))  # fmt: skip
+        else:
+            checks.append(StaleCheck(letter, False, f"its event id is entry {entry.seq} of "
+                                     f"{entry.user_id} with other content: not sent"))  # fmt: skip
+    return checks
+
+
+def redrive(settings: Settings, letters: list[DeadLetter],
+            checked: frozenset[int] = frozenset()) -> int:  # fmt: skip
     """Send the original bytes back to their original topic (the fold decides again).
 
     Safe to repeat: a command that was applied meanwhile is a duplicate by
     event_id, and one that is still wrong returns to the dead-letter topic.
+    Letters whose dlq offset is in ``checked`` are stale ones :func:`check_stale` found
+    absent from the ledger: they carry the header that lets them past the window.
     """
     producer = make_producer(settings)
     failures: list[Any] = []
@@ -107,6 +157,8 @@ def redrive(settings: Settings, letters: list[DeadLetter]) -> int:
         )
         headers = event_headers(event_id, record["topic"], "creditledger-redrive",
                                 time.time_ns() // 1_000_000, None)  # fmt: skip
+        if letter.offset in checked:
+            headers[REDRIVE_CHECKED] = f"dlq@{letter.offset}"
         producer.produce(
             record["topic"], key=record["original_key"], value=record["original_value"],
             headers=kafka_headers(headers),

@@ -4,19 +4,20 @@ Without them, a worker whose RocksDB folder is gone (a new host, a lost disk, a 
 takes partitions over after a rebalance) rebuilds each partition's state by folding the
 ledger from offset 0: time in proportion to all of history.
 
-**What a snapshot is.** The files of a RocksDB checkpoint of one partition's state store,
-packed into one blob. The store keeps Faust's persisted offset (the last ledger offset
-applied) in the same database, and the checkpoint is taken on the event loop between two
-batches, when no write is half done: a snapshot is the fold of exactly the entries
-``[0, ledger_offset]`` of its partition, and says so.
+**What a snapshot is.** The files of a RocksDB checkpoint of one partition's state store.
+The store keeps Faust's persisted offset (the last ledger offset applied) in the same
+database, and the checkpoint is taken on the event loop between two batches, when no write
+is half done: a snapshot is the fold of exactly the entries ``[0, ledger_offset]`` of its
+partition, and says so.
 
-**Where it is kept.** In Postgres (``ledger_snapshots`` and ``ledger_snapshot_chunks``,
-migration 0010), not on the worker's disk. One transaction writes the chunks and then the
-snapshot's row: a writer killed halfway leaves no row, and the previous snapshot stays the
-newest. The row names the ledger topic's id, so a topic deleted and created again (another
-log under the same name) never gets the old log's state. The row carries the blob's
-sha256, checked before anything is unpacked. ARCHITECTURE.md argues Postgres against a
-compacted topic.
+**Where it is kept.** In Postgres (migration 0010), not on the worker's disk. RocksDB never
+changes a file once written, so files are stored once per partition (by sha256) and shared
+by the snapshots that contain them: a snapshot uploads only what was written since the last
+one. One transaction writes its new files and then its row: a writer killed halfway leaves
+nothing, and the previous snapshot stays the newest. The row names the ledger topic's id, so
+a topic deleted and created again (another log under the same name) never gets the old
+log's state. Every file's sha256 and size, and the manifest's sha256, are checked before a
+snapshot is used. ARCHITECTURE.md argues Postgres against a compacted topic.
 
 **Recovery.** When partitions are assigned (at start, or taken over after a rebalance: the
 same path), :meth:`FoldSnapshots.restore` runs before Faust opens their stores. A partition
@@ -40,12 +41,11 @@ import concurrent.futures
 import hashlib
 import logging
 import shutil
-import struct
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import psycopg
 import rocksdict
@@ -60,11 +60,9 @@ from streams.topic_admin import make_admin, topic_id
 log = logging.getLogger(__name__)
 
 FORMAT = 1
-MAGIC = b"CLSNAP1\n"
-_FILE = struct.Struct(">HQ")  # name length, content length; the name follows, then content
 OFFSET_KEY = b"__faust\0offset__"  # where Faust's RocksDB store keeps the persisted offset
 FAILED_RETRY_S = 30.0
-COPY_CHUNKS = "COPY ledger_snapshot_chunks (snapshot_id, n, data) FROM STDIN (FORMAT BINARY)"
+COPY_CHUNKS = "COPY ledger_snapshot_chunks (file_id, n, data) FROM STDIN (FORMAT BINARY)"
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,65 +70,35 @@ class SnapshotInfo:
     snapshot_id: int
     partition: int
     ledger_offset: int
+    files: list[str]
+    file_ids: list[int]
     size_bytes: int
-    chunks: int
+    uploaded_bytes: int
     sha256: str
     taken_by: str
     took_ms: int
 
 
-# --- the blob: a checkpoint's files, one after the other -----------------------------------
+@dataclass(frozen=True, slots=True)
+class FileInfo:
+    name: str
+    sha256: str
+    size_bytes: int
 
 
-def pack(directory: Path, piece_bytes: int = 1 << 20) -> Iterator[bytes]:
-    """The files of ``directory`` (flat, as a RocksDB checkpoint is) as one byte stream."""
-    yield MAGIC
-    for path in sorted(directory.iterdir()):
-        if not path.is_file():
-            continue
-        name = path.name.encode()
-        yield _FILE.pack(len(name), path.stat().st_size) + name
-        with path.open("rb") as file:
-            while piece := file.read(piece_bytes):
-                yield piece
+def file_sha256(path: Path) -> str:
+    hasher = hashlib.sha256()
+    with path.open("rb") as file:
+        while piece := file.read(1 << 20):
+            hasher.update(piece)
+    return hasher.hexdigest()
 
 
-def rechunk(pieces: Iterable[bytes], size: int) -> Iterator[bytes]:
-    """The same bytes in pieces of exactly ``size`` (the last one shorter)."""
-    buffer = bytearray()
-    for piece in pieces:
-        buffer += piece
-        while len(buffer) >= size:
-            yield bytes(buffer[:size])
-            del buffer[:size]
-    if buffer:
-        yield bytes(buffer)
-
-
-def unpack(blob: BinaryIO, target: Path) -> int:
-    """Write the blob's files into ``target`` (made here); return how many. The blob was
-    checked against its sha256 before: what is wrong here is a format error."""
-    if blob.read(len(MAGIC)) != MAGIC:
-        raise SnapshotError("not a fold-state snapshot (its first bytes are not the magic)")
-    target.mkdir(parents=True)
-    files = 0
-    while header := blob.read(_FILE.size):
-        if len(header) != _FILE.size:
-            raise SnapshotError("the snapshot ends inside a file header")
-        name_length, size = _FILE.unpack(header)
-        name = blob.read(name_length).decode()
-        if not name or "/" in name or name in (".", ".."):
-            raise SnapshotError(f"the snapshot names a file {name!r}")
-        with (target / name).open("wb") as out:
-            left = size
-            while left:
-                piece = blob.read(min(left, 1 << 20))
-                if not piece:
-                    raise SnapshotError(f"the snapshot ends inside {name}")
-                out.write(piece)
-                left -= len(piece)
-        files += 1
-    return files
+def manifest_sha256(files: Iterable[FileInfo]) -> str:
+    """The snapshot's checksum: of its files' names, contents (their sha256) and sizes."""
+    ordered = sorted(files, key=lambda f: f.name)
+    lines = "".join(f"{f.name} {f.sha256} {f.size_bytes}\n" for f in ordered)
+    return hashlib.sha256(lines.encode()).hexdigest()
 
 
 def local_offset(path: Path) -> int | None:
@@ -154,6 +122,18 @@ def local_offset(path: Path) -> int | None:
 # --- where snapshots live -------------------------------------------------------------------
 
 
+def _lock(conn: psycopg.Connection[Any], topic: str, partition: int) -> None:
+    """Serialise the writers and the pruning of one partition's snapshots (two-key advisory
+    locks are a space of their own: no clash with ``migrate``'s one-key lock)."""
+    conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s), %s)", (topic, partition))
+
+
+def _next_id(conn: psycopg.Connection[Any]) -> int:
+    row = conn.execute("SELECT nextval('ledger_snapshot_ids')").fetchone()
+    assert row is not None
+    return int(row[0])
+
+
 class SnapshotStore:
     """The snapshots in Postgres. Every method opens its own connection: the callers are
     threads, and a worker holds no Postgres connection between snapshots."""
@@ -162,82 +142,148 @@ class SnapshotStore:
         self.settings = settings
 
     def save(self, topic: str, topic_id: str, partition: int, ledger_offset: int,
-             pieces: Iterable[bytes], taken_by: str) -> SnapshotInfo:  # fmt: skip
+             directory: Path, taken_by: str) -> SnapshotInfo:  # fmt: skip
+        """Store the checkpoint in ``directory`` as the partition's snapshot at
+        ``ledger_offset``: the files no earlier snapshot stored, then its row, in one
+        transaction."""
         started = time.monotonic()
-        hasher = hashlib.sha256()
-        size = count = 0
+        paths = sorted(path for path in directory.iterdir() if path.is_file())
+        files = [FileInfo(p.name, file_sha256(p), p.stat().st_size) for p in paths]
         with connect(self.settings) as conn:
-            row = conn.execute("SELECT nextval('ledger_snapshot_ids')").fetchone()
-            assert row is not None
-            snapshot_id = int(row[0])
-            with conn.cursor().copy(COPY_CHUNKS) as copy:
-                copy.set_types(["bigint", "integer", "bytea"])
-                for chunk in rechunk(pieces, self.settings.ledger.snapshot_chunk_bytes):
-                    hasher.update(chunk)
-                    copy.write_row((snapshot_id, count, chunk))
-                    size += len(chunk)
-                    count += 1
+            _lock(conn, topic, partition)
+            ids: dict[tuple[str, int], int] = {
+                (sha, size): file_id
+                for file_id, sha, size in conn.execute(
+                    "SELECT file_id, sha256, size_bytes FROM ledger_snapshot_files "
+                    "WHERE topic = %s AND partition = %s AND sha256 = ANY(%s)",
+                    (topic, partition, [f.sha256 for f in files]),
+                )
+            }  # fmt: skip
+            new: list[tuple[int, FileInfo, Path]] = []
+            for f, path in zip(files, paths, strict=True):
+                if (f.sha256, f.size_bytes) not in ids:
+                    ids[(f.sha256, f.size_bytes)] = _next_id(conn)
+                    new.append((ids[(f.sha256, f.size_bytes)], f, path))
+            self._store_files(conn, topic, partition, new)
             took_ms = round((time.monotonic() - started) * 1000)
+            info = SnapshotInfo(
+                _next_id(conn), partition, ledger_offset, [f.name for f in files],
+                [ids[(f.sha256, f.size_bytes)] for f in files], sum(f.size_bytes for f in files),
+                sum(f.size_bytes for _i, f, _p in new), manifest_sha256(files), taken_by, took_ms,
+            )  # fmt: skip
             conn.execute(
                 "INSERT INTO ledger_snapshots (snapshot_id, topic, topic_id, partition, "
-                "ledger_offset, format, size_bytes, chunks, sha256, taken_by, took_ms) "
-                "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
-                (snapshot_id, topic, topic_id, partition, ledger_offset, FORMAT, size, count,
-                 hasher.hexdigest(), taken_by, took_ms),
+                "ledger_offset, format, files, file_ids, size_bytes, uploaded_bytes, sha256, "
+                "taken_by, took_ms) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
+                (info.snapshot_id, topic, topic_id, partition, ledger_offset, FORMAT, info.files,
+                 info.file_ids, info.size_bytes, info.uploaded_bytes, info.sha256, taken_by,
+                 took_ms),
             )  # fmt: skip
             conn.commit()
-        return SnapshotInfo(snapshot_id, partition, ledger_offset, size, count,
-                            hasher.hexdigest(), taken_by, took_ms)  # fmt: skip
+        return info
+
+    def _store_files(self, conn: psycopg.Connection[Any], topic: str, partition: int,
+                     new: list[tuple[int, FileInfo, Path]]) -> None:  # fmt: skip
+        """The new files' contents as chunks (one COPY), then their rows."""
+        counts: dict[int, int] = {}
+        size = self.settings.ledger.snapshot_chunk_bytes
+        with conn.cursor().copy(COPY_CHUNKS) as copy:
+            copy.set_types(["bigint", "integer", "bytea"])
+            for file_id, _f, path in new:
+                count = 0
+                with path.open("rb") as file:
+                    while piece := file.read(size):
+                        copy.write_row((file_id, count, piece))
+                        count += 1
+                counts[file_id] = count
+        with conn.cursor() as cur:
+            cur.executemany(
+                "INSERT INTO ledger_snapshot_files (file_id, topic, partition, sha256, "
+                "size_bytes, chunks) VALUES (%s, %s, %s, %s, %s, %s)",
+                [(i, topic, partition, f.sha256, f.size_bytes, counts[i]) for i, f, _p in new],
+            )
 
     def newest_first(self, topic: str, topic_id: str, partition: int) -> list[SnapshotInfo]:
         with connect(self.settings, autocommit=True) as conn:
             rows = conn.execute(
-                "SELECT snapshot_id, partition, ledger_offset, size_bytes, chunks, sha256, "
-                "taken_by, took_ms FROM ledger_snapshots WHERE topic = %s AND topic_id = %s "
-                "AND partition = %s AND format = %s ORDER BY ledger_offset DESC, "
-                "snapshot_id DESC",
+                "SELECT snapshot_id, partition, ledger_offset, files, file_ids, size_bytes, "
+                "uploaded_bytes, sha256, taken_by, took_ms FROM ledger_snapshots "
+                "WHERE topic = %s AND topic_id = %s AND partition = %s AND format = %s "
+                "ORDER BY ledger_offset DESC, snapshot_id DESC",
                 (topic, topic_id, partition, FORMAT),
             ).fetchall()
         return [SnapshotInfo(*row) for row in rows]
 
-    def fetch(self, info: SnapshotInfo, into: BinaryIO) -> None:
-        """Write the snapshot's blob to ``into``; a :class:`SnapshotError` unless its size,
-        chunk count and sha256 are the ones its row promised."""
-        hasher = hashlib.sha256()
-        size = count = 0
-        with connect(self.settings) as conn, conn.cursor(name="snapshot", binary=True) as cur:
-            cur.itersize = 4
-            cur.execute("SELECT n, data FROM ledger_snapshot_chunks WHERE snapshot_id = %s "
-                        "ORDER BY n", (info.snapshot_id,))  # fmt: skip
-            for n, data in cur:
-                if n != count:
-                    raise SnapshotError(f"snapshot {info.snapshot_id}: chunk {count} missing")
-                hasher.update(data)
-                into.write(data)
-                size += len(data)
-                count += 1
-        if (count, size) != (info.chunks, info.size_bytes):
-            raise SnapshotError(f"snapshot {info.snapshot_id}: {count} chunks of {size} bytes, "
-                                f"its row says {info.chunks} of {info.size_bytes}")  # fmt: skip
-        if hasher.hexdigest() != info.sha256:
-            raise SnapshotError(f"snapshot {info.snapshot_id}: sha256 {hasher.hexdigest()} "
-                                f"is not the {info.sha256} it was written with")  # fmt: skip
-
-    def prune(self, topic: str, partition: int, keep: int) -> int:
-        """Drop all but the newest ``keep`` snapshots of the partition; return how many."""
+    def fetch(self, info: SnapshotInfo, target: Path) -> None:
+        """Write the snapshot's files into ``target`` (made here); a :class:`SnapshotError`
+        unless every file and the manifest have the sha256 and size they were written with."""
+        target.mkdir(parents=True)
         with connect(self.settings) as conn:
             rows = conn.execute(
-                "DELETE FROM ledger_snapshots WHERE snapshot_id IN (SELECT snapshot_id FROM "
-                "ledger_snapshots WHERE topic = %s AND partition = %s ORDER BY ledger_offset "
-                "DESC, snapshot_id DESC OFFSET %s) RETURNING snapshot_id",
-                (topic, partition, keep),
+                "SELECT file_id, sha256, size_bytes FROM ledger_snapshot_files "
+                "WHERE file_id = ANY(%s)", (info.file_ids,)
+            ).fetchall()  # fmt: skip
+            stored = {row[0]: (row[1], row[2]) for row in rows}
+            missing = [i for i in info.file_ids if i not in stored]
+            if missing:
+                raise SnapshotError(f"snapshot {info.snapshot_id}: files {missing} are gone")
+            files = [FileInfo(name, *stored[i]) for name, i in zip(info.files, info.file_ids,
+                                                                    strict=True)]  # fmt: skip
+            if manifest_sha256(files) != info.sha256:
+                raise SnapshotError(f"snapshot {info.snapshot_id}: its manifest's sha256 is "
+                                    f"not the {info.sha256} it was written with")  # fmt: skip
+            for f, file_id in zip(files, info.file_ids, strict=True):
+                _download(conn, info.snapshot_id, file_id, f, target)
+
+    def prune(self, topic: str, topic_id: str, partition: int, keep: int) -> int:
+        """Drop all but the newest ``keep`` snapshots of the partition (and every one of an
+        older incarnation of the topic), then the files no snapshot names; return how many
+        snapshots went."""
+        with connect(self.settings) as conn:
+            _lock(conn, topic, partition)
+            dropped = conn.execute(
+                "DELETE FROM ledger_snapshots WHERE topic = %s AND partition = %s AND "
+                "(topic_id <> %s OR snapshot_id IN (SELECT snapshot_id FROM ledger_snapshots "
+                "WHERE topic = %s AND topic_id = %s AND partition = %s ORDER BY ledger_offset "
+                "DESC, snapshot_id DESC OFFSET %s)) RETURNING snapshot_id",
+                (topic, partition, topic_id, topic, topic_id, partition, keep),
             ).fetchall()
-            ids = [row[0] for row in rows]
-            if ids:
-                conn.execute("DELETE FROM ledger_snapshot_chunks WHERE snapshot_id = ANY(%s)",
-                             (ids,))  # fmt: skip
+            if dropped:
+                orphans = conn.execute(
+                    "DELETE FROM ledger_snapshot_files f WHERE topic = %s AND partition = %s "
+                    "AND NOT EXISTS (SELECT 1 FROM ledger_snapshots s WHERE s.topic = f.topic "
+                    "AND s.partition = f.partition AND f.file_id = ANY(s.file_ids)) "
+                    "RETURNING file_id",
+                    (topic, partition),
+                ).fetchall()
+                conn.execute("DELETE FROM ledger_snapshot_chunks WHERE file_id = ANY(%s)",
+                             ([row[0] for row in orphans],))  # fmt: skip
             conn.commit()
-        return len(ids)
+        return len(dropped)
+
+
+def _download(conn: psycopg.Connection[Any], snapshot_id: int, file_id: int, f: FileInfo,
+              target: Path) -> None:  # fmt: skip
+    if not f.name or "/" in f.name or f.name in (".", ".."):
+        raise SnapshotError(f"snapshot {snapshot_id} names a file {f.name!r}")
+    hasher = hashlib.sha256()
+    size = 0
+    with (
+        conn.cursor(name=f"file{file_id}", binary=True) as cur,
+        (target / f.name).open("wb") as out,
+    ):
+        cur.itersize = 4
+        cur.execute("SELECT data FROM ledger_snapshot_chunks WHERE file_id = %s ORDER BY n",
+                    (file_id,))  # fmt: skip
+        for (data,) in cur:
+            hasher.update(data)
+            out.write(data)
+            size += len(data)
+    if (hasher.hexdigest(), size) != (f.sha256, f.size_bytes):
+        raise SnapshotError(
+            f"snapshot {snapshot_id}: file {f.name} has sha256 {hasher.hexdigest()} and "
+            f"{size} bytes, not the {f.sha256} and {f.size_bytes} it was written with"
+        )
 
 
 # --- the worker's side: restore before Faust opens a store, take after a batch -------------
@@ -328,15 +374,11 @@ class FoldSnapshots:
             log.warning("partition %s: no snapshot verified; folding from %s", partition, local)
 
     def _install(self, info: SnapshotInfo, path: Path) -> int:
-        """Download, verify, unpack next to ``path``, then put it in ``path``'s place."""
+        """Download and verify next to ``path``, then put it in ``path``'s place."""
         staging = path.with_name(path.name + ".restoring")
-        blob_path = path.with_name(path.name + ".snapshot")
         shutil.rmtree(staging, ignore_errors=True)
         try:
-            with blob_path.open("w+b") as blob:
-                self.store.fetch(info, blob)  # raises before anything is unpacked
-                blob.seek(0)
-                files = unpack(blob, staging)
+            self.store.fetch(info, staging)  # raises on any file that does not verify
             if local_offset(staging) != info.ledger_offset:
                 raise SnapshotError(f"its state's offset is not the {info.ledger_offset} "
                                     "its row names")  # fmt: skip
@@ -346,9 +388,8 @@ class FoldSnapshots:
                 path.rename(old)
             staging.rename(path)
             shutil.rmtree(old, ignore_errors=True)
-            return files
+            return len(info.files)
         finally:
-            blob_path.unlink(missing_ok=True)
             shutil.rmtree(staging, ignore_errors=True)
 
     # Taking ------------------------------------------------------------------------------
@@ -387,9 +428,11 @@ class FoldSnapshots:
     def _upload_all(self, due: list[tuple[int, int, Path]]) -> None:
         for partition, offset, directory in due:
             try:
-                info = self.store.save(self.topic, self.topic_id(), partition, offset,
-                                       pack(directory), self.worker_name)  # fmt: skip
-                self.store.prune(self.topic, partition, self.settings.ledger.snapshot_keep)
+                topic_id = self.topic_id()
+                info = self.store.save(self.topic, topic_id, partition, offset, directory,
+                                       self.worker_name)  # fmt: skip
+                self.store.prune(self.topic, topic_id, partition,
+                                 self.settings.ledger.snapshot_keep)  # fmt: skip
             except (CreditLedgerError, psycopg.Error, OSError) as exc:
                 log.warning("partition %s: snapshot at offset %s not written (%s); the "
                             "previous one stays", partition, offset, exc)  # fmt: skip
@@ -402,9 +445,9 @@ class FoldSnapshots:
             self.metrics.snapshots.labels("taken").inc()
             self.metrics.snapshot_bytes.labels(str(partition)).set(info.size_bytes)
             self.metrics.snapshot_seconds.observe(info.took_ms / 1000)
-            log.info("partition %s: snapshot %s at ledger offset %s, %s bytes in %s chunks, "
-                     "%s ms", partition, info.snapshot_id, offset, info.size_bytes,
-                     info.chunks, info.took_ms)  # fmt: skip
+            log.info("partition %s: snapshot %s at ledger offset %s, %s files, %s bytes "
+                     "(%s new) in %s ms", partition, info.snapshot_id, offset, len(info.files),
+                     info.size_bytes, info.uploaded_bytes, info.took_ms)  # fmt: skip
 
     def wait(self, timeout_s: float | None = None) -> None:
         """Let a running upload finish (tests and the benchmark)."""

@@ -14,14 +14,18 @@ from that persisted offset to its end and hands the records to
 :meth:`LedgerStateTable.apply_changelog_batch`, the same code path. So the
 state is always the fold of a ledger prefix, whatever the worker lived through.
 
-Keys: ``a<user_id>`` for an account, ``e<event_id>`` for a processed event.
-Values are small fixed structs: this is the per-event path.
+Keys: ``a<user_id>`` for an account, ``e<event_id>`` for a processed event, and
+``t<occurred_at, 8 bytes big-endian><event_id>`` (its value: the ``e`` key's) so that
+the processed-event index can forget ids older than the idempotency window in key
+order, without a scan (:meth:`LedgerStateTable.forget_before`). Values are small
+fixed structs: this is the per-event path.
 """
 
 from __future__ import annotations
 
 import logging
 import struct
+import time
 from collections.abc import Callable, Iterable, MutableMapping
 from dataclasses import dataclass
 from types import SimpleNamespace
@@ -42,6 +46,9 @@ log = logging.getLogger(__name__)
 
 ACCOUNT_PREFIX = b"a"
 EVENT_PREFIX = b"e"
+TIME_PREFIX = b"t"
+FORGET_MARGIN_MS = 86_400_000  # a worker's clock may step back this far, no further
+_TIME = struct.Struct(">q")  # big-endian: keys sort by time (occurred_at is never negative)
 _ACCOUNT = struct.Struct("<qq")  # balance_micro, seq
 _SEEN = struct.Struct("<q16s")  # seq, digest (16 bytes) + user_id (utf-8) after it
 
@@ -57,6 +64,11 @@ class StateWrite:
     balance_after_micro: int
     event_id: str
     command_digest: str
+    occurred_at_ms: int
+
+
+def time_key(occurred_at_ms: int, event_id: str) -> bytes:
+    return TIME_PREFIX + _TIME.pack(max(occurred_at_ms, 0)) + event_id.encode()
 
 
 def pack_account(balance_micro: int, seq: int) -> bytes:
@@ -114,6 +126,17 @@ class LedgerStateTable(faust.Table[bytes, bytes]):
         """The partitions whose stores are open on this worker (RocksDB), by number."""
         return dict(getattr(self.data, "_dbs", {}))
 
+    def forget_old_ids(self, window_ms: int, limit: int) -> int:
+        """Forget processed event ids older than the window (and a day's margin for clock
+        steps), up to ``limit`` per partition. Safe: every command that old is ``stale``
+        before the index is asked (:func:`agents.domain.decide`)."""
+        horizon = time.time_ns() // 1_000_000 - window_ms - FORGET_MARGIN_MS
+        forgotten = sum(forget_before(db, horizon, limit)
+                        for db in self.open_partitions().values())  # fmt: skip
+        if forgotten:
+            log.info("forgot %d event ids that occurred before %d", forgotten, horizon)
+        return forgotten
+
     def _raw_get(self, partition: int, key: bytes) -> bytes | None:
         getter = self._getter
         if getter is None:
@@ -169,10 +192,15 @@ class LedgerStateTable(faust.Table[bytes, bytes]):
                 continue
             newest[key] = write
             offset = write.offset if offsets is None else offsets[write.partition]
+            seen = pack_seen(write.user_id, write.seq, write.command_digest)
             events.append(
-                _store_event(write.partition, offset, EVENT_PREFIX + write.event_id.encode(),
-                             pack_seen(write.user_id, write.seq, write.command_digest))
+                _store_event(write.partition, offset, EVENT_PREFIX + write.event_id.encode(), seen)
             )  # fmt: skip
+            events.append(
+                _store_event(
+                    write.partition, offset, time_key(write.occurred_at_ms, write.event_id), seen
+                )
+            )
         for (partition, user_id), write in newest.items():
             offset = write.offset if offsets is None else offsets[partition]
             events.append(
@@ -203,7 +231,7 @@ class LedgerStateTable(faust.Table[bytes, bytes]):
             writes.append(
                 StateWrite(message.partition, message.offset, record["user_id"], record["seq"],
                            record["balance_after_micro"], record["event_id"],
-                           record["command_digest"])
+                           record["command_digest"], record["occurred_at"])
             )  # fmt: skip
         self.apply_entries(writes)
         if self.on_recovered is not None:
@@ -212,3 +240,30 @@ class LedgerStateTable(faust.Table[bytes, bytes]):
 
 def _identity(value: Any) -> Any:
     return value
+
+
+def forget_before(db: Any, before_ms: int, limit: int) -> int:
+    """Forget up to ``limit`` processed event ids that occurred before ``before_ms``, oldest
+    first, in one write; return how many. An ``e`` key goes only if it still holds what its
+    ``t`` key recorded: an id applied again later (forgotten once, then reused) stays."""
+    import rocksdict
+
+    end = TIME_PREFIX + _TIME.pack(max(before_ms, 0))
+    batch = rocksdict.WriteBatch(raw_mode=True)
+    iterator = db.iter()
+    iterator.seek(TIME_PREFIX)
+    count = 0
+    while count < limit and iterator.valid():
+        key = iterator.key()
+        if key >= end:
+            break
+        event_key = EVENT_PREFIX + key[1 + _TIME.size :]
+        if db.get(event_key) == iterator.value():
+            batch.delete(event_key)
+        batch.delete(key)
+        count += 1
+        iterator.next()
+    del iterator
+    if count:
+        db.write(batch)
+    return count

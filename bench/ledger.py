@@ -54,7 +54,7 @@ from streams.codec import AvroCodec, load_codec
 from streams.kafka_clients import consumer_config, make_consumer, make_producer
 from streams.topics import settings_topics
 from testbed.ledger import WorkerGroup
-from testbed.workload import T0_MS, command_stream
+from testbed.workload import FRESH_T0_MS, command_stream
 
 
 def commands(prefix: str, count: int, users: int, seed: int = 1) -> Iterator[Command]:
@@ -263,7 +263,7 @@ def restart(settings: Settings, codec: AvroCodec, accounts: int) -> tuple[float,
     def one_per_user() -> Iterator[Command]:
         for n in range(accounts):
             yield Grant(f"{prefix}-e{n}", f"{prefix}-u{n}", "reward", 1_000_000, "signup",
-                        None, T0_MS + n, "bench")  # fmt: skip
+                        None, FRESH_T0_MS + n, "bench")  # fmt: skip
 
     produce(settings, codec, one_per_user(), accounts, "load accounts")
     tail = LedgerTail(settings, codec, prefix)
@@ -286,7 +286,7 @@ def restart(settings: Settings, codec: AvroCodec, accounts: int) -> tuple[float,
             group.start("w1")
             restarted = time.monotonic()
             probe = Grant(f"{prefix}-{label}", f"{prefix}-u0", "reward", 1, "probe", None,
-                          T0_MS, "bench")  # fmt: skip
+                          FRESH_T0_MS, "bench")  # fmt: skip
             producer.produce(GRANT_TOPIC, key=probe.user_id.encode(),
                              value=codec.encode(GRANT_TOPIC, command_to_record(probe)))  # fmt: skip
             producer.flush(10)

@@ -37,7 +37,7 @@ from kernel.settings import Settings
 from streams.codec import AvroCodec
 from streams.kafka_clients import make_consumer, make_producer
 from testbed.ledger import WorkerGroup
-from testbed.workload import T0_MS
+from testbed.workload import FRESH_T0_MS
 
 RESTORED = re.compile(r"partition (\d+): restored snapshot \d+ \(ledger offset (\d+), \d+ files, "
                       r"(\d+) bytes\) in ([\d.]+) s")  # fmt: skip
@@ -129,7 +129,7 @@ class Run:
         started = time.monotonic()
         self.probes += 1
         probe = Grant(f"{self.prefix}-probe{self.probes}", f"{self.prefix}-u0", "reward", 1,
-                      "probe", None, T0_MS, "bench")  # fmt: skip
+                      "probe", None, FRESH_T0_MS, "bench")  # fmt: skip
         self.producer.produce(
             GRANT_TOPIC,
             key=probe.user_id.encode(),

@@ -22,6 +22,10 @@ from contracts.records import command_topic
 SPEC_VERSION = "1.0"
 CONTENT_TYPE = "application/avro"
 TRACEPARENT = "traceparent"
+# Set by `ledger dlq redrive` on a stale command it checked against the ledger: the fold then
+# skips the idempotency window for it. It grants nothing that write access to a command topic
+# does not grant already (any producer there can send a new event id).
+REDRIVE_CHECKED = "creditledger_redrive_checked"
 TRACEPARENT_FORMAT = re.compile(r"^([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})$")
 
 # The trace of the request being served (set by the proxy's and the store's front door).

@@ -29,7 +29,7 @@ if TYPE_CHECKING:
     from streams.topics import TopicsSpec
 
 Handler = Callable[[argparse.Namespace, Settings], int]
-REASONS = ["malformed", "unknown_schema", "idempotency_conflict", "invalid"]
+REASONS = ["malformed", "unknown_schema", "idempotency_conflict", "invalid", "stale"]
 
 
 def _print_services(report: Sequence[ServiceStatus]) -> None:
@@ -240,12 +240,27 @@ def cmd_dlq_redrive(args: argparse.Namespace, settings: Settings) -> int:
         missing = wanted - {letter.offset for letter in letters}
         if missing:
             raise CreditLedgerError(f"no dead letter at offset(s) {sorted(missing)}")
+    from contracts.records import LEDGER_TOPIC
+    from streams.topics import settings_topics
+
+    stale = [letter for letter in letters if letter.record["reason"] == "stale"]
+    checked: set[int] = set()
+    if stale:
+        # Never blindly: the ledger itself says whether a stale command was applied.
+        partitions = settings_topics(settings)[LEDGER_TOPIC].partitions
+        for check in ops.check_stale(settings, project_codec(settings), stale, partitions):
+            print(f"stale dlq@{check.letter.offset} ({check.letter.record['event_id']}): "
+                  f"{check.detail}")  # fmt: skip
+            if check.send:
+                checked.add(check.letter.offset)
+        letters = [one for one in letters
+                   if one.record["reason"] != "stale" or one.offset in checked]  # fmt: skip
     for letter in letters:
         r = letter.record
         print(f"{'would re-drive' if args.dry_run else 're-drive'} dlq@{letter.offset}: "
               f"{r['reason']} from {r['topic']}[{r['partition']}]@{r['offset']}")  # fmt: skip
     if not args.dry_run:
-        sent = ops.redrive(settings, letters)
+        sent = ops.redrive(settings, letters, frozenset(checked))
         print(f"re-drove {sent} message(s); the ledger worker decides them again")
     return 0
 
@@ -432,7 +447,10 @@ def _ledger_commands(commands: Any) -> None:
         "redrive", help="send dead letters back to their topic after a fix",
         description=(
             "Produce the original bytes again to the original topic. Safe to repeat: "
-            "an applied command is a duplicate by event_id, a still-bad one returns here."
+            "an applied command is a duplicate by event_id, a still-bad one returns here. "
+            "A stale one (older than ledger.idempotency_window_days) is first looked up in "
+            "the ledger: sent, past the window, only if the ledger never applied its "
+            "event id."
         ),
     )  # fmt: skip
     p.add_argument("--offset", type=int, action="append", help="dlq offset (repeatable)")

@@ -104,7 +104,7 @@ def _round_trips(settings: Settings, admin: Any, codec: AvroCodec, stamp: dateti
 def _demo_commands(run: str) -> list[tuple[Command, str]]:
     """(command, what the ledger must do with it) for two demo users."""
     alice, bob = f"demo-{run}-alice", f"demo-{run}-bob"
-    t = 1_767_225_600_000
+    t = time.time_ns() // 1_000_000  # now: inside the ledger's idempotency window
 
     def charge(event: str, user: str, amount: int) -> Charge:
         return Charge(f"{run}-{event}", user, "chat", None, None, "small", "small-2026",

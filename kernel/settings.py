@@ -245,7 +245,7 @@ class LedgerSettings(_Section):
         1000, ge=100, description="How often workers commit command offsets."
     )
     snapshot_every_entries: int = Field(
-        200_000,
+        50_000,
         ge=0,
         description=(
             "Snapshot a ledger partition's fold state to Postgres once it has this many new "

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import random
+import time
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -30,8 +31,11 @@ from contracts.commands import Charge, Command, Entry, Grant
 from contracts.records import command_to_record, command_topic
 from streams.codec import AvroCodec
 
-T0_MS = 1_767_225_600_000  # 2026-01-01T00:00:00Z
+T0_MS = 1_767_225_600_000  # 2026-01-01T00:00:00Z: entries written straight to a topic
 HOUR_MS = 3_600_000
+# Commands for the fold occur a day before this run (on an hour boundary): inside the
+# ledger's idempotency window, as a live producer's are (older ones are `stale`).
+FRESH_T0_MS = (time.time_ns() // 1_000_000 // HOUR_MS - 24) * HOUR_MS
 MODELS = ("small", "large", "vision")
 SCENES = ("chat", "search", "summary")
 
@@ -106,7 +110,7 @@ def _extras(rng: random.Random, originals: list[Command], user_ids: list[str], p
         changed = dataclasses.replace(original, amount_micro=original.amount_micro + 1)
         extras.append((rng.randrange(index + 1, commands + 1), changed, "idempotency_conflict"))
     for n in range(invalid):
-        bad = random_charge(rng, f"{prefix}-bad{n}", rng.choice(user_ids), T0_MS)
+        bad = random_charge(rng, f"{prefix}-bad{n}", rng.choice(user_ids), FRESH_T0_MS)
         bad = dataclasses.replace(bad, amount_micro=-rng.randint(1, 100))
         extras.append((rng.randrange(commands + 1), bad, "invalid"))
     for n in range(malformed):
@@ -144,7 +148,7 @@ def build_workload(
     for n in range(commands):
         user = rng.choice(user_ids)
         event_id = f"{prefix}-ev{n}"
-        at_ms = T0_MS + n
+        at_ms = FRESH_T0_MS + n
         originals.append(random_command(rng, event_id, user, at_ms))
 
     extras = _extras(rng, originals, user_ids, prefix, duplicate_ratio, conflict_ratio,
@@ -257,7 +261,7 @@ def command_stream(prefix: str, count: int, users: int, seed: int = 1,
     rng = random.Random(seed)
     for n in range(count):
         yield random_command(rng, f"{prefix}-e{n}", f"{prefix}-u{rng.randrange(users)}",
-                             T0_MS + n, producer)  # fmt: skip
+                             FRESH_T0_MS + n, producer)  # fmt: skip
 
 
 def build_entries(seed: int, prefix: str, commands: int, users: int,

@@ -23,7 +23,7 @@ from streams.codec import AvroCodec
 from streams.kafka_clients import consumer_config, partition_of
 from streams.topics import TopicsSpec
 from testbed.ledger import send
-from testbed.workload import Message
+from testbed.workload import FRESH_T0_MS, Message
 from tests.agents.unit.test_domain import grant
 
 
@@ -49,7 +49,10 @@ def test_a_skipped_head_is_read_back_and_put_first(
     folder: LedgerFolder, codec: AvroCodec, unique: str
 ) -> None:
     user = f"holes-{unique}"
-    commands = [grant(event_id=f"{user}-{n}", user_id=user, amount_micro=n + 1) for n in range(4)]
+    commands = [
+        grant(event_id=f"{user}-{n}", user_id=user, amount_micro=n + 1, occurred_at_ms=FRESH_T0_MS)
+        for n in range(4)
+    ]
     messages = [Message(GRANT_TOPIC, user.encode(),
                         codec.encode(GRANT_TOPIC, command_to_record(c)), "applied")
                 for c in commands]  # fmt: skip
@@ -73,7 +76,9 @@ def test_a_hole_in_the_middle_is_filled_and_redeliveries_pass(
     folder: LedgerFolder, codec: AvroCodec, unique: str
 ) -> None:
     user = f"holes2-{unique}"
-    commands = [grant(event_id=f"{user}-{n}", user_id=user) for n in range(3)]
+    commands = [
+        grant(event_id=f"{user}-{n}", user_id=user, occurred_at_ms=FRESH_T0_MS) for n in range(3)
+    ]
     messages = [Message(GRANT_TOPIC, user.encode(),
                         codec.encode(GRANT_TOPIC, command_to_record(c)), "applied")
                 for c in commands]  # fmt: skip
@@ -133,7 +138,10 @@ def test_a_filled_hole_is_acked_so_faust_commits_up_to_the_end(
     folder.start()
     try:
         user = f"holes3-{unique}"
-        commands = [grant(event_id=f"{user}-{n}", user_id=user) for n in range(4)]
+        commands = [
+            grant(event_id=f"{user}-{n}", user_id=user, occurred_at_ms=FRESH_T0_MS)
+            for n in range(4)
+        ]
         messages = [Message(GRANT_TOPIC, user.encode(),
                             codec.encode(GRANT_TOPIC, command_to_record(c)), "applied")
                     for c in commands]  # fmt: skip

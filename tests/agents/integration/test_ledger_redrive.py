@@ -8,12 +8,13 @@ from collections.abc import Callable
 import pytest
 
 from agents import ops
+from agents.domain import DAY_MS
 from contracts.records import GRANT_TOPIC, command_to_record
 from creditledger.cli import main
 from kernel.settings import Settings
 from streams.codec import AvroCodec
 from testbed.ledger import WorkerGroup, send
-from testbed.workload import Message
+from testbed.workload import FRESH_T0_MS, Message
 from tests.agents.unit.test_domain import grant
 
 
@@ -37,7 +38,9 @@ def test_a_grant_refused_by_a_too_low_limit_applies_after_the_fix(
 ) -> None:
     workers = WorkerGroup(unique, stack_settings)
     user = f"redrive-{unique}"
-    command = grant(event_id=f"{user}-order", user_id=user, amount_micro=5_000_000)
+    command = grant(
+        event_id=f"{user}-order", user_id=user, amount_micro=5_000_000, occurred_at_ms=FRESH_T0_MS
+    )
     value = codec.encode(GRANT_TOPIC, command_to_record(command))
     try:
         workers.extra_env = {"CREDITLEDGER_LEDGER__MAX_AMOUNT_MICRO": "1000"}
@@ -80,3 +83,56 @@ def test_a_grant_refused_by_a_too_low_limit_applies_after_the_fix(
         assert "fold-check: OK" in capsys.readouterr().out
     finally:
         workers.cleanup()
+
+
+@pytest.mark.timeout(600)
+def test_a_stale_command_is_dead_lettered_and_applies_once_after_a_checked_redrive(
+    stack_settings: Settings, codec: AvroCodec, unique: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    workers = WorkerGroup(unique, stack_settings)
+    user = f"stale-{unique}"
+    forty_days_ago = time.time_ns() // 1_000_000 - 40 * DAY_MS
+    command = grant(event_id=f"{user}-late", user_id=user, amount_micro=3_000_000,
+                    occurred_at_ms=forty_days_ago)  # fmt: skip
+    message = Message(GRANT_TOPIC, user.encode(),
+                      codec.encode(GRANT_TOPIC, command_to_record(command)), "stale")  # fmt: skip
+
+    def letters() -> list[ops.DeadLetter]:
+        return [d for d in ops.dead_letters(stack_settings, codec)
+                if d.record["event_id"] == command.event_id]  # fmt: skip
+
+    try:
+        workers.start("w1")
+        send(stack_settings, [message])
+        assert _wait(lambda: letters()), f"no dead letter\n{workers.tail('w1')}"
+        letter = letters()[0]
+        assert letter.record["reason"] == "stale"
+        assert letter.record["detail"].startswith("occurred_at is 40 days 0 hours old")
+        assert _entries_for(stack_settings, codec, user) == []
+
+        # The operator re-drives it: the ledger has never applied it, so it goes past the window.
+        capsys.readouterr()
+        assert main(["ledger", "dlq", "redrive", "--offset", str(letter.offset)]) == 0
+        out = capsys.readouterr().out
+        assert "not in the ledger: re-driven past the idempotency window" in out
+        assert "re-drove 1 message" in out
+        assert _wait(lambda: _entries_for(stack_settings, codec, user)), workers.tail("w1")
+
+        # The producer sends it again, and the operator re-drives both letters: the ledger
+        # has it now, so neither is sent; one entry, whatever happens.
+        send(stack_settings, [message])
+        assert _wait(lambda: len(letters()) == 2), workers.tail("w1")
+        offsets = [str(d.offset) for d in letters()]
+        capsys.readouterr()
+        assert main(["ledger", "dlq", "redrive", "--offset", offsets[0], "--offset",
+                     offsets[1]]) == 0  # fmt: skip
+        out = capsys.readouterr().out
+        assert out.count("already applied as entry 1 of") == 2, out
+        assert "re-drove 0 message" in out
+        time.sleep(5)
+        entries = _entries_for(stack_settings, codec, user)
+        assert len(entries) == 1 and entries[0].amount_micro == 3_000_000  # type: ignore[attr-defined]
+        assert len(letters()) == 2
+    finally:
+        workers.cleanup()
+    assert main(["ledger", "fold-check", "--quiet"]) == 0

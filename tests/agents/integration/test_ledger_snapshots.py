@@ -30,6 +30,7 @@ SNAPSHOT_ENV = {
     "CREDITLEDGER_LEDGER__SNAPSHOT_EVERY_ENTRIES": "400",
     "CREDITLEDGER_LEDGER__SNAPSHOT_KEEP": "3",
     "CREDITLEDGER_LEDGER__SNAPSHOT_CHUNK_BYTES": "65536",
+    "CREDITLEDGER_LEDGER__SNAPSHOT_INTERVAL_S": "3600",
 }
 
 
@@ -71,13 +72,24 @@ def _writer_waiting_on_lock(settings: Settings) -> bool:
     return bool(row and row[0])
 
 
-def _flip_a_byte(settings: Settings, snapshot_id: int) -> None:
+def _flip_a_byte(settings: Settings, snapshot_id: int, previous_id: int) -> None:
+    """In a file of the snapshot that the previous one does not share (files are stored
+    once and shared by the snapshots that contain them)."""
     with connect(settings) as conn:
-        conn.execute(
-            "UPDATE ledger_snapshot_chunks SET data = set_byte(data, 100, "
-            "get_byte(data, 100) # 1) WHERE snapshot_id = %s AND n = 0",
-            (snapshot_id,),
-        )
+        row = conn.execute(
+            "SELECT f FROM unnest((SELECT file_ids FROM ledger_snapshots WHERE snapshot_id "
+            "= %s)) f WHERE f <> ALL((SELECT file_ids FROM ledger_snapshots WHERE "
+            "snapshot_id = %s)) LIMIT 1",
+            (snapshot_id, previous_id),
+        ).fetchone()
+        assert row is not None, "the newest snapshot has no file of its own"
+        changed = conn.execute(
+            "UPDATE ledger_snapshot_chunks SET data = set_byte(data, least(100, "
+            "length(data) - 1), get_byte(data, least(100, length(data) - 1)) # 1) "
+            "WHERE file_id = %s AND n = 0",
+            (row[0],),
+        ).rowcount
+        assert changed == 1
         conn.commit()
 
 
@@ -113,8 +125,8 @@ def test_a_worker_without_its_state_recovers_from_the_newest_good_snapshot(
         blocker = None
         with connect(stack_settings, autocommit=True) as conn:
             orphans = conn.execute(
-                "SELECT count(*) FROM ledger_snapshot_chunks c WHERE NOT EXISTS "
-                "(SELECT 1 FROM ledger_snapshots s WHERE s.snapshot_id = c.snapshot_id)"
+                "SELECT count(*) FROM ledger_snapshot_files f WHERE NOT EXISTS "
+                "(SELECT 1 FROM ledger_snapshots s WHERE f.file_id = ANY(s.file_ids))"
             ).fetchone()
         assert orphans == (0,), "a killed snapshot write left chunks behind"
 
@@ -124,7 +136,7 @@ def test_a_worker_without_its_state_recovers_from_the_newest_good_snapshot(
                          if sum(1 for s in taken if s[1] == p) >= 2)  # fmt: skip
         mine = [s for s in taken if s[1] == partition]
         corrupt, previous = mine[-1], mine[-2]
-        _flip_a_byte(stack_settings, corrupt[0])
+        _flip_a_byte(stack_settings, corrupt[0], previous[0])
 
         # The disk is lost; the worker comes back and restores every partition it can.
         shutil.rmtree(workers.root / "w1")

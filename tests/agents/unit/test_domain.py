@@ -257,3 +257,24 @@ LedgerAgreesWithAuditor.TestCase.settings = hypothesis_settings(
     max_examples=200, stateful_step_count=60, deadline=None
 )
 TestLedgerAgreesWithAuditor = LedgerAgreesWithAuditor.TestCase
+
+
+def test_a_command_older_than_the_window_is_stale_whatever_the_index_says() -> None:
+    day = 86_400_000
+    limits = dataclasses.replace(LIMITS, idempotency_window_ms=35 * day)
+    first = Seen("u1", 1, command_digest(charge()))
+    now = T0 + 35 * day
+    at_edge = decide(Account(), None, charge(), limits, now, now_ms=now)
+    assert isinstance(at_edge, Applied), "exactly 35 days old is inside the window"
+    for seen in (None, first):
+        outcome = decide(Account(), seen, charge(), limits, now + 1, now_ms=now + 1 + 3_600_000)
+        assert isinstance(outcome, Rejected)
+        assert outcome.reason == "stale"
+        assert outcome.detail.startswith("occurred_at is 35 days 1 hours old")
+        assert (outcome.event_id, outcome.user_id) == ("c1", "u1")
+    # A re-drive checked against the ledger passes no clock: the index decides again.
+    assert isinstance(decide(Account(), None, charge(), limits, now, now_ms=None), Applied)
+    assert isinstance(decide(Account(), first, charge(), limits, now, now_ms=None), Duplicate)
+    # Invalid stays invalid, whatever its age.
+    invalid = decide(Account(), None, charge(amount_micro=-1), limits, now, now_ms=now * 2)
+    assert isinstance(invalid, Rejected) and invalid.reason == "invalid"

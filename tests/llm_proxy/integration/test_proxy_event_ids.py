@@ -121,7 +121,7 @@ def test_ids_are_namespaced_by_service_and_cannot_take_the_stores(world: ProxyWo
                 amount_micro=5,
                 reference="o-1",
                 note=None,
-                occurred_at_ms=1,
+                occurred_at_ms=time.time_ns() // 1_000_000,
                 producer="store",
             )
             value = codec.encode(GRANT_TOPIC, command_to_record(grant))

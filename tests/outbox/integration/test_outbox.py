@@ -22,7 +22,7 @@ from outbox.enqueue import enqueue, enqueue_async
 from streams.codec import load_codec
 from streams.reading import read_topic
 from testbed.topics import ScratchTopics
-from testbed.workload import Auditor, random_command
+from testbed.workload import FRESH_T0_MS, Auditor, random_command
 from testbed.world import World
 
 
@@ -41,7 +41,7 @@ def test_relays_killed_three_times_lose_nothing_and_the_fold_doubles_nothing(
     rng = random.Random(seed)
     users = [f"{world.unique}-u{n}" for n in range(200)]
     commands = [random_command(rng, f"{world.unique}-ev{n}", rng.choice(users),
-                               1_767_225_600_000 + n) for n in range(6000)]  # fmt: skip
+                               FRESH_T0_MS + n) for n in range(6000)]  # fmt: skip
     auditor = Auditor(max_amount_micro=10**12)
     for command in commands:
         auditor.apply(command)
@@ -112,9 +112,9 @@ def test_the_spool_moves_only_charges_into_the_outbox(world: World, tmp_path: Pa
     from outbox import spool
 
     codec = world.codec
-    charge = random_command(random.Random(1), "spooled-charge", "spool-u", 1)
+    charge = random_command(random.Random(1), "spooled-charge", "spool-u", FRESH_T0_MS)
     while command_topic(charge) != CHARGE_TOPIC:
-        charge = random_command(random.Random(), "spooled-charge", "spool-u", 1)
+        charge = random_command(random.Random(), "spooled-charge", "spool-u", FRESH_T0_MS)
     grant = Grant(event_id="spooled-grant", user_id="spool-u", kind="purchase",
                   amount_micro=10**12, reference="forged", note=None, occurred_at_ms=1,
                   producer="attacker")  # fmt: skip
