@@ -12,9 +12,11 @@ Rules (see DESIGN.md):
   ``occurred_at``, :attr:`Limits.idempotency_window_ms`): the same id with the
   same content is a :class:`Duplicate` that points at the first entry; with
   other content it is rejected as ``idempotency_conflict`` and never applied;
-- a command whose ``occurred_at`` is older than the window is ``stale``: the
-  index may have forgotten its id, so it is never applied blindly (an operator
-  re-drives it after checking the ledger, and the re-drive skips this rule);
+- a command the index does not know whose ``occurred_at`` is older than the
+  window is ``stale``: the index may have forgotten its id, so it is never
+  applied blindly (an operator re-drives it after checking the ledger, and the
+  re-drive skips this rule). What the index does know is still a duplicate or a
+  conflict, whatever its age;
 - ``seq`` is gap-free per account: 1, 2, 3, ...;
 - an entry is fully determined by (state, command, recorded_at_ms), so the fold
   gives the same ledger whenever it is replayed.
@@ -178,17 +180,6 @@ def decide(
         event_id = command.event_id if EVENT_ID.ok(command.event_id) else None
         user_id = command.user_id if ID.ok(command.user_id) else None
         return Rejected("invalid", problem, event_id, user_id)
-    if now_ms is not None and command.occurred_at_ms < now_ms - limits.idempotency_window_ms:
-        # Before the index is asked: what it answers for an id this old is not to be trusted.
-        age_ms = now_ms - command.occurred_at_ms
-        return Rejected(
-            "stale",
-            f"occurred_at is {age_ms // DAY_MS} days {age_ms % DAY_MS // 3_600_000} hours "
-            f"old ({age_ms} ms), older than the {limits.idempotency_window_ms // DAY_MS}-day "
-            "idempotency window; re-drive it after checking the ledger",
-            command.event_id,
-            command.user_id,
-        )
     digest = digest or command_digest(command)
     if seen is not None:
         if seen.command_digest == digest:  # the digest covers user_id too
@@ -197,6 +188,17 @@ def decide(
             "idempotency_conflict",
             f"event_id {command.event_id!r} was applied as entry {seen.seq} of user "
             f"{seen.user_id!r} with different content",
+            command.event_id,
+            command.user_id,
+        )
+    if now_ms is not None and command.occurred_at_ms < now_ms - limits.idempotency_window_ms:
+        # The index may have forgotten an id this old: its silence proves nothing.
+        age_ms = now_ms - command.occurred_at_ms
+        return Rejected(
+            "stale",
+            f"occurred_at is {age_ms // DAY_MS} days {age_ms % DAY_MS // 3_600_000} hours "
+            f"old ({age_ms} ms), older than the {limits.idempotency_window_ms // DAY_MS}-day "
+            "idempotency window; re-drive it after checking the ledger",
             command.event_id,
             command.user_id,
         )

@@ -118,21 +118,18 @@ def test_a_stale_command_is_dead_lettered_and_applies_once_after_a_checked_redri
         assert "re-drove 1 message" in out
         assert _wait(lambda: _entries_for(stack_settings, codec, user)), workers.tail("w1")
 
-        # The producer sends it again, and the operator re-drives both letters: the ledger
-        # has it now, so neither is sent; one entry, whatever happens.
+        # The producer sends it again: the index knows it now, so it is a duplicate (however
+        # old). The operator re-drives the letter again: the ledger has it, so it is not sent.
         send(stack_settings, [message])
-        assert _wait(lambda: len(letters()) == 2), workers.tail("w1")
-        offsets = [str(d.offset) for d in letters()]
         capsys.readouterr()
-        assert main(["ledger", "dlq", "redrive", "--offset", offsets[0], "--offset",
-                     offsets[1]]) == 0  # fmt: skip
+        assert main(["ledger", "dlq", "redrive", "--offset", str(letter.offset)]) == 0
         out = capsys.readouterr().out
-        assert out.count("already applied as entry 1 of") == 2, out
+        assert "already applied as entry 1 of" in out, out
         assert "re-drove 0 message" in out
         time.sleep(5)
         entries = _entries_for(stack_settings, codec, user)
         assert len(entries) == 1 and entries[0].amount_micro == 3_000_000  # type: ignore[attr-defined]
-        assert len(letters()) == 2
+        assert len(letters()) == 1, "a known id is a duplicate, not stale"
     finally:
         workers.cleanup()
     assert main(["ledger", "fold-check", "--quiet"]) == 0

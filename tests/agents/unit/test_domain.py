@@ -259,22 +259,25 @@ LedgerAgreesWithAuditor.TestCase.settings = hypothesis_settings(
 TestLedgerAgreesWithAuditor = LedgerAgreesWithAuditor.TestCase
 
 
-def test_a_command_older_than_the_window_is_stale_whatever_the_index_says() -> None:
+def test_a_command_older_than_the_window_is_stale_unless_the_index_knows_it() -> None:
     day = 86_400_000
     limits = dataclasses.replace(LIMITS, idempotency_window_ms=35 * day)
     first = Seen("u1", 1, command_digest(charge()))
     now = T0 + 35 * day
     at_edge = decide(Account(), None, charge(), limits, now, now_ms=now)
     assert isinstance(at_edge, Applied), "exactly 35 days old is inside the window"
-    for seen in (None, first):
-        outcome = decide(Account(), seen, charge(), limits, now + 1, now_ms=now + 1 + 3_600_000)
-        assert isinstance(outcome, Rejected)
-        assert outcome.reason == "stale"
-        assert outcome.detail.startswith("occurred_at is 35 days 1 hours old")
-        assert (outcome.event_id, outcome.user_id) == ("c1", "u1")
-    # A re-drive checked against the ledger passes no clock: the index decides again.
-    assert isinstance(decide(Account(), None, charge(), limits, now, now_ms=None), Applied)
-    assert isinstance(decide(Account(), first, charge(), limits, now, now_ms=None), Duplicate)
+    outcome = decide(Account(), None, charge(), limits, now + 1, now_ms=now + 1 + 3_600_000)
+    assert isinstance(outcome, Rejected)
+    assert outcome.reason == "stale"
+    assert outcome.detail.startswith("occurred_at is 35 days 1 hours old")
+    assert (outcome.event_id, outcome.user_id) == ("c1", "u1")
+    # What the index still knows it answers for, however old: a duplicate, a conflict.
+    later = now + 99 * day
+    assert isinstance(decide(Account(), first, charge(), limits, later, now_ms=later), Duplicate)
+    conflict = decide(Account(), first, charge(amount_micro=7), limits, later, now_ms=later)
+    assert isinstance(conflict, Rejected) and conflict.reason == "idempotency_conflict"
+    # A re-drive checked against the ledger passes no clock: the index decides alone.
+    assert isinstance(decide(Account(), None, charge(), limits, later, now_ms=None), Applied)
     # Invalid stays invalid, whatever its age.
     invalid = decide(Account(), None, charge(amount_micro=-1), limits, now, now_ms=now * 2)
     assert isinstance(invalid, Rejected) and invalid.reason == "invalid"
