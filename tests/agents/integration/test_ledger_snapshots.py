@@ -78,8 +78,8 @@ def _flip_a_byte(settings: Settings, snapshot_id: int, previous_id: int) -> None
     with connect(settings) as conn:
         row = conn.execute(
             "SELECT f FROM unnest((SELECT file_ids FROM ledger_snapshots WHERE snapshot_id "
-            "= %s)) f WHERE f <> ALL((SELECT file_ids FROM ledger_snapshots WHERE "
-            "snapshot_id = %s)) LIMIT 1",
+            "= %s)) f WHERE f NOT IN (SELECT unnest(file_ids) FROM ledger_snapshots WHERE "
+            "snapshot_id = %s) LIMIT 1",
             (snapshot_id, previous_id),
         ).fetchone()
         assert row is not None, "the newest snapshot has no file of its own"
