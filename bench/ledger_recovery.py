@@ -10,7 +10,8 @@ folder deleted, and started again. Measured per size:
 - what the restart read: bytes of snapshot restored, and entries folded after it;
 - the snapshots: how many were written while folding up to this size, the newest ones'
   size and write time;
-- the fold's throughput over the same stretch, snapshots being taken meanwhile.
+- the fold's throughput over the same stretch once all its commands are in Kafka (the
+  producer here takes a core while it runs), snapshots being taken meanwhile.
 
 The ledger topic's size counts every entry in it, earlier runs' too (a worker folds the
 whole topic): on a fresh stack it is this run's.
@@ -98,9 +99,12 @@ class Run:
         since = time.time()
         items = commands(f"{self.prefix}g{self.sent}", count, self.accounts, seed=self.sent + 1)
         produce(self.settings, self.codec, items, count, f"commands to {size:,}")
+        # The fold's rate is taken once the commands are all in Kafka: while they are
+        # produced, this process takes a core the worker would otherwise have.
+        produced = time.monotonic()
         self.sent += count
         first = last = 0.0
-        seen = 0
+        seen = at_first = 0
         deadline = time.monotonic() + 3600
         with tqdm(total=count, desc=f"fold to {size:,}", unit="cmd", file=sys.stderr) as bar:
             while seen < count and time.monotonic() < deadline:
@@ -108,13 +112,14 @@ class Run:
                     raise SystemExit(f"worker died:\n{self.group.tail('w1')}")
                 batch = self.tail.poll(0.2)
                 if batch:
-                    first = first or batch[0][0]
+                    if not first and batch[0][0] >= produced:
+                        first, at_first = batch[0][0], seen
                     last = batch[-1][0]
                     seen += len(batch)
                     bar.update(len(batch))
         if seen < count:
             raise SystemExit(f"only {seen} of {count} entries folded\n{self.group.tail('w1')}")
-        rate = count / (last - first) if last > first else 0.0
+        rate = (count - at_first) / (last - first) if first and last > first else 0.0
         return (rate, *snapshot_stats(self.settings, since))
 
     def cold_start(self) -> tuple[float, float, float, int]:
