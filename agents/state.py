@@ -32,6 +32,7 @@ from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any
 
 import faust
+import rocksdict
 from faust.types import TP
 
 from agents.domain import Account, Seen
@@ -181,7 +182,8 @@ class LedgerStateTable(faust.Table[bytes, bytes]):
         when the writes do not carry their own.
         """
         newest: dict[tuple[int, str], StateWrite] = {}
-        events: list[Any] = []
+        puts: dict[int, list[tuple[bytes, bytes]]] = {}
+        tops: dict[int, int] = {}
         for write in writes:
             key = (write.partition, write.user_id)
             known = newest.get(key)
@@ -191,25 +193,40 @@ class LedgerStateTable(faust.Table[bytes, bytes]):
             elif write.seq <= known.seq:
                 continue
             newest[key] = write
-            offset = write.offset if offsets is None else offsets[write.partition]
-            seen = pack_seen(write.user_id, write.seq, write.command_digest)
-            events.append(
-                _store_event(write.partition, offset, EVENT_PREFIX + write.event_id.encode(), seen)
-            )  # fmt: skip
-            events.append(
-                _store_event(
-                    write.partition, offset, time_key(write.occurred_at_ms, write.event_id), seen
-                )
-            )
-        for (partition, user_id), write in newest.items():
+            partition = write.partition
             offset = write.offset if offsets is None else offsets[partition]
-            events.append(
-                _store_event(partition, offset, ACCOUNT_PREFIX + user_id.encode(),
-                             pack_account(write.balance_after_micro, write.seq))
-            )  # fmt: skip
-        if events:
-            self.data.apply_changelog_batch(events, to_key=_identity, to_value=_identity)
+            if offset > tops.get(partition, -1):
+                tops[partition] = offset
+            seen = pack_seen(write.user_id, write.seq, write.command_digest)
+            into = puts.setdefault(partition, [])
+            into.append((EVENT_PREFIX + write.event_id.encode(), seen))
+            into.append((time_key(write.occurred_at_ms, write.event_id), seen))
+        for (partition, user_id), write in newest.items():
+            account = pack_account(write.balance_after_micro, write.seq)
+            puts[partition].append((ACCOUNT_PREFIX + user_id.encode(), account))
+        if puts:
+            self._write(puts, tops)
         return len(newest)
+
+    def _write(self, puts: dict[int, list[tuple[bytes, bytes]]], tops: dict[int, int]) -> None:
+        """Each partition's writes in one batch, then its persisted offset (as Faust's own
+        ``apply_changelog_batch`` does, without an event object per key: the per-event
+        path)."""
+        store = self.data
+        db_for_partition = getattr(store, "_db_for_partition", None)
+        if db_for_partition is None or not getattr(store, "use_rocksdict", False):
+            # The memory store (or python-rocksdb): through Faust's events.
+            events = [_store_event(partition, tops[partition], key, value)
+                      for partition, pairs in puts.items() for key, value in pairs]  # fmt: skip
+            store.apply_changelog_batch(events, to_key=_identity, to_value=_identity)
+            return
+        for partition, pairs in puts.items():
+            batch = rocksdict.WriteBatch(raw_mode=True)
+            for key, value in pairs:
+                batch.put(key, value)
+            db_for_partition(partition).write(batch)
+        for partition, offset in tops.items():
+            store.set_persisted_offset(TP(LEDGER_TOPIC, partition), offset)
 
     def apply_changelog_batch(self, batch: Iterable[Any]) -> None:
         """Faust's recovery path: ledger records from the persisted offset onwards."""
@@ -246,8 +263,6 @@ def forget_before(db: Any, before_ms: int, limit: int) -> int:
     """Forget up to ``limit`` processed event ids that occurred before ``before_ms``, oldest
     first, in one write; return how many. An ``e`` key goes only if it still holds what its
     ``t`` key recorded: an id applied again later (forgotten once, then reused) stays."""
-    import rocksdict
-
     end = TIME_PREFIX + _TIME.pack(max(before_ms, 0))
     batch = rocksdict.WriteBatch(raw_mode=True)
     iterator = db.iter()

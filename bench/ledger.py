@@ -336,6 +336,9 @@ def main(argv: list[str] | None = None) -> int:
         default=1_000_000,
         help="users the --recovery commands are spread over",
     )
+    parser.add_argument("--compare", type=int, default=500_000,
+                        help="--recovery: then fold this many commands with snapshots off, "
+                        "and as many on, for the fold's rate side by side (0: skip)")  # fmt: skip
     args = parser.parse_args(argv)
     # SIGTERM must run the `finally` blocks: they stop the worker processes,
     # which live in sessions of their own and would otherwise go on folding.
@@ -356,9 +359,10 @@ def main(argv: list[str] | None = None) -> int:
         sizes = [int(size) for size in args.sizes.split(",")]
         if args.quick:
             sizes, args.accounts = [size // 100 for size in sizes], args.accounts // 100
-        steps = recovery(settings, codec, sizes, args.accounts)
+        compare = 5_000 if args.quick else args.compare
+        steps, rates = recovery(settings, codec, sizes, args.accounts, compare)
         print(render_table(["measure", "size", "result", "notes"],
-                           recovery_rows(steps, args.accounts)))  # fmt: skip
+                           recovery_rows(steps, args.accounts, compare, rates)))  # fmt: skip
         return 0
     rows: list[tuple[Any, ...]] = []
 

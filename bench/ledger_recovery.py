@@ -95,10 +95,12 @@ class Run:
         """Fold new commands until the ledger holds ``size`` entries: commands/s, and the
         snapshots written meanwhile (count, newest MB, slowest s)."""
         have, _ends = ledger_size(self.settings)
-        count = max(size - have, 0)
+        return self.grow(max(size - have, 0), f"to {size:,}")
+
+    def grow(self, count: int, label: str) -> tuple[float, int, float, float]:
         since = time.time()
         items = commands(f"{self.prefix}g{self.sent}", count, self.accounts, seed=self.sent + 1)
-        produce(self.settings, self.codec, items, count, f"commands to {size:,}")
+        produce(self.settings, self.codec, items, count, f"commands {label}")
         # The fold's rate is taken once the commands are all in Kafka: while they are
         # produced, this process takes a core the worker would otherwise have.
         produced = time.monotonic()
@@ -106,7 +108,7 @@ class Run:
         first = last = 0.0
         seen = at_first = 0
         deadline = time.monotonic() + 3600
-        with tqdm(total=count, desc=f"fold to {size:,}", unit="cmd", file=sys.stderr) as bar:
+        with tqdm(total=count, desc=f"fold {label}", unit="cmd", file=sys.stderr) as bar:
             while seen < count and time.monotonic() < deadline:
                 if not self.group.alive("w1"):
                     raise SystemExit(f"worker died:\n{self.group.tail('w1')}")
@@ -154,6 +156,17 @@ class Run:
         seconds = max((r[2] for r in restored.values()), default=0.0)
         return cold, mb, seconds, tail
 
+    def rate_without_snapshots(self, count: int) -> tuple[float, float]:
+        """The fold's rate over ``count`` commands with snapshots off, then on again (the
+        same worker and state, restarted between: a warm start)."""
+        rates = []
+        for env in ({"CREDITLEDGER_LEDGER__SNAPSHOT_EVERY_ENTRIES": "0"}, {}):
+            self.group.stop_all()
+            self.group.extra_env = env
+            self.group.start("w1")
+            rates.append(self.grow(count, "snapshots off" if env else "snapshots on")[0])
+        return rates[0], rates[1]
+
     def close(self) -> None:
         self.producer.flush(10)
         self.tail.close()
@@ -161,9 +174,12 @@ class Run:
 
 
 def recovery(settings: Settings, codec: AvroCodec, sizes: list[int], accounts: int,
-             ) -> list[Step]:  # fmt: skip
+             compare: int) -> tuple[list[Step], tuple[float, float]]:  # fmt: skip
+    """The steps at each size; then the fold's rate over ``compare`` commands with
+    snapshots off and on (at the last size, one after the other)."""
     run = Run(settings, codec, accounts)
     steps: list[Step] = []
+    off = on = 0.0
     try:
         run.group.start("w1")
         for size in sizes:
@@ -172,13 +188,16 @@ def recovery(settings: Settings, codec: AvroCodec, sizes: list[int], accounts: i
             cold, restored_mb, restore_s, tail = run.cold_start()
             steps.append(Step(ledger_size(settings)[0], rate, count, mb, took, cold,
                               restored_mb, restore_s, tail))  # fmt: skip
+        if compare:
+            off, on = run.rate_without_snapshots(compare)
     finally:
         run.close()
-    return steps
+    return steps, (off, on)
 
 
-def rows(steps: list[Step], accounts: int) -> list[tuple[Any, ...]]:
-    return [
+def rows(steps: list[Step], accounts: int, compare: int,
+         rates: tuple[float, float]) -> list[tuple[Any, ...]]:  # fmt: skip
+    table: list[tuple[Any, ...]] = [
         (f"cold start, {s.size:,} entries", f"{accounts:,} accounts",
          f"{s.cold_s:.1f} s to first entry",
          f"restored {s.restored_mb:.0f} MB in {s.restore_s:.1f} s, then folded {s.tail:,}; "
@@ -186,3 +205,14 @@ def rows(steps: list[Step], accounts: int) -> list[tuple[Any, ...]]:
          f"{s.snapshot_mb:.0f} MB (slowest partition {s.snapshot_s:.1f} s)")
         for s in steps
     ]  # fmt: skip
+    if compare:
+        off, on = rates
+        table.append(
+            (
+                f"fold at {steps[-1].size:,} entries",
+                f"{compare:,} cmds each",
+                f"{on:,.0f} cmds/s snapshots on",
+                f"{off:,.0f} cmds/s off, just before",
+            )
+        )
+    return table
