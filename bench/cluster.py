@@ -32,7 +32,8 @@ from pathlib import Path
 
 import openai
 
-from bench.ledger import percentile, start_group_at_end, throughput
+from bench.ledger import percentile, throughput
+from bench.ledger_load import start_group_at_end
 from contracts.records import LEDGER_TOPIC
 from creditledger.tables import render_table
 from kernel.db import connect

@@ -30,7 +30,7 @@ from typing import Any
 from confluent_kafka import TopicPartition
 from tqdm import tqdm
 
-from bench.ledger import LedgerTail, commands, produce, start_group_at_end
+from bench.ledger_load import LedgerTail, commands, produce, start_group_at_end
 from contracts.commands import Grant
 from contracts.records import GRANT_TOPIC, LEDGER_TOPIC, command_to_record
 from kernel.db import connect

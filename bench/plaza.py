@@ -40,7 +40,7 @@ from confluent_kafka import TopicPartition
 from tqdm import tqdm
 
 from bench.common import CpuMeter, bench_parser, http_load, load_tool, pct
-from bench.ledger import start_group_at_end
+from bench.ledger_load import start_group_at_end
 from contracts.records import LEDGER_TOPIC
 from contracts.redis_keys import balance_key, progress_key
 from creditledger.tables import render_table

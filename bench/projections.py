@@ -35,7 +35,8 @@ from typing import Any
 from confluent_kafka import TopicPartition
 from tqdm import tqdm
 
-from bench.ledger import commands, percentile, start_group_at_end
+from bench.ledger import percentile
+from bench.ledger_load import commands, start_group_at_end
 from contracts.records import LEDGER_TOPIC, command_to_record, command_topic
 from contracts.redis_keys import balance_key
 from creditledger.tables import render_table
