@@ -40,6 +40,7 @@ from streams.kafka_clients import make_consumer, make_producer
 from testbed.ledger import WorkerGroup
 from testbed.workload import FRESH_T0_MS
 
+TAKEN = re.compile(r"snapshot \d+ at ledger offset \d+, \d+ files, (\d+) bytes \((\d+) new\)")
 RESTORED = re.compile(r"partition (\d+): restored snapshot \d+ \(ledger offset (\d+), \d+ files, "
                       r"(\d+) bytes\) in ([\d.]+) s")  # fmt: skip
 
@@ -49,6 +50,7 @@ class Step:
     size: int  # entries in the ledger topic
     fold_rate: float
     snapshots: int
+    uploaded_mb: float
     snapshot_mb: float
     snapshot_s: float
     cold_s: float
@@ -65,18 +67,19 @@ def ledger_size(settings: Settings) -> tuple[int, dict[int, int]]:
     return sum(ends.values()), ends
 
 
-def snapshot_stats(settings: Settings, since: float) -> tuple[int, float, float]:
-    """Snapshots written since ``since``; the newest per partition: MB in all, slowest s."""
+def snapshot_stats(settings: Settings, log_text: str) -> tuple[int, float, float, float]:
+    """Snapshots the worker logged writing (pruning keeps only the newest in Postgres), the
+    MB they uploaded, and of the newest per partition: MB in all, slowest write s."""
+    written = TAKEN.findall(log_text)
+    uploaded = sum(int(m[1]) for m in written) / 1e6
     with connect(settings, autocommit=True) as conn:
-        count = conn.execute("SELECT count(*) FROM ledger_snapshots WHERE taken_at >= "
-                             "to_timestamp(%s)", (since,)).fetchone()  # fmt: skip
         newest = conn.execute(
             "SELECT DISTINCT ON (partition) size_bytes, took_ms FROM ledger_snapshots "
             "WHERE topic = %s ORDER BY partition, ledger_offset DESC", (LEDGER_TOPIC,)
         ).fetchall()  # fmt: skip
     size = sum(row[0] for row in newest) / 1e6
     slowest = max((row[1] for row in newest), default=0) / 1000
-    return (count[0] if count else 0), size, slowest
+    return len(written), uploaded, size, slowest
 
 
 class Run:
@@ -91,14 +94,18 @@ class Run:
         self.sent = 0
         self.probes = 0
 
-    def grow_to(self, size: int) -> tuple[float, int, float, float]:
+    def grow_to(self, size: int) -> tuple[float, int, float, float, float]:
         """Fold new commands until the ledger holds ``size`` entries: commands/s, and the
         snapshots written meanwhile (count, newest MB, slowest s)."""
         have, _ends = ledger_size(self.settings)
         return self.grow(max(size - have, 0), f"to {size:,}")
 
-    def grow(self, count: int, label: str) -> tuple[float, int, float, float]:
-        since = time.time()
+    def log_size(self) -> int:
+        log = self.group.log("w1")
+        return log.stat().st_size if log.exists() else 0
+
+    def grow(self, count: int, label: str) -> tuple[float, int, float, float, float]:
+        log_from = self.log_size()
         items = commands(f"{self.prefix}g{self.sent}", count, self.accounts, seed=self.sent + 1)
         produce(self.settings, self.codec, items, count, f"commands {label}")
         # The fold's rate is taken once the commands are all in Kafka: while they are
@@ -122,7 +129,8 @@ class Run:
         if seen < count:
             raise SystemExit(f"only {seen} of {count} entries folded\n{self.group.tail('w1')}")
         rate = (count - at_first) / (last - first) if first and last > first else 0.0
-        return (rate, *snapshot_stats(self.settings, since))
+        text = self.group.log("w1").read_bytes()[log_from:].decode(errors="replace")
+        return (rate, *snapshot_stats(self.settings, text))
 
     def cold_start(self) -> tuple[float, float, float, int]:
         """SIGKILL, delete the state folder, start: seconds to the first new entry; MB and
@@ -153,7 +161,7 @@ class Run:
         restored = {int(m[1]): (int(m[2]), int(m[3]), float(m[4])) for m in RESTORED.finditer(text)}
         tail = sum(end - 1 - restored[p][0] if p in restored else end for p, end in ends.items())
         mb = sum(r[1] for r in restored.values()) / 1e6
-        seconds = max((r[2] for r in restored.values()), default=0.0)
+        seconds = sum(r[2] for r in restored.values())
         return cold, mb, seconds, tail
 
     def rate_without_snapshots(self, count: int) -> tuple[float, float]:
@@ -183,10 +191,10 @@ def recovery(settings: Settings, codec: AvroCodec, sizes: list[int], accounts: i
     try:
         run.group.start("w1")
         for size in sizes:
-            rate, count, mb, took = run.grow_to(size)
+            rate, count, uploaded, mb, took = run.grow_to(size)
             # The ledger holds at least `size` now (a probe or two more); report what it holds.
             cold, restored_mb, restore_s, tail = run.cold_start()
-            steps.append(Step(ledger_size(settings)[0], rate, count, mb, took, cold,
+            steps.append(Step(ledger_size(settings)[0], rate, count, uploaded, mb, took, cold,
                               restored_mb, restore_s, tail))  # fmt: skip
         if compare:
             off, on = run.rate_without_snapshots(compare)
@@ -201,8 +209,9 @@ def rows(steps: list[Step], accounts: int, compare: int,
         (f"cold start, {s.size:,} entries", f"{accounts:,} accounts",
          f"{s.cold_s:.1f} s to first entry",
          f"restored {s.restored_mb:.0f} MB in {s.restore_s:.1f} s, then folded {s.tail:,}; "
-         f"snapshots: {s.snapshots} while folding at {s.fold_rate:,.0f} cmds/s, newest "
-         f"{s.snapshot_mb:.0f} MB (slowest partition {s.snapshot_s:.1f} s)")
+         f"{s.snapshots} snapshots ({s.uploaded_mb:.0f} MB uploaded) while folding at "
+         f"{s.fold_rate:,.0f} cmds/s; newest {s.snapshot_mb:.0f} MB, slowest partition's "
+         f"written in {s.snapshot_s:.1f} s")
         for s in steps
     ]  # fmt: skip
     if compare:
