@@ -182,14 +182,24 @@ def _java() -> str:
     return java
 
 
+def new_cluster_id() -> str:
+    """A random Kafka cluster id. Never one that starts with '-' (1 in 64 would): the format
+    tool's argument parser takes ``-t -abc...`` for an option without its value, and the
+    stack failed to start."""
+    while True:
+        cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+        if not cluster_id.startswith("-"):
+            return cluster_id
+
+
 def _cluster_id(settings: Settings) -> str:
     """One id for every node of the cluster, made on the first format and kept."""
     if settings.stack.kafka_brokers == 1:
-        return base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+        return new_cluster_id()
     path = cluster_root(settings) / "cluster.id"
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=") + "\n")
+        path.write_text(new_cluster_id() + "\n")
     return path.read_text().strip()
 
 

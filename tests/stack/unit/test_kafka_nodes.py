@@ -51,3 +51,18 @@ def test_cluster_nodes_share_the_quorum_and_replicate_internal_topics() -> None:
     assert second["unclean.leader.election.enable"] == "false"
     single = _properties(Settings(), 1)
     assert (single["offsets.topic.replication.factor"], single["min.insync.replicas"]) == ("1", "1")
+
+
+def test_a_cluster_id_never_starts_with_a_dash(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The format tool read `-t -Xyz...` as an option without its value: 1 start in 64
+    failed that way (seen in CI)."""
+    import uuid
+
+    from stack import kafka
+
+    dash_first = uuid.UUID(bytes=b"\xf8" + bytes(15))  # base64 '-' is 62: 0b111110xx
+    ids = iter([dash_first, dash_first, uuid.UUID(int=1)])
+    monkeypatch.setattr(uuid, "uuid4", lambda: next(ids))
+    cluster_id = kafka.new_cluster_id()
+    assert not cluster_id.startswith("-")
+    assert cluster_id == "AAAAAAAAAAAAAAAAAAAAAQ"
