@@ -67,13 +67,14 @@ def wait_http(url: str, process: subprocess.Popen[bytes], log: Path, timeout: fl
         raise AssertionError(f"{url} {state}:\n{log.read_text(errors='replace')[-3000:]}")
 
 
-def wait_for(what: str, check: object, timeout: float, world: World) -> None:
-    """Poll ``check`` until true; on timeout fail with the world's process logs."""
+def wait_for(what: str, check: object, timeout: float, world: World, *,
+             poll_s: float = 0.1) -> None:  # fmt: skip
+    """Poll ``check`` every ``poll_s`` until true; on timeout fail with the world's logs."""
     deadline = time.monotonic() + timeout
     while not check():  # type: ignore[operator]
         if time.monotonic() > deadline:
             raise AssertionError(f"{what} not reached in {timeout} s\n{world.log_tail(lines=40)}")
-        time.sleep(0.1)
+        time.sleep(poll_s)
 
 
 class ProxyWorld(World):

@@ -4,6 +4,7 @@ skipped for the one before it, and the ledger still equals the auditor."""
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import shutil
 import time
@@ -16,8 +17,8 @@ from kernel.db import connect
 from kernel.settings import Settings
 from streams.codec import AvroCodec
 from streams.topics import TopicsSpec
-from testbed.ledger import Watcher, WorkerGroup
-from testbed.workload import build_workload
+from testbed.ledger import Watcher, WorkerGroup, send
+from testbed.workload import Workload, build_workload
 from tests.agents.integration.test_ledger import (
     _fold_check_passes,
     _send_in_background,
@@ -63,6 +64,24 @@ def _until(condition: object, timeout_s: float, what: str, logs: WorkerGroup) ->
     raise AssertionError(f"{what} did not happen within {timeout_s} s\n{logs.tail('w1', 60)}")
 
 
+def _quiet(settings: Settings, since: float, quiet_s: float) -> bool:
+    """No snapshot row written in the last ``quiet_s`` and none being written."""
+    with connect(settings, autocommit=True) as conn:
+        row = conn.execute(
+            "SELECT (SELECT coalesce(max(taken_at), to_timestamp(%s)) FROM ledger_snapshots) "
+            "< now() - make_interval(secs => %s), (SELECT count(*) FROM pg_stat_activity "
+            "WHERE state <> 'idle' AND query LIKE '%%ledger_snapshot%%' AND pid <> "
+            "pg_backend_pid())",
+            (since, quiet_s),
+        ).fetchone()
+    return bool(row and row[0] and row[1] == 0)
+
+
+def _rest(workload: Workload, half: int) -> Workload:
+    """The workload from message ``half`` on (what the sender needs of it)."""
+    return dataclasses.replace(workload, messages=workload.messages[half:])
+
+
 def _writer_waiting_on_lock(settings: Settings) -> bool:
     with connect(settings, autocommit=True) as conn:
         row = conn.execute(
@@ -103,9 +122,13 @@ def test_a_worker_without_its_state_recovers_from_the_newest_good_snapshot(
     target = len(workload.auditor.applied)
     watcher = Watcher(stack_settings, codec, workload)
     blocker: psycopg.Connection[object] | None = None
+    half = len(workload.messages) // 2
     try:
         workers.start("w1")
-        sender, delivered = _send_in_background(stack_settings, workload, rate_per_s=500)
+        # The first half, then quiet: a snapshot that starts after the lock below is one
+        # whose row must wait on it (not a prune of an earlier one, and not never, as when
+        # the whole workload was folded before the lock was taken).
+        delivered = send(stack_settings, workload.messages[:half], rate_per_s=1000)
         _wait_for_progress(watcher, target // 3)
 
         def two_of_one_partition() -> bool:
@@ -113,10 +136,13 @@ def test_a_worker_without_its_state_recovers_from_the_newest_good_snapshot(
             return any(sum(1 for s in taken if s[1] == p) >= 2 for _i, p, _o in taken)
 
         _until(two_of_one_partition, 120, "two snapshots of one partition", workers)
+        _until(lambda: _quiet(stack_settings, started, 3.0), 120, "no snapshot for 3 s",
+               workers)  # fmt: skip
 
         # SIGKILL while a snapshot is written: its chunks are in, its row waits on our lock.
         blocker = connect(stack_settings)
         blocker.execute("LOCK TABLE ledger_snapshots IN ACCESS EXCLUSIVE MODE")
+        sender, rest = _send_in_background(stack_settings, _rest(workload, half), rate_per_s=1000)
         _until(lambda: _writer_waiting_on_lock(stack_settings), 120,
                "a snapshot write blocked on its row", workers)  # fmt: skip
         workers.kill("w1")
@@ -142,7 +168,7 @@ def test_a_worker_without_its_state_recovers_from_the_newest_good_snapshot(
         shutil.rmtree(workers.root / "w1")
         workers.start("w1")
         sender.join(timeout=300)
-        _settle_and_compare(workload, delivered, watcher, workers, seed, ["w1"])
+        _settle_and_compare(workload, delivered + rest, watcher, workers, seed, ["w1"])
     finally:
         if blocker is not None:
             blocker.close()
