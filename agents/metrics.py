@@ -47,3 +47,8 @@ class LedgerMetrics:
                                          "restored from snapshots on assignment, by outcome "
                                          "(restored, corrupt, failed).", ["outcome"],
                                          registry=r)  # fmt: skip
+        # Exported from the start at 0, so that an alert's increase() sees the first failure.
+        for outcome in ("taken", "failed"):
+            self.snapshots.labels(outcome)
+        for outcome in ("restored", "corrupt", "failed"):
+            self.snapshot_restores.labels(outcome)
