@@ -96,7 +96,7 @@ class Run:
 
     def grow_to(self, size: int) -> tuple[float, int, float, float, float]:
         """Fold new commands until the ledger holds ``size`` entries: commands/s, and the
-        snapshots written meanwhile (count, newest MB, slowest s)."""
+        snapshots written meanwhile (count, MB uploaded, newest MB, slowest s)."""
         have, _ends = ledger_size(self.settings)
         return self.grow(max(size - have, 0), f"to {size:,}")
 
